@@ -1,0 +1,57 @@
+"""Shared test fixtures: tiny tokenizers and models built in-process (nothing is downloaded)."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+DATA_DIR = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+CORPUS = [
+    "[MATH_TASK] Problem:\nNatalia sold clips to 48 of her friends in April.\n\nSolution:",
+    "\nNatalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72\n",
+    "\nWe have $x+2=5$, so $x=3$. Then $y = 2x = 6$.\nTherefore, the answer is $\\boxed{6}$.\n",
+    "\n\n\nProblem: How many apples are left? 12 - 5 = 7 apples.\n#### 7\n",
+]
+
+
+def make_tokenizer(corpus=CORPUS, vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in-process: 256 byte tokens, a few merges, <bos>/<eos>/<pad>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def make_model(family: str, vocab_size: int, seed: int = 0):
+    """A tiny random causal LM of the given family ("llama", "qwen2" or "gpt2"), in eval mode, float32."""
+    torch.manual_seed(seed)
+    small = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, **small)
+    elif family == "qwen2":
+        config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, **small)
+    elif family == "gpt2":
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **small)
+    else:
+        raise ValueError(family)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    return DATA_DIR
