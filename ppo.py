@@ -1,0 +1,226 @@
+"""The PPO half of VinePPO: token log-probabilities, advantage whitening, the clipped loss and the KL to the reference.
+
+VinePPO changes only where the advantages come from (vine.py); the policy update is ordinary PPO-clip, shared with the
+paper's PPO baseline (PAPER_NOTES.md §3, §1.3 "trainer side", §7 pitfalls 6-9, 13, 14, §8 pseudocode):
+
+    logprobs   = log softmax(logits / 0.6)[next token]          float32, right-padded batches, causal shift by one
+    A          = whiten(token advantages) over one 64-episode minibatch (unbiased var, eps 1e-8)
+    ratio      = exp(logprobs - old_logprobs)
+    L_policy   = sum_tokens max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) / (response tokens in the minibatch)
+    k3         = clamp(exp(ref - logp) - (ref - logp) - 1, 0, 10)                        per token
+    L_kl       = beta * sum_tokens k3 / (sequences in the minibatch)     (sum over tokens, mean over sequences)
+    L          = L_policy + L_kl;  the minibatch is skipped when its mean ratio exceeds 10 (the ratio guard)
+
+There is no entropy bonus; entropy is computed for logging only. train.py owns the loop (epochs, minibatches,
+micro-batches, AdamW, grad clipping); this file holds the math and imports no project file.
+
+Test: python -m pytest tests/test_ppo.py -x -q
+
+Shape letters: B sequences, T tokens (prompt + response, right-padded), V vocabulary.
+
+Departures from the paper's code (ppo_trainer.py):
+1. The policy loss is divided by the response-token count of the WHOLE minibatch and the KL term by its sequence count,
+   both computed once before micro-batching, so gradient accumulation gives exactly the one-pass gradient. The paper's
+   single-GPU gradient-accumulation path takes a token mean per micro-batch; its multi-GPU runs (accumulation 1) take a
+   token mean per device's share and average the gradients over devices. Both differ slightly from ours when sequence
+   lengths vary.
+2. Whitening is meant to be applied once over the whole minibatch (pitfall 6), which matches the paper's multi-GPU runs
+   (statistics all-reduced over GPUs) and not its gradient-accumulation path (statistics per micro-batch).
+3. The ratio guard is judged on the mean ratio of the whole minibatch. The paper multiplies the loss by 0, which still
+   lets AdamW take a step on its momentum with a zero gradient; train.py skips the optimizer step instead. We have not
+   checked whether the paper's guard looks at a device's micro-batch or the global minibatch.
+4. token_logprobs returns 0 at positions whose predicted token is padding, so an unmasked pad can never give a
+   non-finite ratio. The paper masks them with labels -100 instead; the result under the response mask is the same.
+"""
+
+import torch
+
+RATIO_THRESHOLD = 10.0  # the paper's ratio guard (ratio_threshold=10): skip a minibatch whose mean ratio exceeds it
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float,
+    *,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every next token under the tempered policy (PAPER_NOTES.md §3, pitfalls 8 and 9).
+
+    logprobs[b, t] = log softmax(logits[b, t] / temperature)[input_ids[b, t + 1]]
+    entropy[b, t]  = -sum_v p_v log p_v of that same tempered distribution (for logging; no gradient)
+
+    Batches must be right-padded (attention_mask[:, 0] == 1, as the paper asserts), so the real tokens of every row sit
+    at positions 0..L-1 and need no position-id fix. Positions whose predicted token is padding get logprob 0 and
+    entropy 0; the caller still masks prompt tokens with its response mask. Top-p is not applied (pitfall 8).
+    Memory: log_softmax is never materialised; we gather the chosen logits and subtract the logsumexp, so the one
+    (B, T-1, V) float32 tensor kept for backward is the tempered logits (about 2 GB for B=16, T=1024, V=32k). Under bf16
+    the .float() copy briefly exists beside it during the division, then is freed. The entropy is computed one
+    sequence at a time, so it adds only (T-1, V) tensors.
+    """
+    assert input_ids.shape == attention_mask.shape, f"{input_ids.shape=} != {attention_mask.shape=}"
+    assert bool(attention_mask[:, 0].all()), "batch must be right-padded: every row must start with a real token"
+    assert bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()), "padding must be on the right only"
+    assert temperature > 0, f"temperature must be positive, got {temperature}"
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
+    # Causal shift: the logits at position t score the token at position t+1, so drop the last position's logits
+    # (it predicts a token we do not have) and the first token as a target (nothing predicts it).
+    logits = logits[:, :-1].float() / temperature  # (B, T-1, V) float32 even under bf16 autocast
+    targets = input_ids[:, 1:]  # (B, T-1)
+    target_mask = attention_mask[:, 1:].bool()  # (B, T-1) True where the predicted token is real (not padding)
+    log_normalizer = torch.logsumexp(logits, dim=-1)  # (B, T-1)
+    chosen = logits.gather(dim=-1, index=targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    logprobs = torch.where(target_mask, chosen - log_normalizer, 0.0)  # (B, T-1) padding targets -> 0
+    if not return_entropy:
+        return logprobs
+    with torch.no_grad():
+        # H = -sum_v p_v (x_v - lse) = lse - sum_v p_v x_v. One row at a time keeps the softmax to (T-1, V).
+        entropy = torch.empty_like(logprobs)  # (B, T-1)
+        for b in range(logits.shape[0]):
+            probs = torch.softmax(logits[b], dim=-1)  # (T-1, V)
+            expected_logit = (probs * logits[b]).sum(-1)  # (T-1,) sum_v p_v x_v, an elementwise float32 sum
+            entropy[b] = log_normalizer[b].detach() - expected_logit
+        entropy = torch.where(target_mask, entropy, 0.0)  # (B, T-1)
+    return logprobs, entropy
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(x * mask) / sum(mask), over all entries (dim=None) or along `dim`.
+
+    Masked-out entries are excluded with torch.where, so a nan or inf there cannot leak in. Along a dim, a row with an
+    empty mask returns 0; over everything, an empty mask is an error.
+    """
+    mask = mask.bool()
+    total = torch.where(mask, x, 0.0).sum() if dim is None else torch.where(mask, x, 0.0).sum(dim)
+    if dim is None:
+        count = mask.sum()
+        assert count > 0, "masked_mean over an empty mask"
+        return total / count
+    return total / mask.sum(dim).clamp_min(1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries; masked-out entries become 0 (PAPER_NOTES.md §1.3).
+
+    var is unbiased (Bessel: sum (x - mean)^2 / (n - 1)), as in the paper's trainer. Call it ONCE over the response
+    tokens of the whole 64-episode minibatch, before splitting it into micro-batches (pitfall 6). If all advantages are
+    equal, var = 0 and every token gets 0 (the eps keeps it finite).
+    """
+    mask = mask.bool()
+    num = int(mask.sum())
+    assert num >= 2, f"need at least 2 masked entries for an unbiased variance, got {num}"
+    mean = masked_mean(x, mask)
+    centered = torch.where(mask, x - mean, 0.0)
+    var = (centered**2).sum() / (num - 1)
+    return centered * torch.rsqrt(var + eps)
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip loss plus the k3 KL-to-reference loss term (PAPER_NOTES.md §3, pitfalls 7 and 14; §8 pseudocode).
+
+    All tensors are (B, T-1) and aligned with token_logprobs; mask is 1 where the predicted token is a response token
+    (EOS included) and 0 for prompt tokens and padding. Gradient flows through `logprobs` only.
+
+        ratio    = exp(logprobs - old_logprobs)
+        pg       = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps))      per token
+        L_policy = sum(pg * mask) / num_tokens
+        k3       = clamp(exp(ref - logprobs) - (ref - logprobs) - 1, 0, 10)     unbiased estimate of KL(pi || pi_ref)
+        L_kl     = kl_coef * sum(k3 * mask) / num_seqs     (no KL term if ref_logprobs is None or kl_coef == 0)
+
+    num_tokens / num_seqs: response tokens / sequences of the WHOLE minibatch, counted once before micro-batching
+    (STYLE.md Numerics); they default to this call's mask.sum() and B. Summing the losses of micro-batches then gives
+    the minibatch loss and its gradient exactly.
+
+    stats are plain floats, already divided by num_tokens (or num_seqs for loss/kl), so that summing them over the
+    micro-batches of a minibatch gives the minibatch value; the one exception is "ratio/max", combined with max (see
+    accumulate_stats):
+        loss/policy, loss/kl, loss/total;  loss/clipfrac: fraction of tokens where the clipped term is the larger one
+        (its gradient is 0 there);  loss/approx_kl: k3 estimate of KL(pi_old || pi), mean of (ratio - 1) - log ratio,
+        as cleanrl's approx_kl (http://joschu.net/blog/kl-approx.html);  ratio/mean (read by ratio_guard_exceeded);
+        ratio/max over response tokens.
+    """
+    shapes = {logprobs.shape, old_logprobs.shape, advantages.shape, mask.shape}
+    assert len(shapes) == 1, f"all inputs must share one (B, T-1) shape, got {shapes}"
+    mask = mask.bool()  # (B, T-1) response tokens, EOS included
+    num_tokens = float(mask.sum()) if num_tokens is None else float(num_tokens)
+    num_seqs = float(logprobs.shape[0]) if num_seqs is None else float(num_seqs)
+    assert num_tokens > 0 and num_seqs > 0, f"empty minibatch: {num_tokens=} {num_seqs=}"
+    old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
+
+    # Masking before exp (not only after) keeps a huge value at a prompt or pad position from making inf * 0 = nan
+    # in the backward pass.
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)  # (B, T-1)
+    ratio = torch.exp(log_ratio)  # (B, T-1)
+    pg_unclipped = -advantages * ratio  # (B, T-1)
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, T-1)
+    pg = torch.maximum(pg_unclipped, pg_clipped)  # (B, T-1) pessimistic bound; gradient 0 where the clip wins
+    policy_loss = torch.where(mask, pg, 0.0).sum() / num_tokens  # prompt and padding tokens masked out
+
+    kl_loss = torch.zeros((), device=logprobs.device)
+    if ref_logprobs is not None and kl_coef != 0.0:
+        assert ref_logprobs.shape == logprobs.shape, f"{ref_logprobs.shape=} != {logprobs.shape=}"
+        ref_log_ratio = torch.where(mask, ref_logprobs.detach() - logprobs, 0.0)  # (B, T-1) log(pi_ref / pi)
+        # k3 > 10 already for d > 3 or d < -11, so clamping d to [-20, 20] changes neither the clamped k3 nor its
+        # (zero) gradient there; it only stops exp(d) from overflowing to inf and the backward from giving nan.
+        ref_log_ratio = torch.clamp(ref_log_ratio, -20.0, 20.0)
+        k3 = torch.exp(ref_log_ratio) - ref_log_ratio - 1.0  # (B, T-1) >= 0
+        k3 = torch.clamp(k3, 0.0, 10.0)  # per-token clamp as the paper; gradient 0 above 10
+        kl_loss = kl_coef * torch.where(mask, k3, 0.0).sum() / num_seqs  # sum over tokens, mean over sequences
+    loss = policy_loss + kl_loss
+
+    with torch.no_grad():
+        clipped = (pg_clipped > pg_unclipped) & mask  # (B, T-1)
+        approx_kl = (ratio - 1.0) - log_ratio  # (B, T-1) k3 estimator of KL(pi_old || pi)
+        values = torch.stack(
+            [
+                policy_loss.detach(),
+                kl_loss.detach(),
+                loss.detach(),
+                clipped.sum() / num_tokens,
+                torch.where(mask, approx_kl, 0.0).sum() / num_tokens,
+                torch.where(mask, ratio, 0.0).sum() / num_tokens,
+                torch.where(mask, ratio, 0.0).max(),  # ratios are positive, so the masked 0s never win
+            ]
+        ).tolist()  # one device sync for all stats
+    keys = ["loss/policy", "loss/kl", "loss/total", "loss/clipfrac", "loss/approx_kl", "ratio/mean", "ratio/max"]
+    return loss, dict(zip(keys, values))
+
+
+def accumulate_stats(total: dict[str, float], stats: dict[str, float]) -> dict[str, float]:
+    """Combine ppo_loss stats of micro-batches of one minibatch: sum every key, except keys ending in /max (max).
+
+    Start with total = {}. Because ppo_loss divides by the minibatch's num_tokens / num_seqs, the sums are the
+    minibatch's means.
+    """
+    merged = dict(total)
+    for key, value in stats.items():
+        if key not in merged:
+            merged[key] = value
+        elif key.endswith("/max"):
+            merged[key] = max(merged[key], value)
+        else:
+            merged[key] += value
+    return merged
+
+
+def ratio_guard_exceeded(stats: dict[str, float], threshold: float = RATIO_THRESHOLD) -> bool:
+    """The paper's ratio guard (PAPER_NOTES.md §3, pitfall 14): True if this minibatch must be skipped.
+
+    stats are the ppo_loss stats of the WHOLE minibatch (accumulate_stats over its micro-batches), so stats["ratio/mean"]
+    is the mean of exp(logprobs - old_logprobs) over all its response tokens. A mean above 10 means the policy moved
+    far from pi_old (or the old logprobs are stale or misaligned) and the update would be garbage; train.py then
+    zeroes the gradients and does not step the optimizer.
+    """
+    return stats["ratio/mean"] > threshold
