@@ -1,0 +1,347 @@
+"""Tests for reward.py: data loading, the arithmetic generator, answer extraction and grading (CPU, offline)."""
+
+import json
+import random
+import re
+import signal
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reward
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gold solutions grade 1.0 against their own answer, 0.0 against another problem's
+
+
+def test_every_gsm8k_gold_solution_grades_correct(data_dir):
+    problems = [p for split in reward.SPLITS for p in reward.load_problems("gsm8k", split, data_dir)]
+    assert len(problems) == 8792
+    for i, p in enumerate(problems):
+        assert p["solution"].startswith("\n") and p["solution"].endswith(f"#### {p['answer']}\n"), p["solution"]
+        assert "<<" not in p["solution"], "calculator annotations must be removed (§4.1)"
+        assert reward.grade(p["solution"], p["answer"], "gsm8k") == 1.0, p
+        j = (i + 1) % len(problems)  # the next problem whose answer differs, even after removing commas
+        while problems[j]["answer"].replace(",", "") == p["answer"].replace(",", ""):
+            j = (j + 1) % len(problems)
+        assert reward.grade(p["solution"], problems[j]["answer"], "gsm8k") == 0.0, (p, problems[j]["answer"])
+
+
+def plain_value(answer: str) -> str:
+    """A crude, independent normal form for picking non-equivalent MATH answers: no spaces, no "x=", a float."""
+    answer = re.sub(r"^[a-z]=", "", answer.replace(" ", "").replace("\\$", ""))
+    try:
+        return str(float(answer.replace(",", "")))
+    except ValueError:
+        return answer
+
+
+def test_every_math500_gold_solution_grades_correct(data_dir):
+    problems = reward.load_problems("math", "test", data_dir)
+    assert len(problems) == 500
+    for i, p in enumerate(problems):
+        assert reward.grade(p["solution"], p["answer"], "math") == 1.0, p
+        # The same through math-verify itself (grade() answers identical strings without asking it).
+        assert reward.verify_boxed(p["answer"], p["answer"]), p["answer"]
+        j = (i + 1) % len(problems)  # the next problem whose answer is not the same value ("5" vs "x=5", "5.0")
+        while plain_value(problems[j]["answer"]) == plain_value(p["answer"]):
+            j = (j + 1) % len(problems)
+        assert reward.grade(p["solution"], problems[j]["answer"], "math") == 0.0, (p["answer"], problems[j]["answer"])
+
+
+def test_every_math_train_gold_solution_grades_correct(data_dir):
+    problems = reward.load_problems("math", "train", data_dir) + reward.load_problems("math", "validation", data_dir)
+    assert all(reward.grade(p["solution"], p["answer"], "math") == 1.0 for p in problems)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hand-written extraction and grading tables
+
+GSM8K_CASES = [  # (response, extracted answer, gold, reward)
+    ("\nNatalia sold 48/2 = 24 clips.\n#### 72\n", "72", "72", 1.0),
+    ("\n#### 1,080\n", "1,080", "1080", 1.0),
+    ("\n#### 1080\n", "1080", "1,080", 1.0),  # departure 1: commas removed from the gold too
+    ("\n#### -5\n", "-5", "-5", 1.0),
+    ("\n#### 3.5\n", "3.5", "3.5", 1.0),
+    ("\n#### 3.50\n", "3.50", "3.5", 0.0),  # exact string match, no numeric normalisation (§4.3)
+    ("\n#### 72.0\n", "72.0", "72", 0.0),
+    ("\n#### $72\n", "$72", "72", 0.0),
+    ("\nThe answer is 72.\n", None, "72", 0.0),  # the paper accepts only "####"
+    ("\n#### 5\nNo wait.\n#### 72\n", "72", "72", 1.0),  # the last "####" counts
+    ("\n#### 72\nextra", "72\nextra", "72", 0.0),  # everything after "####", as the paper does
+    ("####72", "72", "72", 1.0),
+    ("\n#### \n", "", "72", 0.0),
+    ("\n#### ABC\n", "ABC", " abc ", 1.0),  # lowercased, gold stripped
+    ("\n#### 72\n\n\nProblem: Next one.\n#### 5\n", "5", "72", 1.0),  # departure 4: cut at the stop string
+    ("", None, "72", 0.0),
+]
+
+
+@pytest.mark.parametrize("dataset", ["gsm8k", "arithmetic"])
+@pytest.mark.parametrize("response, extracted, gold, expected", GSM8K_CASES)
+def test_gsm8k_extraction_and_grading(dataset, response, extracted, gold, expected):
+    assert reward.extract_answer(response, dataset) == extracted
+    assert reward.grade(response, gold, dataset) == expected
+
+
+BOXED_CASES = [  # (text, contents of the last box)
+    ("so $x = \\boxed{5}$.", "5"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("first \\boxed{1}, then \\boxed{2}.", "2"),
+    ("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+    ("\\fbox{7}", "7"),
+    ("\\boxed{1} then \\fbox{7}", "7"),
+    ("answer: $\\boxed 5$.", "5"),
+    ("\\boxed {5}", "5"),
+    ("\\boxed{}", ""),
+    ("\\boxed{5", None),  # unbalanced
+    ("\\boxed{2} and then \\boxed{", None),  # the last box counts, even when it never closes
+    ("The answer is 5.", None),
+    ("ends with \\boxed", None),
+    ("\\boxed{" + "1" * 2000 + "}", None),  # longer than MAX_ANSWER_CHARS
+    ("\\boxed " + "1" * 2000, None),
+]
+
+
+@pytest.mark.parametrize("text, expected", BOXED_CASES)
+def test_math_extraction(text, expected):
+    assert reward.extract_answer(text, "math") == expected
+
+
+MATH_CASES = [  # (response, gold, reward)
+    ("$\\boxed{10}$", "10", 1.0),
+    ("$\\boxed{\\frac12}$", "0.5", 1.0),
+    ("$\\boxed{0.5}$", "\\frac{1}{2}", 1.0),
+    ("$\\boxed{\\dfrac{1}{2}}$", "\\frac{1}{2}", 1.0),
+    ("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$", "(3,\\frac{\\pi}{2})", 1.0),
+    ("$\\boxed{[1, 2)}$", "[1,2)", 1.0),
+    ("$\\boxed{(1,2)}$", "[1,2]", 0.0),  # open and closed intervals differ
+    ("$\\boxed{x(x+2)}$", "x^2+2x", 1.0),
+    ("$\\boxed{\\sqrt{18}}$", "3\\sqrt{2}", 1.0),
+    ("$\\boxed{\\{2,1\\}}$", "\\{1,2\\}", 1.0),
+    ("$\\boxed{90^\\circ}$", "90", 1.0),
+    ("$\\boxed{-3}$", "3", 0.0),
+    ("$\\boxed{5}$", "6", 0.0),
+    ("The answer is $5$.", "5", 0.0),  # departure 2: only a boxed answer counts
+    ("$\\boxed{5}$\n\n\nProblem: next\n$\\boxed{6}$", "5", 1.0),  # cut at the stop string
+]
+
+
+@pytest.mark.parametrize("response, gold, expected", MATH_CASES)
+def test_math_grading(response, gold, expected):
+    assert reward.grade(response, gold, "math") == expected
+
+
+def test_prompt_format():
+    assert reward.format_prompt("What is 2+2?", "gsm8k") == "[MATH_TASK] Problem:\nWhat is 2+2?\n\nSolution:"
+    assert reward.format_prompt("Q", "math") == reward.format_prompt("Q", "arithmetic")
+
+
+def test_unknown_dataset_is_an_error():
+    with pytest.raises(ValueError, match="gsm8k, math, arithmetic"):
+        reward.extract_answer("#### 5", "svamp")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# grade() never raises and returns within a second
+
+MEGABYTE = 1_000_000
+HOSTILE_RESPONSES = [
+    "".join(random.Random(0).choices("0123456789{}\\$#, abx^_()[]\n", k=MEGABYTE)),
+    "\\boxed{" * (MEGABYTE // 7),  # deeply nested, never closed
+    "\\boxed{" + "1" * MEGABYTE + "}",
+    "\\boxed{" + "}" * MEGABYTE,
+    "\\boxed " + "1" * MEGABYTE,
+    "\\boxed" + " " * MEGABYTE + "{5}",
+    "{" * MEGABYTE,
+    "#### " + "9" * MEGABYTE,
+    "####" * (MEGABYTE // 4),
+    "\\boxed{" + "{" * 49 + "1" + "}" * 49 + "}",  # math-verify alone takes ~8 s on this one
+    "\\boxed{" + "a" * 990 + "}",  # and ~1 s on this one
+    "\\boxed{9^{9^{9^{9}}}}",
+    "\\boxed{(10^{100})!}",
+    "\\boxed{\\frac{1}{0}}",
+]
+
+
+@pytest.mark.parametrize("index", range(len(HOSTILE_RESPONSES)))
+def test_grade_is_fast_and_total_on_hostile_inputs(index):
+    response = HOSTILE_RESPONSES[index]
+    handler = signal.getsignal(signal.SIGALRM)
+    for dataset in reward.DATASETS:
+        start = time.perf_counter()
+        result = reward.grade(response, "5", dataset)
+        elapsed = time.perf_counter() - start
+        assert result in (0.0, 1.0)
+        assert elapsed < 1.0, f"grade took {elapsed:.2f} s on hostile input {index} ({dataset})"
+    assert signal.getsignal(signal.SIGALRM) is handler, "the caller's SIGALRM handler must be restored"
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0), "no timer may be left running"
+
+
+LATEX_PIECES = ["\\boxed{", "\\fbox{", "{", "}", "\\frac", "\\sqrt", "^", "_", "1", "2", "9", "x", "(", ")", "[", "]",
+                ",", " ", "$", "\\left(", "\\right)", "\\{", "\\}", "!", "=", "\\infty", "\\pi", "####", "\n", "\\"]
+
+
+LATEX_STRINGS = st.lists(st.sampled_from(LATEX_PIECES), max_size=60).map("".join)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(latex=LATEX_STRINGS, noise=st.text(max_size=50), gold=st.one_of(st.text(max_size=8), LATEX_STRINGS))
+def test_grade_never_raises_on_random_strings(latex, noise, gold):
+    for response in (latex, noise + latex, "\\boxed{" + latex + "}", "#### " + latex):
+        for dataset in reward.DATASETS:
+            start = time.perf_counter()
+            assert reward.grade(response, gold, dataset) in (0.0, 1.0)
+            assert time.perf_counter() - start < 1.0
+
+
+def test_grade_works_outside_the_main_thread():
+    reward.parse_boxed.cache_clear()
+    results = []
+    thread = threading.Thread(target=lambda: results.append(reward.grade("$\\boxed{\\frac12}$", "0.5", "math")))
+    thread.start()
+    thread.join(timeout=30)
+    assert results == [1.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The arithmetic generator
+
+STEP_LINE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)$")
+
+
+def check_arithmetic_problem(p: dict, num_steps: int, max_number: int):
+    """Every step line is a true fact that continues from the previous result; the answer line comes last."""
+    lines = p["solution"].split("\n")
+    assert lines[0] == "" and lines[-1] == "", "the response starts and ends with a newline (§4.1)"
+    assert lines[-2] == f"#### {p['answer']}", "the answer line is the last line"
+    start = int(re.match(r"^\w+ has (\d+) \w+\.$", lines[1]).group(1))
+    assert 1 <= start <= max_number and p["question"].startswith(lines[1])
+    value, operands = start, [start]
+    assert len(lines) == num_steps + 4, lines
+    for line in lines[2:-2]:
+        left, op, right, result = STEP_LINE.match(line).groups()
+        assert int(left) == value, f"{line!r} does not continue from {value}"
+        assert eval(f"{left} {op} {right}") == int(result), f"{line!r} is not true"  # digits and one operator only
+        assert 0 <= int(result) <= 999
+        if op == "*":
+            assert right in ("2", "3")
+        else:
+            assert 1 <= int(right) <= max_number
+            operands.append(int(right))
+        value = int(result)
+    assert str(value) == p["answer"]
+    assert [int(n) for n in re.findall(r"\d+", p["question"])] == operands, "the question names every operand"
+    assert p["question"].count("doubles") == p["solution"].count("* 2 =")
+    assert p["question"].count("triples") == p["solution"].count("* 3 =")
+
+
+def test_arithmetic_problems_are_true_and_gradable():
+    problems = reward.load_problems("arithmetic", "train")
+    assert len(problems) == 20_000
+    for p in problems[:2000]:
+        check_arithmetic_problem(p, num_steps=4, max_number=99)
+    assert all(reward.grade(p["solution"], p["answer"], "arithmetic") == 1.0 for p in problems)
+    assert sum("*" in p["solution"] for p in problems) > 0, "an occasional multiplication"
+    lengths = [len(reward.format_prompt(p["question"], "arithmetic") + p["solution"]) for p in problems]
+    assert sum(lengths) / len(lengths) < 210 and max(lengths) < 240, "short enough for a tiny byte-level model"
+
+
+def test_arithmetic_difficulty_knobs():
+    for p in reward.make_arithmetic_problems(200, seed=5, num_steps=2, max_number=9):
+        check_arithmetic_problem(p, num_steps=2, max_number=9)
+    for p in reward.make_arithmetic_problems(200, seed=5, num_steps=7, max_number=500):
+        check_arithmetic_problem(p, num_steps=7, max_number=500)
+
+
+def test_arithmetic_is_deterministic_per_seed_and_splits_are_disjoint():
+    assert reward.make_arithmetic_problems(50, seed=3) == reward.make_arithmetic_problems(50, seed=3)
+    assert reward.make_arithmetic_problems(50, seed=3) != reward.make_arithmetic_problems(50, seed=4)
+    questions = [{p["question"] for p in reward.load_problems("arithmetic", split)} for split in reward.SPLITS]
+    assert not (questions[0] & questions[1]) and not (questions[0] & questions[2]) and not (questions[1] & questions[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load_problems
+
+
+@pytest.mark.parametrize("dataset, sizes", [("gsm8k", (7100, 373, 1319)), ("math", (11500, 500, 500))])
+def test_split_sizes_disjoint_and_deterministic(data_dir, dataset, sizes):
+    splits = [reward.load_problems(dataset, split, data_dir) for split in reward.SPLITS]
+    assert tuple(len(s) for s in splits) == sizes
+    train, validation = ({(p["question"], p["solution"]) for p in s} for s in splits[:2])
+    assert not train & validation and len(train | validation) == sizes[0] + sizes[1]
+    assert reward.load_problems(dataset, "validation", data_dir) == splits[1]
+    assert set(splits[0][0]) == {"question", "answer", "solution"}
+
+
+def test_data_dir_may_be_the_dataset_folder(data_dir):
+    assert reward.load_problems("math", "test", data_dir / "math") == reward.load_problems("math", "test", data_dir)
+
+
+def test_missing_file_error_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "gsm8k" / "test.jsonl"))):
+        reward.load_problems("gsm8k", "test", tmp_path)
+
+
+GOOD_GSM8K = json.dumps({"question": "q", "answer": "1 + 1 = 2\n#### 2"})
+
+
+@pytest.mark.parametrize("dataset, filename, bad_line", [
+    ("gsm8k", "test.jsonl", '{"question": "q", "answer": '),  # bad JSON
+    ("gsm8k", "test.jsonl", '{"question": "q"}'),  # missing field
+    ("gsm8k", "test.jsonl", '{"question": 5, "answer": "#### 5"}'),  # wrong type
+    ("gsm8k", "test.jsonl", '{"question": "q", "answer": "5"}'),  # no "####" line
+    ("gsm8k", "test.jsonl", '["q", "#### 5"]'),  # not an object
+    ("math", "math500_test.jsonl", '{"problem": "p", "answer": "5"}'),  # missing solution
+])
+def test_malformed_row_error_names_file_and_line(tmp_path, dataset, filename, bad_line):
+    (tmp_path / dataset).mkdir()
+    good = GOOD_GSM8K if dataset == "gsm8k" else json.dumps({"problem": "p", "solution": "\\boxed{5}", "answer": "5"})
+    (tmp_path / dataset / filename).write_text(f"{good}\n\n{bad_line}\n{good}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{filename}, line 3")):
+        reward.load_problems(dataset, "test", tmp_path)
+
+
+def test_unknown_dataset_or_split():
+    with pytest.raises(ValueError, match="gsm8k, math, arithmetic"):
+        reward.load_problems("svamp", "train")
+    with pytest.raises(ValueError, match="train, validation, test"):
+        reward.load_problems("gsm8k", "dev")
+
+
+def test_hub_failure_says_to_pass_data_dir(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no network in tests")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(RuntimeError, match="data_dir") as error:
+        reward.load_problems("gsm8k", "train")
+    assert "gsm8k/train.jsonl" in str(error.value)
+
+
+def test_hub_rows_give_the_same_problems_as_local_files(monkeypatch, data_dir):
+    """The hub path converts rows like the local path, and the validation draw does not depend on row order."""
+    datasets = pytest.importorskip("datasets")
+    local_file = {"openai/gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
+                  "zzy1123/MATH_train_test_split": {"train": "math/prm800k_train.jsonl"}}
+
+    def fake_load_dataset(repo, config, split):
+        rows = [json.loads(line) for line in open(data_dir / local_file[repo][split])]
+        random.Random(0).shuffle(rows)
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    shuffled, local = reward.load_problems("gsm8k", "test"), reward.load_problems("gsm8k", "test", data_dir)
+    assert shuffled != local and sorted(shuffled, key=str) == sorted(local, key=str)
+    for dataset in ("gsm8k", "math"):
+        hub, local = reward.load_problems(dataset, "validation"), reward.load_problems(dataset, "validation", data_dir)
+        assert sorted(hub, key=str) == sorted(local, key=str)
