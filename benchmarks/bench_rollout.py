@@ -1,0 +1,156 @@
+"""Benchmark rollout.sample against Hugging Face generate on CPU (not a test; prints numbers measured in one run).
+
+    python benchmarks/bench_rollout.py            # full run, ~5 minutes on 2 quiet cores
+    python benchmarks/bench_rollout.py --quick    # smoke mode, smaller workloads
+    python benchmarks/bench_rollout.py --flat     # near-uniform next-token distributions (see below)
+
+Model: a ~10M-parameter random Llama (hidden 256, 6 layers, vocab 8192). Its output weights are scaled by LOGIT_SCALE
+so that, at T=0.6, the top-p 0.9 nucleus holds ~6 tokens (median) as for a trained LM (--flat keeps the random init:
+a near-uniform distribution, nucleus ~6000 of 8192 tokens, where top-p needs a large partial sort). A random model
+rarely emits EOS, so the output layer gets a bias on the EOS logit (EOS_BIAS, tuned by hand): response lengths then
+spread from 0 to max_new_tokens (measured with max_new_tokens=200: median ~120, ~45% reach the limit). Both engines
+sample the same model with the same settings (T=0.6, top-p 0.9, no top-k), so they see the same length distribution.
+
+Prints: (1) tokens/s of sample vs generate on one batch of 64 prompts; (2) an MC-shaped workload (answers x states x
+K continuations, nested prefixes of 100-300 tokens) by prefix reuse vs a loop of generate(num_return_sequences=K) per
+state; (3) achieved FLOP/s (2 x params x tokens/s) as a fraction of a measured float32 matmul; (4) float32 vs
+bfloat16 weights for sample.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from rollout import sample  # noqa: E402
+
+VOCAB, EOS = 8192, 2
+LOGIT_SCALE, EOS_BIAS, EOS_BIAS_FLAT = 12.0, 10.0, 2.7
+SETTINGS = dict(temperature=0.6, top_p=0.9)
+
+
+def make_bench_model(seed: int = 0, flat: bool = False):
+    """Llama-style random model, ~10.5M parameters, EOS made likely enough that response lengths vary.
+
+    peaked (default): output weights x LOGIT_SCALE, so at T=0.6 the top-p 0.9 nucleus holds ~6 tokens (median), like
+    a trained LM; flat: the random init, a near-uniform next-token distribution (nucleus ~6000 of 8192 tokens)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                         bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    head = torch.nn.Linear(256, VOCAB, bias=True)
+    head.weight.data.copy_(model.lm_head.weight.data * (1.0 if flat else LOGIT_SCALE))
+    head.bias.data.zero_()
+    head.bias.data[EOS] = EOS_BIAS_FLAT if flat else EOS_BIAS
+    model.lm_head = head
+    return model
+
+
+def count_matmul_params(model) -> int:
+    """Parameters used in matmuls per token: everything except the input embedding table (a lookup)."""
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+
+def matmul_flops(dtype=torch.float32, n: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def run_generate(model, prefixes, *, num_samples, max_new_tokens, seed):
+    """Hugging Face generate on a left-padded batch; returns the number of generated tokens (EOS and later excluded)."""
+    torch.manual_seed(seed)
+    longest = max(len(p) for p in prefixes)
+    input_ids = torch.tensor([[0] * (longest - len(p)) + p for p in prefixes])  # (B, T) left padding
+    attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prefixes])
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0,
+                             max_new_tokens=max_new_tokens, num_return_sequences=num_samples, eos_token_id=EOS,
+                             pad_token_id=0, **SETTINGS)
+    new = out[:, longest:]  # (B * num_samples, T_new)
+    is_eos = (new == EOS).long().cumsum(dim=1) > 0  # EOS and everything after it (padding)
+    return int((~is_eos).sum())
+
+
+def run_sample(model, prefixes, *, num_samples, max_new_tokens, seed):
+    rollouts = sample(model, prefixes, num_samples=num_samples, max_new_tokens=max_new_tokens, eos_token_id=EOS,
+                      generator=torch.Generator().manual_seed(seed), **SETTINGS)
+    return sum(len(r) for r in rollouts.response_ids)
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    tokens = fn(*args, **kwargs)
+    seconds = time.perf_counter() - start
+    return tokens, seconds, tokens / seconds
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small workloads, a smoke run")
+    parser.add_argument("--flat", action="store_true", help="near-uniform next-token distributions")
+    parser.add_argument("--threads", type=int, default=2)
+    cli = parser.parse_args()
+    quick = cli.quick
+    torch.set_num_threads(cli.threads)
+    model = make_bench_model(flat=cli.flat)
+    params = count_matmul_params(model)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    print(f"model: Llama 256x6, vocab {VOCAB}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
+          f"({params / 1e6:.1f}M in matmuls); threads {torch.get_num_threads()}; quick={quick}; flat={cli.flat}")
+
+    # ---- 1. plain sampling: one batch of 64 prompts, 1 sample each
+    num_prompts, max_new = (64, 48) if quick else (64, 200)
+    prompts = [rand(int(n)) for n in torch.randint(50, 150, (num_prompts,), generator=g)]
+    run_sample(model, prompts[:4], num_samples=1, max_new_tokens=4, seed=0)  # warm-up
+    tok_g, sec_g, tps_g = timed(run_generate, model, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
+    tok_s, sec_s, tps_s = timed(run_sample, model, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
+    print(f"\n[1] plain sampling, {num_prompts} prompts of 50-150 tokens, max_new_tokens={max_new}, T=0.6 top-p 0.9")
+    print(f"  generate: {tok_g:6d} tokens in {sec_g:6.2f} s = {tps_g:7.0f} tok/s")
+    print(f"  sample:   {tok_s:6d} tokens in {sec_s:6.2f} s = {tps_s:7.0f} tok/s   ratio sample/generate = "
+          f"{tps_s / tps_g:.2f}x")
+
+    # ---- 2. MC-shaped workload: answers x states x K, nested prefixes of 100-300 tokens
+    num_answers, num_states, k, mc_new = (8, 5, 9, 48) if quick else (32, 5, 9, 200)
+    answers = [rand(300) for _ in range(num_answers)]
+    states = [a[:n] for a in answers for n in torch.linspace(100, 300, num_states).long().tolist()]
+    tok_r, sec_r, tps_r = timed(run_sample, model, states, num_samples=k, max_new_tokens=mc_new, seed=1)
+    # the naive loop is slow: time it on a subset of the states and scale to all of them (stated below)
+    subset = states[:: 2 if quick else 8]  # every 8th: all 5 state lengths appear
+    start, tok_n = time.perf_counter(), 0
+    for i, state in enumerate(subset):
+        tok_n += run_generate(model, [state], num_samples=k, max_new_tokens=mc_new, seed=100 + i)
+    sec_n = (time.perf_counter() - start) * len(states) / len(subset)
+    tps_n = tok_n * len(states) / len(subset) / sec_n
+    print(f"\n[2] MC workload: {num_answers} answers x {num_states} states (100-300 tokens) x K={k}, up to {mc_new} "
+          f"new tokens")
+    print(f"  naive generate(num_return_sequences={k}) per state: {sec_n:7.2f} s (timed on {len(subset)} of "
+          f"{len(states)} states, scaled) = {tps_n:6.0f} tok/s")
+    print(f"  sample, prefix reuse:                           {sec_r:7.2f} s ({tok_r} tokens) = {tps_r:6.0f} tok/s")
+    print(f"  speed-up (tok/s ratio) = {tps_r / tps_n:.2f}x")
+
+    # ---- 3. fraction of the machine's matmul throughput
+    flops32, flops16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
+    print(f"\n[3] measured matmul: float32 {flops32 / 1e9:.1f} GFLOP/s, bfloat16 {flops16 / 1e9:.1f} GFLOP/s")
+    for name, tps in [("generate, plain", tps_g), ("sample, plain", tps_s), ("sample, MC", tps_r)]:
+        print(f"  {name:16s} 2 x {params / 1e6:.1f}M x {tps:6.0f} tok/s = {2 * params * tps / 1e9:5.2f} GFLOP/s = "
+              f"{2 * params * tps / flops32:6.1%} of float32 matmul")
+
+    # ---- 4. float32 vs bfloat16 weights on CPU, the plain workload
+    model_bf16 = make_bench_model(flat=cli.flat).to(torch.bfloat16)
+    tok_b, sec_b, tps_b = timed(run_sample, model_bf16, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
+    print(f"\n[4] sample with bfloat16 weights: {tok_b} tokens in {sec_b:.2f} s = {tps_b:.0f} tok/s; "
+          f"bf16/fp32 = {tps_b / tps_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

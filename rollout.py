@@ -1,0 +1,402 @@
+"""Sampling from a Hugging Face causal LM with its KV cache, with prefix reuse for the MC value rollouts.
+
+VinePPO spends most of its compute here (PAPER_NOTES.md §1.2, §6): N answers per prompt, then K continuations from
+every step state of every answer. One function, `sample`, serves both uses:
+
+    answers:      sample(model, prompts, num_samples=N, ...)    # sample j of prompt i -> row i * N + j
+    MC rollouts:  sample(model, states, num_samples=K, ...)     # states = prompt + first tokens of an answer
+
+How it works (plain PyTorch + the model's own forward, no vLLM):
+  1. Prefix reuse. The states s_0..s_n of one answer are nested: each is a prefix of the next. For every prefix we
+     find the longest prefix of the call that starts with it (its "root", find_roots), run ONE forward pass per root,
+     and take every nested prefix's KV cache as the first len(prefix) positions of its root's cache (exact: attention
+     is causal, so the keys/values at position t depend only on tokens <= t). Its first-token logits are the root's
+     logits at position len(prefix) - 1. The K rows of a prefix are copies of that one cache, never recomputed.
+  2. Batched decoding. Rows of different prefix lengths share one rectangular cache: row b holds its root's cache,
+     right-padded to the chunk's longest root, and the attention mask hides positions >= len(prefix_b) (the rest of
+     the root and the padding); generated tokens go after that hole, and position_ids give each row its true
+     positions, so rotary / learned position embeddings see exactly what one prefix alone would.
+  3. Rows that stop (EOS, stop string, length limit) leave the batch and the KV cache at once (drop_rows), so compute
+     follows the live rows, not the longest one. The cache is preallocated and written in place (build_cache), and
+     attention reads only the slots written so far.
+  4. Memory cap: prefixes are processed in chunks of rows x (longest root + max_new_tokens) <= max_batch_tokens.
+
+Sampling follows vLLM (the paper's sampler): logits / temperature, top-p (nucleus), one draw from the renormalised
+nucleus with a seeded torch.Generator; temperature 0 is greedy argmax. Log-probabilities are float32
+log_softmax(logits / temperature) of the sampled token (raw logits when greedy), before top-p, as the trainer computes
+them (PAPER_NOTES.md §7.8). Under bf16 autocast the logits are cast to float32 first.
+
+What bounds speed (measured on CPU, benchmarks/bench_rollout.py): with many rows, attention over the cache dominates
+and is memory-bound. Every row reads its own copy of its prefix's keys/values (K copies per prefix, and the masked
+hole up to its root's length); sharing one copy across the K rows needs a custom shared-prefix ("cascade") attention
+kernel, which a plain Hugging Face forward does not have.
+
+Test: python -m pytest tests/test_rollout.py -q.   Benchmark: python benchmarks/bench_rollout.py [--quick].
+
+Departures from the paper's vLLM sampler:
+  1. Stop strings cut token ids, not text: the response ends at the last token boundary at or before the start of
+     the stop string, so a token that holds text before the stop string is dropped too (vLLM cuts the text exactly).
+  2. Stop strings are searched in the generated text only (vLLM does the same), never across the prefix boundary.
+  3. Sliding-window attention layers are not supported (a nested prefix cannot be sliced out of a windowed cache).
+  4. Different random streams: the same seed gives the same samples here, not vLLM's samples.
+
+Letters: B rows being decoded, P prefixes, R roots, K samples per prefix, T positions, V vocabulary, H key/value
+heads, D head dim.
+"""
+
+import inspect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+from transformers import StaticCache
+
+# Default memory cap, in cached tokens per chunk: rows x (longest prefix + max_new_tokens). The KV cache costs
+# 2 * num_layers * num_kv_heads * head_dim * bytes per token: 2**18 tokens is ~6 GB for a 1.1B Llama (22 layers,
+# 4 KV heads of 64) in bf16, ~0.2 GB for the tests' tiny models. Lower it if sampling runs out of memory.
+DEFAULT_MAX_BATCH_TOKENS = 2**18
+# Top-p first looks for the nucleus among this many most probable tokens (nucleus_mask).
+TOP_P_CANDIDATES = 64
+# Stop strings are searched in the exact decoded text: no special-token skipping, no whitespace clean-up.
+DECODE_KWARGS = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class Rollouts:
+    response_ids: list[list[int]]  # sampled tokens per sample, without the EOS token and without the stop string
+    logprobs: list[torch.Tensor]  # float32 (len(response_ids[i]),): log_softmax(logits / T) of each sampled token
+    finished: list[bool]  # True: stopped on EOS or a stop string; False: hit the length limit
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p (nucleus) set (Holtzman et al. 2020; vLLM): the smallest set of most probable tokens whose cumulative
+    probability reaches top_p. probs: (B, V), rows sum to 1. Returns a bool mask (B, V), True = kept.
+
+    A token is kept iff the mass of the tokens ranked above it is < top_p (so the top token always is). Sorting the
+    vocabulary every step costs as much as a small model's forward pass, so two cheaper exact cases come first:
+      peaked rows (a trained LM at T=0.6): the TOP_P_CANDIDATES most probable tokens hold >= top_p, the nucleus is
+        inside them;
+      flat rows (random models): the least probable half holds > 1 - top_p, the dropped tail is inside it; a token is
+        dropped iff its mass plus that of all less probable tokens is <= 1 - top_p (= mass above it >= top_p).
+    Otherwise, or if the rows of the batch disagree, one full sort."""
+    kept = torch.zeros_like(probs, dtype=torch.bool)  # (B, V)
+    top, top_idx = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)  # (B, N) descending
+    if bool((top.sum(dim=-1) >= top_p).all()):
+        return kept.scatter_(-1, top_idx, top.cumsum(dim=-1) - top < top_p)  # exclusive cumsum = mass above
+    low, low_idx = probs.topk(probs.shape[-1] // 2, dim=-1, largest=False)  # (B, V/2) ascending
+    tail_mass = low.cumsum(dim=-1)  # (B, V/2) mass of each token and all less probable ones
+    if bool((tail_mass[:, -1] > 1 - top_p).all()):
+        return kept.fill_(True).scatter_(-1, low_idx, tail_mass > 1 - top_p)
+    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)  # (B, V)
+    return kept.scatter_(-1, sorted_idx, sorted_probs.cumsum(dim=-1) - sorted_probs < top_p)
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from probs restricted to nucleus_mask and renormalised. probs: (B, V). Returns (B,).
+
+    Inverse-CDF sampling in vocabulary order: u ~ U(0, kept mass], token = first index whose cumulative kept mass
+    >= u (never a dropped token: its cumulative mass equals that of the kept token before it, which comes first).
+    Cheaper on CPU than torch.multinomial; the same distribution."""
+    kept_probs = probs if top_p >= 1.0 else probs.masked_fill(~nucleus_mask(probs, top_p), 0.0)  # (B, V)
+    cdf = kept_probs.cumsum(dim=-1)  # (B, V)
+    gen_device = probs.device if generator is None else generator.device  # a CPU generator may drive a CUDA model
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=gen_device).to(probs.device)  # (B, 1) in [0, 1)
+    u = (1.0 - u) * cdf[:, -1:]  # (B, 1) in (0, kept mass]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row. logits: (B, V). Returns tokens (B,) and their float32 logprobs (B,).
+
+    logprob = log_softmax(logits / temperature)[token] (raw logits when temperature == 0, i.e. greedy argmax);
+    the token is drawn from softmax(logits / temperature) restricted to its top-p nucleus (sample_top_p)."""
+    logits = logits.float()  # float32 logprobs even under bf16 autocast
+    if temperature == 0:
+        logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+        tokens = logits.argmax(dim=-1)  # (B,)
+    else:
+        logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
+        tokens = sample_top_p(logprobs.exp(), top_p, generator)  # (B,)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def find_roots(prefixes: Sequence[Sequence[int]]) -> list[int]:
+    """For each prefix, the index of the longest prefix in the list that starts with it (itself if none does).
+
+    In lexicographic order, every sequence between p and a sequence that starts with p also starts with p; so p is
+    nested iff its successor starts with p, and then p's root is its successor's root. One backward pass."""
+    order = sorted(range(len(prefixes)), key=lambda i: tuple(prefixes[i]))
+    roots = list(range(len(prefixes)))
+    for a, b in zip(reversed(order[:-1]), reversed(order[1:])):  # a = predecessor of b in sorted order
+        p, q = prefixes[a], prefixes[b]
+        if len(p) <= len(q) and list(q[: len(p)]) == list(p):
+            roots[a] = roots[b]
+    return roots
+
+
+def plan_chunks(
+    prefix_lens: list[int], roots: list[int], *, num_samples: int, max_new_tokens: int, max_batch_tokens: int
+) -> list[list[int]]:
+    """Split prefix indices into chunks of rows x (longest root + max_new_tokens) <= max_batch_tokens.
+
+    Prefixes of one root stay adjacent (their KV comes from one forward pass), roots go longest first so the
+    biggest chunk runs first. A single prefix whose num_samples rows exceed the cap still forms its own chunk."""
+    order = sorted(range(len(prefix_lens)), key=lambda i: (-prefix_lens[roots[i]], roots[i], -prefix_lens[i]))
+    chunks, current, longest = [], [], 0
+    for i in order:
+        new_longest = max(longest, prefix_lens[roots[i]])
+        if current and (len(current) + 1) * num_samples * (new_longest + max_new_tokens) > max_batch_tokens:
+            chunks.append(current)
+            current, new_longest = [], prefix_lens[roots[i]]
+        current.append(i)
+        longest = new_longest
+    return chunks + ([current] if current else [])
+
+
+def prefill(
+    model, prefixes: list[list[int]], device: torch.device
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """One forward pass per root over the chunk's prefixes (PAPER_NOTES.md §6: prefix KV shared by its K rollouts).
+
+    Returns, for each layer, keys and values of all R roots padded on the right to the longest root, (R, H, T_root, D);
+    the root of every prefix as an index into them (P,); and every prefix's next-token logits (P, V), read at its last
+    position (the logits at position t predict token t + 1)."""
+    roots = find_roots(prefixes)
+    root_ids = sorted(set(roots))
+    members = {r: [] for r in root_ids}  # the prefixes nested in each root
+    for i, r in enumerate(roots):
+        members[r].append(i)
+    longest = max(len(prefixes[r]) for r in root_ids)
+    takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    layers, next_logits = [], [None] * len(prefixes)
+    for k, r in enumerate(root_ids):
+        last = torch.tensor([len(prefixes[i]) - 1 for i in members[r]], device=device)  # (M,) last position of each
+        kwargs = {"logits_to_keep": last} if takes_logits_to_keep else {}  # skip the (T_root, V) logits
+        out = model(input_ids=torch.tensor([prefixes[r]], device=device), use_cache=True, **kwargs)
+        logits = out.logits[0] if takes_logits_to_keep else out.logits[0, last]  # (M, V)
+        for j, i in enumerate(members[r]):
+            next_logits[i] = logits[j]
+        assert not any(out.cache.is_sliding), "sliding-window attention is not supported (departure 3)"
+        for layer_idx, layer in enumerate(out.cache.layers):  # keys, values: (1, H, len(root), D)
+            if k == 0:  # zero right padding, hidden by the attention mask in decoding
+                shapes = [(len(root_ids), t.shape[1], longest, t.shape[3]) for t in (layer.keys, layer.values)]
+                layers.append((layer.keys.new_zeros(shapes[0]), layer.values.new_zeros(shapes[1])))
+            layers[layer_idx][0][k, :, : len(prefixes[r])] = layer.keys[0]
+            layers[layer_idx][1][k, :, : len(prefixes[r])] = layer.values[0]
+    root_of = {r: k for k, r in enumerate(root_ids)}
+    return layers, torch.tensor([root_of[r] for r in roots], device=device), torch.stack(next_logits)
+
+
+def find_stop_cut(tokenizer, response_ids: list[int], stop_strings: Sequence[str], window: int) -> int | None:
+    """If the decoded response contains a stop string, the number of tokens to keep: the longest token prefix whose
+    text ends at or before the start of the first stop string. Else None.
+
+    Called after every new token, so a new stop string must end in the last tokens: decode only a window of them first
+    (window tokens hold at least window bytes; byte-level BPE tokens are never empty)."""
+    tail = tokenizer.decode(response_ids[-window:], **DECODE_KWARGS)
+    if not any(s in tail for s in stop_strings):
+        return None
+    text = tokenizer.decode(response_ids, **DECODE_KWARGS)
+    start = min(text.find(s) for s in stop_strings if s in text)
+    keep = len(response_ids)
+    while keep > 0 and len(tokenizer.decode(response_ids[:keep], **DECODE_KWARGS)) > start:
+        keep -= 1
+    return keep
+
+
+def build_cache(
+    model, layers: list[tuple[torch.Tensor, torch.Tensor]], prefix_root: torch.Tensor, num_samples: int, max_len: int
+) -> tuple[StaticCache, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Preallocate per layer keys and values buffers (B, H, max_len, D), B = num_prefixes * num_samples, whose slots
+    [0, T_root) hold the row's root (expanded, not recomputed), and a StaticCache that will write into views of them.
+
+    Why not a plain cache: a DynamicCache re-allocates and copies the whole cache at every step, and a StaticCache
+    attends over all max_len slots at every step (with max_new_tokens=1024, mostly empty ones). Instead set_cache_views
+    points each StaticLayer at the filled slots before each step; its update() writes the new token's keys / values at
+    slot cumulative_length in place. The unwritten slots are never read, so the buffers need no zeroing."""
+    num_prefixes, root_len = prefix_root.shape[0], layers[0][0].shape[2]
+    buffers = []
+    for root_keys, root_values in layers:  # (R, H, T_root, D)
+        pair = []
+        for roots in (root_keys, root_values):
+            buffer = roots.new_empty((num_prefixes * num_samples, roots.shape[1], max_len, roots.shape[3]))
+            by_prefix = buffer.view(num_prefixes, num_samples, *buffer.shape[1:])  # (P, K, H, max_len, D)
+            by_prefix[:, :, :, :root_len] = roots.index_select(0, prefix_root)[:, None]  # K rows share one copy source
+            pair.append(buffer)
+        buffers.append(tuple(pair))
+    cache = StaticCache(config=model.config, max_cache_len=1)
+    for layer, (keys, values) in zip(cache.layers, buffers):
+        layer.lazy_initialization(keys, values)  # device and dtype; a (B, H, 1, D) placeholder we replace
+        layer.cumulative_length.fill_(root_len)  # the first generated token goes to slot T_root
+    return cache, buffers
+
+
+def set_cache_views(cache: StaticCache, buffers: list[tuple[torch.Tensor, torch.Tensor]], num_rows: int, length: int):
+    """Point every StaticLayer at rows [0, num_rows) and slots [0, length) of its buffers (views, no copy); the mask
+    and the attention then cover exactly these slots (get_mask_sizes reads max_cache_len)."""
+    for layer, (keys, values) in zip(cache.layers, buffers):
+        layer.keys, layer.values = keys[:num_rows, :, :length], values[:num_rows, :, :length]
+        layer.max_cache_len = length
+
+
+def drop_rows(buffers: list[tuple[torch.Tensor, torch.Tensor]], live: list[int], length: int) -> list[int]:
+    """Compact the batch to the rows at positions `live` (ascending), in place: every dead position below
+    n = len(live) takes the live row of a position >= n (slots [0, length) only). Copies only the moved rows and
+    allocates nothing big (fresh tensors would be slow on CPU: first-touch page faults).
+    Returns order: order[new position] = old position."""
+    n, live_set = len(live), set(live)
+    holes = [pos for pos in range(n) if pos not in live_set]  # dead positions that stay inside the batch
+    movers = [pos for pos in live if pos >= n]  # live rows beyond it, as many as holes
+    order = list(range(n))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    if holes:
+        dst, src = torch.tensor(holes), torch.tensor(movers)
+        for pair in buffers:
+            for buffer in pair:  # sources >= n > destinations: no overlap
+                buffer[dst.to(buffer.device), :, :length] = buffer[src.to(buffer.device), :, :length]
+    return order
+
+
+def decode_chunk(
+    model,
+    prefixes: list[list[int]],
+    *,
+    num_samples: int,
+    limits: list[int],
+    temperature: float,
+    top_p: float,
+    eos_ids: set[int],
+    generator: torch.Generator | None,
+    stop_strings: Sequence[str],
+    tokenizer,
+    progress,
+) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+    """Sample num_samples continuations of every prefix of one chunk; row b continues prefix b // num_samples.
+
+    Each step feeds the last token of every live row and samples its next token. A row stops when it samples EOS
+    (finished, EOS not kept), its text contains a stop string (finished, cut by find_stop_cut) or it reaches its length
+    limit (not finished); stopped rows leave the batch and the KV cache at once (drop_rows). Cache slots [0, T_root)
+    hold the row's root, slot T_root + t the token fed at step t (build_cache)."""
+    device = next(model.parameters()).device
+    layers, prefix_root, next_logits = prefill(model, prefixes, device)
+    root_len = layers[0][0].shape[2]
+    cache, buffers = build_cache(model, layers, prefix_root, num_samples, root_len + max(limits))
+    row_prefix = torch.arange(len(prefixes), device=device).repeat_interleave(num_samples)  # (B,)
+    prefix_len = torch.tensor([len(p) for p in prefixes], device=device)[row_prefix]  # (B,)
+    # mask: row b sees its own prefix, slots < prefix_len[b], and the generated slots >= T_root; the rest of its root
+    # (later tokens of a longer state) and the root padding are hidden
+    slots = torch.arange(root_len + max(limits), device=device)[None]  # (1, T)
+    attention_mask = (slots < prefix_len[:, None]) | (slots >= root_len)  # (B, T)
+    num_rows = len(prefixes) * num_samples
+    row_limit = [limits[b // num_samples] for b in range(num_rows)]
+    window = 4 * max((len(s) for s in stop_strings), default=0) + 2  # tokens that surely hold a new stop string
+    responses, logprobs, finished = [[] for _ in range(num_rows)], [[] for _ in range(num_rows)], [False] * num_rows
+    batch_rows = list(range(num_rows))  # row id at each batch position
+    logits = next_logits.index_select(0, row_prefix)  # (B, V) the prefill's next-token logits
+    step = 0
+    while True:
+        tokens, token_logprobs = sample_next_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
+        live = []  # batch positions of the rows that continue
+        for pos, (b, token, lp) in enumerate(zip(batch_rows, tokens.tolist(), token_logprobs.tolist())):
+            if token in eos_ids:  # EOS: finished, and the EOS token is not part of the response
+                finished[b] = True
+                continue
+            responses[b].append(token)
+            logprobs[b].append(lp)
+            cut = find_stop_cut(tokenizer, responses[b], stop_strings, window) if stop_strings else None
+            if cut is not None:  # stop string: finished, cut at a token boundary before it
+                finished[b] = True
+                del responses[b][cut:], logprobs[b][cut:]
+            elif len(responses[b]) < row_limit[b]:
+                live.append(pos)
+        if progress is not None:
+            progress.update(len(batch_rows) - len(live))
+        if not live:
+            break
+        length = root_len + step + 1  # slots in use after this step's token is written
+        if len(live) < len(batch_rows):  # stopped rows leave the batch and the KV cache
+            order = drop_rows(buffers, live, length - 1)
+            keep = torch.tensor(order, device=device)
+            attention_mask, prefix_len, tokens = attention_mask[keep], prefix_len[keep], tokens[keep]
+            batch_rows = [batch_rows[pos] for pos in order]
+        set_cache_views(cache, buffers, len(batch_rows), length)
+        position_ids = (prefix_len + step)[:, None]  # (B, 1) true position of the fed token: the hole is skipped
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=attention_mask[:, :length],
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1]  # (B, V) the fed token's position predicts the next token
+        step += 1
+    return responses, logprobs, finished
+
+
+def sample(
+    model,
+    prompt_ids: list[list[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int | list[int],
+    generator: torch.Generator | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    max_length: int | None = None,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    show_progress: bool = False,
+) -> Rollouts:
+    """num_samples continuations of every prefix in prompt_ids; sample j of prefix i is at index i * num_samples + j.
+
+    A row stops at EOS (finished; EOS not returned), at a stop string (finished; cut before it, see find_stop_cut) or
+    at its length limit min(max_new_tokens, max_length - len(prefix)) (not finished), PAPER_NOTES.md §1.1, §4.3.
+    Each prefix's KV cache is computed once, nested prefixes are sliced from one pass over the longest (module doc).
+    The model runs in eval mode under torch.inference_mode (its train/eval mode is restored on return)."""
+    assert tokenizer is not None or not stop_strings, "stop_strings need a tokenizer to decode the response"
+    assert all(len(p) > 0 for p in prompt_ids), "every prefix needs at least one token"
+    eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    limits = [max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(p)) for p in prompt_ids]
+    num_rows = len(prompt_ids) * num_samples
+    result = Rollouts([[] for _ in range(num_rows)], [torch.zeros(0) for _ in range(num_rows)], [False] * num_rows)
+    todo = [i for i in range(len(prompt_ids)) if limits[i] > 0]  # no room left: empty response, not finished
+    roots = find_roots([prompt_ids[i] for i in todo])
+    lens = [len(prompt_ids[i]) for i in todo]
+    chunks = plan_chunks(
+        lens, roots, num_samples=num_samples, max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens
+    )
+    progress = tqdm(total=len(todo) * num_samples, desc="sampling", unit="seq") if show_progress else None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for chunk in chunks:
+                prefix_idx = [todo[c] for c in chunk]
+                responses, logprobs, finished = decode_chunk(
+                    model,
+                    [list(prompt_ids[i]) for i in prefix_idx],
+                    num_samples=num_samples,
+                    limits=[limits[i] for i in prefix_idx],
+                    temperature=temperature,
+                    top_p=top_p,
+                    eos_ids=eos_ids,
+                    generator=generator,
+                    stop_strings=stop_strings,
+                    tokenizer=tokenizer,
+                    progress=progress,
+                )
+                for row, (i, j) in enumerate((i, j) for i in prefix_idx for j in range(num_samples)):
+                    result.response_ids[i * num_samples + j] = responses[row]
+                    result.logprobs[i * num_samples + j] = torch.tensor(logprobs[row], dtype=torch.float32)
+                    result.finished[i * num_samples + j] = finished[row]
+    finally:
+        model.train(was_training)
+        if progress is not None:
+            progress.close()
+    return result
