@@ -1,0 +1,113 @@
+"""End-to-end tests of train.py: a smoke run, exact resume, and the error messages a user sees."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import reward
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a few seconds per iteration on 2 CPU cores: 2 prompts x 2 answers, K = 2, short answers, tiny model
+TINY = [
+    "--dataset", "arithmetic", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--num_mc_rollouts", "2",
+    "--max_new_tokens", "48", "--max_length", "160", "--minibatch_size", "2", "--micro_batch_size", "1", "--lr", "1e-3",
+    "--eval_every", "0", "--eval_problems", "2", "--eval_samples", "2", "--threads", "2",
+]
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory) -> Path:
+    """A tiny model after 100 supervised steps: it writes lines and stops with EOS, though its answers are wrong."""
+    run_dir = tmp_path_factory.mktemp("sft")
+    train.main(TINY + ["--model", "tiny", "--num_iterations", "0", "--sft_steps", "100", "--sft_batch_size", "16",
+                       "--sft_lr", "3e-3", "--run_dir", str(run_dir)])
+    return run_dir / "init"
+
+
+@pytest.fixture
+def parity_reward(monkeypatch):
+    """A stand-in grader (1 for answers of even length): with the real one every answer of a model this small
+    scores 0, every advantage is 0, and the update would not move the parameters at all."""
+    monkeypatch.setattr(reward, "grade", lambda response, gold, dataset: float(len(response) % 2 == 0))
+
+
+def test_smoke_run_trains_and_saves_a_loadable_checkpoint(tmp_path, sft_model, parity_reward):
+    train.main(TINY + ["--model", str(sft_model), "--num_iterations", "2", "--run_dir", str(tmp_path), "--eval_every", "1"])
+    rows = read_metrics(tmp_path)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]  # two iterations, then the final evaluation
+    assert all(math.isfinite(r["loss/policy"]) and math.isfinite(r["grad_norm"]) for r in rows[:2])
+    assert any(r["advantages/zero_frac"] < 1.0 for r in rows[:2]), "the stand-in reward should give some signal"
+    assert 0.0 <= rows[-1]["eval/pass1"] <= 1.0
+    init = AutoModelForCausalLM.from_pretrained(sft_model)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
+    assert not all(torch.equal(a, b) for a, b in zip(init.parameters(), trained.parameters())), "nothing was trained"
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["next_iteration"] == 2
+
+
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, sft_model, parity_reward):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    argv = TINY + ["--model", str(sft_model), "--num_iterations", "3"]
+    train.main(argv + ["--run_dir", str(whole)])
+    train.main(argv + ["--run_dir", str(parts), "--stop_after", "1"])
+    assert [r["iteration"] for r in read_metrics(parts)] == [0]
+    train.main(argv + ["--run_dir", str(parts), "--resume"])
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(parts)) == strip(read_metrics(whole))
+    assert any(r["grad_norm"] > 0 for r in read_metrics(whole)[:3]), "the runs should have trained"
+    a = AutoModelForCausalLM.from_pretrained(whole / "checkpoint")
+    b = AutoModelForCausalLM.from_pretrained(parts / "checkpoint")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_lr_schedule_warms_up_log_shaped_then_decays_linearly_to_zero():
+    lr = lambda s: train.lr_lambda(s, warmup_steps=3, total_steps=10)  # noqa: E731
+    assert lr(0) == 0.0 and lr(1) == pytest.approx(math.log(2) / math.log(4)) and lr(2) == pytest.approx(math.log(3) / math.log(4))
+    assert lr(3) == 1.0 and lr(10) == 0.0 and lr(5) == pytest.approx(5 / 7)
+
+
+def test_refuses_a_run_dir_that_holds_another_runs_checkpoint(tmp_path, sft_model):
+    argv = TINY + ["--model", str(sft_model), "--num_iterations", "1", "--run_dir", str(tmp_path)]
+    train.main(argv)
+    with pytest.raises(SystemExit, match="another run's checkpoint"):
+        train.main(argv)
+    with pytest.raises(SystemExit, match="other settings.*num_mc_rollouts"):
+        train.main(argv + ["--resume", "--num_mc_rollouts", "3"])
+
+
+def run_cli(*argv, tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--run_dir", str(tmp_path / "run"), *argv],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+
+def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path, data_dir):
+    bad = tmp_path / "bad" / "gsm8k"
+    bad.mkdir(parents=True)
+    (bad / "train.jsonl").write_text('{"question": "q", "answer": "a\\n#### 1"}\nnot json\n')
+    (bad / "test.jsonl").write_text('{"question": "q", "answer": "a\\n#### 1"}\n')
+    cases = [
+        (["--dataset", "gsm9k"], "unknown dataset"),
+        (["--dataset", "gsm8k", "--data_dir", str(data_dir), "--model", "no-such-org/no-such-model"], "local folder"),
+        (["--dataset", "gsm8k", "--data_dir", str(data_dir), "--model", str(tmp_path / "missing")], "local folder"),
+        (["--dataset", "gsm8k", "--data_dir", str(tmp_path / "bad")], "train.jsonl.*line 2"),
+        (["--dataset", "gsm8k"], "data_dir"),  # the hub is unreachable: say how to pass local data
+    ]
+    for argv, message in cases:
+        result = run_cli(*argv, tmp_path=tmp_path)
+        assert result.returncode != 0, argv
+        assert "Traceback" not in result.stderr, (argv, result.stderr[-2000:])
+        assert any(__import__("re").search(message, line) for line in result.stderr.splitlines()), (argv, result.stderr)

@@ -1,0 +1,609 @@
+"""VinePPO training: the only script. Reads top to bottom as one iteration of the paper's loop.
+
+    python train.py --dataset gsm8k                       # the paper's GSM8K + RhoMath-1.1B recipe (one GPU)
+    python train.py --dataset arithmetic --model tiny     # a tiny model trained from scratch on a CPU (the demo)
+    python train.py --help                                # every option, with its default
+
+One iteration (PAPER_NOTES.md §1.1, §8; DESIGN.md "one-way flow of data"):
+    sample prompts -> N answers each (rollout.sample) -> grade (reward.grade) -> split into steps (vine.split_steps)
+    -> Monte Carlo values of the step states (vine.estimate_values) -> step advantages -> PPO epochs (ppo.ppo_loss)
+    -> log, evaluate, checkpoint.
+
+Where this script departs from the paper's code:
+1. One process, one device, Hugging Face `generate`-free sampling (rollout.py) instead of vLLM servers. The MC
+   rollouts and the answers come from the same policy snapshot, as in the paper (pitfall 1).
+2. The ratio guard (skip a minibatch whose mean ratio exceeds 10) is applied to the whole minibatch after all its
+   micro-batches, by skipping the optimizer step; the paper zeroes the loss of the (micro)batch.
+3. Warmup is DeepSpeed's log-shaped warmup followed by linear decay to 0 (PAPER_NOTES §3); we compute it with a
+   LambdaLR rather than DeepSpeed.
+4. Every sampled answer is an episode, so an iteration always has prompts x samples of them; the paper fills or
+   subsamples to exactly 512 episodes when some fail to parse.
+5. `--sft-steps` (a supervised warm-up on the gold solutions) is ours: the paper starts from released SFT checkpoints.
+6. Mixed precision: float32 master weights with bf16 autocast on CUDA (the paper trains bf16 weights through DeepSpeed,
+   which also keeps float32 master weights); float32 everywhere on CPU.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig, PreTrainedTokenizerFast
+
+import ppo
+import reward
+import rollout
+import vine
+
+# Per-dataset defaults for the options whose default is None below (the paper's values for gsm8k and math,
+# PAPER_NOTES.md §9; our own for the CPU demo on arithmetic). This is the one place they live.
+DATASET_DEFAULTS = {
+    "gsm8k": dict(model="realtreetune/rho-1b-sft-GSM8K", max_value_steps=25, lr=1e-6, num_iterations=650),
+    "math": dict(model="realtreetune/rho-1b-sft-MATH", max_value_steps=0, lr=1e-6, num_iterations=1000),
+    "arithmetic": dict(model="tiny", max_value_steps=25, lr=1e-6, num_iterations=650),
+}
+
+
+@dataclass
+class Args:
+    # task and model
+    dataset: str = field(default="gsm8k", metadata={"help": "Task: gsm8k, math or arithmetic."})
+    model: str = field(
+        default=None,
+        metadata={"help": "A hub id, a local folder, or 'tiny' (a small Llama-style model and tokenizer built in-process). "
+                  "Default: realtreetune/rho-1b-sft-GSM8K for gsm8k, realtreetune/rho-1b-sft-MATH for math, tiny for arithmetic."},
+    )
+    data_dir: str = field(default=None, metadata={"help": "Folder of local JSONL data (e.g. ../shared/data); default: the hub."})
+    run_dir: str = field(default=None, metadata={"help": "Folder for checkpoints and metrics.jsonl. Default: runs/<dataset>."})
+    resume: bool = field(default=False, metadata={"help": "Continue the run saved in --run-dir exactly where it stopped."})
+    seed: int = field(default=2746318213, metadata={"help": "Seed of every random choice (the paper's APP_SEED)."})
+    # the VinePPO iteration (PAPER_NOTES §9)
+    num_iterations: int = field(default=None, metadata={"help": "RL iterations. Default 650 (gsm8k), 1000 (math)."})
+    prompts_per_iteration: int = field(default=64, metadata={"help": "Problems sampled per iteration."})
+    samples_per_prompt: int = field(default=8, metadata={"help": "Answers sampled per problem (episodes = prompts x samples)."})
+    num_mc_rollouts: int = field(default=9, metadata={"help": "K: Monte Carlo continuations per state for its value."})
+    max_value_steps: int = field(
+        default=None, metadata={"help": "Value at most this many step states after the prompt (0: all). Default 25 (gsm8k), 0 (math)."}
+    )
+    temperature: float = field(default=0.6, metadata={"help": "Sampling temperature for answers, MC rollouts and trainer logprobs."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold for answers and MC rollouts."})
+    max_new_tokens: int = field(default=1024, metadata={"help": "Most tokens in one answer or continuation."})
+    max_length: int = field(default=2048, metadata={"help": "Most tokens in prompt + response; longer answers are unfinished."})
+    max_prompt_length: int = field(default=1512, metadata={"help": "Problems with longer prompts are dropped."})
+    # PPO (PAPER_NOTES §3)
+    num_epochs: int = field(default=2, metadata={"help": "PPO epochs over each iteration's episodes."})
+    minibatch_size: int = field(default=64, metadata={"help": "Episodes per optimizer step (advantages are whitened over it)."})
+    micro_batch_size: int = field(default=8, metadata={"help": "Episodes per forward pass (gradient accumulation); memory only."})
+    lr: float = field(default=None, metadata={"help": "AdamW learning rate. Default 1e-6 (the paper)."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of optimizer steps in the log-shaped warmup."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range epsilon."})
+    kl_coef: float = field(default=1e-4, metadata={"help": "Beta of the k3 KL-to-reference loss term (0: no reference model)."})
+    # supervised warm-up (ours, for models that start from scratch)
+    sft_steps: int = field(default=0, metadata={"help": "Supervised steps on the training split's gold solutions before RL."})
+    sft_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the supervised warm-up (cosine decay)."})
+    sft_batch_size: int = field(default=64, metadata={"help": "Gold solutions per supervised step."})
+    # evaluation, logging, checkpoints
+    eval_every: int = field(default=10, metadata={"help": "Evaluate every this many iterations (0: only at the start and end)."})
+    eval_problems: int = field(default=500, metadata={"help": "Test problems per evaluation (0: all)."})
+    eval_samples: int = field(default=16, metadata={"help": "Samples per test problem for Pass@1 (the paper: 16)."})
+    eval_temperature: float = field(default=0.35, metadata={"help": "Sampling temperature of the Pass@1 evaluation."})
+    save_every: int = field(default=10, metadata={"help": "Checkpoint every this many iterations (and at the end, and on Ctrl-C)."})
+    stop_after: int = field(default=0, metadata={"help": "Checkpoint and stop after this many iterations of this invocation (0: run on)."})
+    wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (needs `pip install wandb`)."})
+    # hardware
+    device: str = field(default=None, metadata={"help": "cuda or cpu. Default: cuda when available."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (float32 master weights); ignored on CPU."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward pass on CUDA."})
+    max_batch_tokens: int = field(default=None, metadata={"help": "Cap on rows x tokens per sampling chunk (default: rollout's)."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Parse the command line, fill the per-dataset defaults and check the values."""
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
+    if args.dataset not in DATASET_DEFAULTS:
+        raise SystemExit(f"error: unknown dataset {args.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
+    for name, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.run_dir = args.run_dir or os.path.join("runs", args.dataset)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    assert args.minibatch_size % args.micro_batch_size == 0, "--minibatch-size must be a multiple of --micro-batch-size"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models: a hub id or local folder, or a tiny Llama built in-process
+
+
+def build_tiny_tokenizer(texts: list[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with each digit its own token (it helps a tiny model add)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, max_length: int = 512):
+    """A small random Llama-style causal LM: about 1.1M parameters with a 384-token vocabulary."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64,
+        max_position_embeddings=max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_model(path: str, device: str):
+    """Load a causal LM and its tokenizer from a hub id or a local folder, with an error a user can act on."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise SystemExit(
+            f"error: could not load the model {path!r} ({type(e).__name__}: {str(e).splitlines()[0]}).\n"
+            "Pass --model a local folder holding a Hugging Face model and tokenizer (config.json, *.safetensors, "
+            "tokenizer files), or --model tiny; the hub may be unreachable from this machine."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    disable_dropout(model)
+    return model.to(device), tokenizer
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere (pitfall 13), so that train() mode, needed by gradient checkpointing, changes nothing."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: token ids of prompts and of gold solutions
+
+
+def encode_prompt(tokenizer, question: str, dataset: str) -> list[int]:
+    """Prompt ids: BOS + the paper's zero-shot template (PAPER_NOTES §4.1); the response starts with "\\n"."""
+    ids = tokenizer(reward.format_prompt(question, dataset), add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists (pitfall 9: the trainer's batches are right-padded). Returns ids and attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+    return ids.to(device), attention_mask.to(device)
+
+
+def make_batch(episodes: list[dict], pad_id: int, device: str) -> dict:
+    """Tensors of a list of episodes, aligned with ppo.token_logprobs (position t scores token t+1)."""
+    ids, attention_mask = pad_right([e["prompt_ids"] + e["response_ids"] for e in episodes], pad_id, device)
+    response_mask = torch.zeros_like(ids, dtype=torch.float32)  # (B, T): 1 on response tokens (incl. EOS)
+    advantages = torch.zeros_like(ids, dtype=torch.float32)  # (B, T)
+    for i, e in enumerate(episodes):
+        p, r = len(e["prompt_ids"]), len(e["response_ids"])
+        response_mask[i, p : p + r] = 1.0
+        if "advantages" in e:
+            advantages[i, p : p + r] = torch.tensor(e["advantages"])
+    # causal shift: logprobs[:, t] is the logprob of token t+1, so masks and advantages drop position 0
+    return dict(input_ids=ids, attention_mask=attention_mask, mask=response_mask[:, 1:], advantages=advantages[:, 1:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Supervised warm-up (ours; the paper starts from released SFT checkpoints, PAPER_NOTES §4.1)
+
+
+def sft(model, tokenizer, problems: list[dict], args: Args) -> None:
+    """Next-token cross-entropy on prompt + gold solution + EOS, loss on the response tokens only, cosine LR decay."""
+    rng = random.Random(args.seed)
+    examples = [(encode_prompt(tokenizer, p["question"], args.dataset),
+                 tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+                for p in problems]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.sft_steps)))
+    model.train()
+    for step in (bar := tqdm(range(args.sft_steps), desc="sft", dynamic_ncols=True)):
+        chunk = rng.sample(examples, min(args.sft_batch_size, len(examples)))
+        episodes = [dict(prompt_ids=p, response_ids=r) for p, r in chunk]
+        batch = make_batch(episodes, tokenizer.pad_token_id, args.device)
+        with autocast(args):
+            logprobs = ppo.token_logprobs(model, batch["input_ids"], batch["attention_mask"], 1.0)  # (B, T-1)
+        loss = -ppo.masked_mean(logprobs, batch["mask"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling, grading and evaluation
+
+
+def autocast(args: Args):
+    """bf16 autocast on CUDA when asked (DESIGN.md: CUDA optional, same code path); nothing on CPU."""
+    if args.device.startswith("cuda") and args.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sample_answers(model, tokenizer, prompts: list[list[int]], *, num_samples: int, temperature: float,
+                   generator: torch.Generator, args: Args) -> rollout.Rollouts:
+    """rollout.sample with the paper's stop string and length limits (PAPER_NOTES §1.1)."""
+    with autocast(args):
+        return rollout.sample(
+            model, prompts, num_samples=num_samples, max_new_tokens=args.max_new_tokens, temperature=temperature,
+            top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator,
+            stop_strings=reward.STOP_STRINGS, tokenizer=tokenizer, max_length=args.max_length,
+            show_progress=True, **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}),
+        )
+
+
+def grade_all(tokenizer, rollouts: rollout.Rollouts, answers: list[str], dataset: str) -> list[float]:
+    """R = grade(text) for finished answers and 0 for unfinished ones (PAPER_NOTES §4.3, pitfall 10)."""
+    return [reward.grade(tokenizer.decode(ids, **rollout.DECODE_KWARGS), gold, dataset) if done else 0.0
+            for ids, gold, done in zip(rollouts.response_ids, answers, rollouts.finished)]
+
+
+def evaluate(model, tokenizer, problems: list[dict], args: Args, iteration: int) -> dict:
+    """Test Pass@1 as the paper measures it (mean accuracy of eval_samples samples at T=0.35, §4.5) and greedy accuracy."""
+    prompts = [encode_prompt(tokenizer, p["question"], args.dataset) for p in problems]
+    generator = torch.Generator().manual_seed(args.seed + 1_000_003 * (iteration + 1))
+    metrics = {}
+    for name, num_samples, temperature in [("eval/pass1", args.eval_samples, args.eval_temperature), ("eval/greedy", 1, 0.0)]:
+        outs = sample_answers(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature,
+                              generator=generator, args=args)
+        golds = [p["answer"] for p in problems for _ in range(num_samples)]
+        metrics[name] = float(np.mean(grade_all(tokenizer, outs, golds, args.dataset)))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: save_pretrained (loadable by transformers and vLLM) + optimizer, scheduler, RNG, iteration; atomic
+
+
+def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, next_iteration: int, args: Args) -> None:
+    """Write everything to `path`.tmp, then swap it in with renames, so a crash never leaves half a checkpoint."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), next_iteration=next_iteration,
+                 args=dataclasses.asdict(args), rng=dict(python=random.getstate(), numpy=np.random.get_state(),
+                                                          torch=torch.get_rng_state()))
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_run_dir(args: Args) -> None:
+    """Refuse to overwrite another run, and refuse to resume a run that was started with other settings."""
+    state_file = os.path.join(args.run_dir, "checkpoint", "trainer_state.pt")
+    if not os.path.exists(state_file):
+        if args.resume:
+            raise SystemExit(f"error: --resume given but {args.run_dir} holds no checkpoint")
+        if os.path.exists(os.path.join(args.run_dir, "metrics.jsonl")):
+            raise SystemExit(f"error: {args.run_dir} holds another run's metrics; choose another --run-dir")
+        return
+    if not args.resume:
+        raise SystemExit(f"error: {args.run_dir} holds another run's checkpoint; pass --resume to continue it, "
+                         "or choose another --run-dir")
+    saved = torch.load(state_file, weights_only=False)["args"]
+    keep = {"resume", "stop_after", "device", "threads", "wandb", "max_batch_tokens", "eval_problems"}
+    changed = [k for k, v in dataclasses.asdict(args).items() if k not in keep and saved.get(k) != v]
+    if changed:
+        raise SystemExit(f"error: {args.run_dir} was started with other settings ({', '.join(changed)}); "
+                         "resume with the same options or choose another --run-dir")
+
+
+def lr_lambda(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """DeepSpeed WarmupDecayLR as the paper uses it (PAPER_NOTES §3): log-shaped warmup, then linear decay to 0."""
+    if step < warmup_steps:
+        return math.log(step + 1) / math.log(warmup_steps + 1)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C until the block ends, so an optimizer phase is never cut halfway; yields a flag list."""
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # seeding (cleanrl): every random choice below flows from args.seed
+    random.seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    check_run_dir(args)
+    os.makedirs(args.run_dir, exist_ok=True)
+    print(json.dumps(dataclasses.asdict(args), indent=1))
+
+    # -------- data
+    try:
+        train_problems = reward.load_problems(args.dataset, "train", args.data_dir)
+        test_problems = reward.load_problems(args.dataset, "test", args.data_dir)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:  # missing file, bad row, no hub
+        raise SystemExit(f"error: {e}") from None
+    if args.eval_problems:
+        test_problems = test_problems[: args.eval_problems]
+
+    # -------- models: the policy, and the frozen reference (the initial / SFT policy, PAPER_NOTES §3)
+    checkpoint = os.path.join(args.run_dir, "checkpoint")
+    init_dir = os.path.join(args.run_dir, "init")  # the RL starting point when it was made here (tiny or SFT)
+    made_here = args.model == "tiny" or args.sft_steps > 0
+    if made_here and not os.path.exists(os.path.join(init_dir, "config.json")):
+        if args.model == "tiny":
+            tokenizer = build_tiny_tokenizer([p["question"] + p["solution"] for p in train_problems[:20000]])
+            policy = build_tiny_model(tokenizer, max_length=args.max_length).to(args.device)
+        else:
+            policy, tokenizer = load_model(args.model, args.device)
+        if args.sft_steps:
+            sft(policy, tokenizer, train_problems, args)
+        policy.save_pretrained(init_dir)
+        tokenizer.save_pretrained(init_dir)
+    start = args.model if not made_here else init_dir
+    ref_path = start
+    if args.resume:
+        start = checkpoint
+    policy, tokenizer = load_model(start, args.device)
+    if args.device.startswith("cuda") and args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    reference = None
+    if args.kl_coef > 0:  # not loaded when beta = 0
+        reference, _ = load_model(ref_path, args.device)
+        reference.eval().requires_grad_(False)
+        if args.device.startswith("cuda") and args.bf16:
+            reference.to(torch.bfloat16)
+
+    episodes_per_iteration = args.prompts_per_iteration * args.samples_per_prompt
+    steps_per_iteration = args.num_epochs * math.ceil(episodes_per_iteration / args.minibatch_size)
+    total_steps = args.num_iterations * steps_per_iteration
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, warmup_steps=warmup_steps, total_steps=total_steps)
+    )
+    start_iteration = 0
+    if args.resume:
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_iteration = state["next_iteration"]
+        print(f"resumed from {checkpoint} at iteration {start_iteration}")
+    if args.wandb:
+        import wandb
+
+        wandb.init(project="vineppo", config=dataclasses.asdict(args), resume="allow")
+    metrics_file = open(os.path.join(args.run_dir, "metrics.jsonl"), "a")
+
+    def save(next_iteration: int) -> None:
+        save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, next_iteration, args)
+        print(f"saved {checkpoint} (next iteration {next_iteration})")
+
+    iteration = start_iteration
+    try:
+        for iteration in range(start_iteration, args.num_iterations):
+            log = {"iteration": iteration}
+            timer = time.time()
+            # one generator per iteration, so that a resumed run draws exactly what an uninterrupted one does
+            generator = torch.Generator().manual_seed(args.seed + iteration)
+
+            # -------- evaluate (before the update, so iteration 0 reports the starting policy)
+            if args.eval_every and iteration % args.eval_every == 0:
+                log.update(evaluate(policy, tokenizer, test_problems, args, iteration))
+                log["time/eval"] = time.time() - timer
+                timer = time.time()
+
+            # -------- sample prompts (reshuffled with seed + iteration, PAPER_NOTES §1.1) and answers
+            order = random.Random(args.seed + iteration).sample(range(len(train_problems)), len(train_problems))
+            problems = []
+            for i in order:
+                prompt_ids = encode_prompt(tokenizer, train_problems[i]["question"], args.dataset)
+                if len(prompt_ids) <= args.max_prompt_length:  # the paper's prompt filter
+                    problems.append((prompt_ids, train_problems[i]["answer"]))
+                if len(problems) == args.prompts_per_iteration:
+                    break
+            prompt_ids = [p for p, _ in problems]
+            answers = [a for _, a in problems for _ in range(args.samples_per_prompt)]
+            outs = sample_answers(policy, tokenizer, prompt_ids, num_samples=args.samples_per_prompt,
+                                  temperature=args.temperature, generator=generator, args=args)
+            episode_prompts = [p for p in prompt_ids for _ in range(args.samples_per_prompt)]
+            rewards = grade_all(tokenizer, outs, answers, args.dataset)
+            log["time/sample"] = time.time() - timer
+            timer = time.time()
+
+            # -------- Monte Carlo values of the step states (PAPER_NOTES §1.2), step and token advantages (§1.3)
+            texts = [tokenizer.decode(ids, **rollout.DECODE_KWARGS) for ids in outs.response_ids]
+            steps = [vine.split_steps(t, args.dataset) for t in texts]
+            token_steps = [vine.token_steps(ids, s, tokenizer) for ids, s in zip(outs.response_ids, steps)]
+            with autocast(args):
+                values, vine_stats = vine.estimate_values(
+                    policy, tokenizer, episode_prompts, outs.response_ids, token_steps, answers, args.dataset,
+                    num_mc_rollouts=args.num_mc_rollouts, max_value_steps=args.max_value_steps or None,
+                    max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
+                    top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, stop_strings=reward.STOP_STRINGS,
+                    generator=generator, show_progress=True,
+                    **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}),
+                )
+            episodes = []
+            for i, ids in enumerate(outs.response_ids):
+                step_advs = vine.step_advantages(values[i], rewards[i], len(steps[i]))
+                advs = vine.token_advantages(step_advs, token_steps[i])
+                if outs.finished[i]:  # EOS only on finished answers, with the last token's advantage (§1.3, pitfall 10)
+                    ids, advs = ids + [tokenizer.eos_token_id], advs + [advs[-1] if advs else step_advs[-1]]
+                episodes.append(dict(prompt_ids=episode_prompts[i], response_ids=ids, advantages=advs))
+            log.update(vine_stats)
+            log["time/values"] = time.time() - timer
+            timer = time.time()
+
+            # -------- PPO: old and reference logprobs once, then epochs x minibatches (PAPER_NOTES §3, §8).
+            # From here to the checkpoint Ctrl-C waits, so that a checkpoint never holds half an update.
+            with deferred_interrupt() as interrupted:
+                log.update(train_on_episodes(policy, reference, optimizer, scheduler, episodes, tokenizer, generator, args))
+                log["time/train"] = time.time() - timer
+
+                # -------- log one line, write metrics.jsonl, checkpoint
+                all_advs = [a for e in episodes for a in e["advantages"]]
+                log.update({
+                    "reward/mean": float(np.mean(rewards)),
+                    "response/length": float(np.mean([len(ids) for ids in outs.response_ids])),
+                    "response/unfinished": 1.0 - float(np.mean(outs.finished)),
+                    "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])),
+                    "lr": scheduler.get_last_lr()[0],
+                })
+                print(format_log(log))
+                metrics_file.write(json.dumps(log) + "\n")
+                metrics_file.flush()
+                if args.wandb:
+                    wandb.log(log, step=iteration)
+                done = iteration + 1 - start_iteration
+                if interrupted or done == args.stop_after or iteration + 1 == args.num_iterations or (
+                    args.save_every and (iteration + 1) % args.save_every == 0
+                ):
+                    save(iteration + 1)
+            if interrupted:
+                print("interrupted; continue with --resume")
+                sys.exit(130)
+            if done == args.stop_after:
+                return
+        if args.eval_every or args.num_iterations == start_iteration:
+            final = evaluate(policy, tokenizer, test_problems, args, args.num_iterations)
+            print(format_log({"iteration": args.num_iterations, **final}))
+            metrics_file.write(json.dumps({"iteration": args.num_iterations, **final}) + "\n")
+    except KeyboardInterrupt:
+        # Ctrl-C while evaluating, sampling or estimating values: the policy is untouched since iteration `iteration`
+        # began, so this checkpoint resumes exactly there
+        save(iteration)
+        print("interrupted; continue with --resume")
+        sys.exit(130)
+    finally:
+        metrics_file.close()
+
+
+def train_on_episodes(policy, reference, optimizer, scheduler, episodes, tokenizer, generator, args: Args) -> dict:
+    """Old and reference logprobs once (pitfall 13), then num_epochs x shuffled minibatches of clipped PPO + KL."""
+    pad_id = tokenizer.pad_token_id
+    micro = [episodes[i : i + args.micro_batch_size] for i in range(0, len(episodes), args.micro_batch_size)]
+    with torch.no_grad(), autocast(args):
+        for chunk in micro:
+            batch = make_batch(chunk, pad_id, args.device)
+            old = ppo.token_logprobs(policy, batch["input_ids"], batch["attention_mask"], args.temperature)  # (B, T-1)
+            ref = None
+            if reference is not None:
+                ref = ppo.token_logprobs(reference, batch["input_ids"], batch["attention_mask"], args.temperature)
+            for j, e in enumerate(chunk):
+                n = int(batch["attention_mask"][j].sum()) - 1  # number of predicted positions of this episode
+                e["old_logprobs"] = old[j, :n].cpu()
+                e["ref_logprobs"] = ref[j, :n].cpu() if ref is not None else None
+    totals, num_steps, skipped = {}, 0, 0
+    policy.train()  # dropout is off (disable_dropout); train mode turns on gradient checkpointing
+    for _ in range(args.num_epochs):
+        perm = torch.randperm(len(episodes), generator=generator).tolist()
+        for start in range(0, len(perm), args.minibatch_size):
+            minibatch = [episodes[i] for i in perm[start : start + args.minibatch_size]]
+            # whiten advantages over the whole minibatch's response tokens, once (pitfall 6)
+            full = make_batch(minibatch, pad_id, "cpu")
+            whitened = ppo.masked_whiten(full["advantages"], full["mask"])  # (B, T-1)
+            num_tokens, num_seqs = float(full["mask"].sum()), float(len(minibatch))
+            stats = {}
+            for m in range(0, len(minibatch), args.micro_batch_size):
+                chunk = minibatch[m : m + args.micro_batch_size]
+                batch = make_batch(chunk, pad_id, args.device)
+                width = batch["mask"].shape[1]
+                old = pad_logprobs([e["old_logprobs"] for e in chunk], width).to(args.device)
+                ref = pad_logprobs([e["ref_logprobs"] for e in chunk], width).to(args.device) if reference else None
+                adv = whitened[m : m + len(chunk), :width].to(args.device)
+                with autocast(args):
+                    logprobs, entropy = ppo.token_logprobs(policy, batch["input_ids"], batch["attention_mask"],
+                                                           args.temperature, return_entropy=True)
+                loss, s = ppo.ppo_loss(logprobs, old, adv, batch["mask"], clip_eps=args.clip_eps, ref_logprobs=ref,
+                                       kl_coef=args.kl_coef, num_tokens=num_tokens, num_seqs=num_seqs)
+                loss.backward()
+                s["policy/entropy"] = float((entropy * batch["mask"]).sum()) / num_tokens
+                stats = ppo.accumulate_stats(stats, s)
+            if ppo.ratio_guard_exceeded(stats):  # the paper's guard: skip a minibatch whose mean ratio > 10
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            num_steps += 1
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+    policy.eval()
+    out = {k: v / max(1, num_steps) for k, v in totals.items()}
+    out["ppo/skipped_minibatches"] = skipped
+    return out
+
+
+def pad_logprobs(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack per-episode logprob vectors into (B, width), zero-padded on the right."""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def format_log(log: dict) -> str:
+    """One readable line per iteration (STYLE.md Logging); the README explains each metric."""
+    return " | ".join([f"it {log['iteration']}"] + [f"{k} {v:.4g}" for k, v in log.items() if k != "iteration"])
+
+
+if __name__ == "__main__":
+    main()
