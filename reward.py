@@ -85,7 +85,12 @@ def load_problems(dataset: str, split: str, data_dir: str | Path | None = None) 
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if dataset == "arithmetic":
         num_problems, seed = ARITHMETIC_SPLITS[split]
-        return make_arithmetic_problems(num_problems, seed)
+        problems = make_arithmetic_problems(num_problems, seed)
+        if split != "train":
+            return problems
+        # the space of small problems is not that large: keep the held-out questions out of train
+        held_out = {p["question"] for s in ("validation", "test") for p in load_problems(dataset, s)}
+        return [p for p in problems if p["question"] not in held_out]
     filename = SOURCE_FILES[dataset]["test" if split == "test" else "train"]
     if data_dir is None:
         problems = load_hub_problems(dataset, filename)
@@ -185,7 +190,7 @@ ARITHMETIC_SUBTRACT = ("uses {n}", "loses {n}", "sells {n}")
 ARITHMETIC_MULTIPLY = {2: "doubles them", 3: "triples them"}
 
 
-def make_arithmetic_problems(num_problems: int, seed: int, *, num_steps: int = 4, max_number: int = 99) -> list[dict]:
+def make_arithmetic_problems(num_problems: int, seed: int, *, num_steps: int = 3, max_number: int = 20) -> list[dict]:
     """Synthetic multi-step word problems with one line per step and a final "#### N" line (GSM8K format).
 
     "Tom has 12 apples. He buys 7 more, uses 5, doubles them, then sells 3. How many now?"

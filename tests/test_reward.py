@@ -242,9 +242,9 @@ def check_arithmetic_problem(p: dict, num_steps: int, max_number: int):
 
 def test_arithmetic_problems_are_true_and_gradable():
     problems = reward.load_problems("arithmetic", "train")
-    assert len(problems) == 20_000
+    assert 19_900 <= len(problems) <= 20_000, "20,000 generated, minus the few that repeat a held-out question"
     for p in problems[:2000]:
-        check_arithmetic_problem(p, num_steps=4, max_number=99)
+        check_arithmetic_problem(p, num_steps=3, max_number=20)
     assert all(reward.grade(p["solution"], p["answer"], "arithmetic") == 1.0 for p in problems)
     assert sum("*" in p["solution"] for p in problems) > 0, "an occasional multiplication"
     lengths = [len(reward.format_prompt(p["question"], "arithmetic") + p["solution"]) for p in problems]
