@@ -1,11 +1,14 @@
 """Shared test fixtures: tiny tokenizers and models built in-process (nothing is downloaded)."""
 
+from pathlib import Path
+
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-DATA_DIR = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+import train
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 
 CORPUS = [
     "[MATH_TASK] Problem:\nNatalia sold clips to 48 of her friends in April.\n\nSolution:",
@@ -16,18 +19,9 @@ CORPUS = [
 
 
 def make_tokenizer(corpus=CORPUS, vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained in-process: 256 byte tokens, a few merges, <bos>/<eos>/<pad>."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    """train.py's byte-level BPE tokenizer trained on a few lines, digits merged: <pad>=0, <bos>=1, <eos>=2, and
+    tokens such as ".\n" and "#### 7" that span step boundaries."""
+    return train.build_tiny_tokenizer(corpus, vocab_size, split_digits=False)
 
 
 def make_model(family: str, vocab_size: int, seed: int = 0):
