@@ -218,9 +218,9 @@ def accumulate_stats(total: dict[str, float], stats: dict[str, float]) -> dict[s
 def ratio_guard_exceeded(stats: dict[str, float], threshold: float = RATIO_THRESHOLD) -> bool:
     """The paper's ratio guard (PAPER_NOTES.md §3, pitfall 14): True if this minibatch must be skipped.
 
-    stats are the ppo_loss stats of the WHOLE minibatch (accumulate_stats over its micro-batches), so stats["ratio/mean"]
-    is the mean of exp(logprobs - old_logprobs) over all its response tokens. A mean above 10 means the policy moved
-    far from pi_old (or the old logprobs are stale or misaligned) and the update would be garbage; train.py then
-    zeroes the gradients and does not step the optimizer.
+    stats are the ppo_loss stats of the WHOLE minibatch (accumulate_stats over its micro-batches), so
+    stats["ratio/mean"] is the mean of exp(logprobs - old_logprobs) over all its response tokens. A mean above 10
+    means the policy moved far from pi_old (or the old logprobs are stale or misaligned) and the update would be
+    garbage; train.py then zeroes the gradients and does not step the optimizer.
     """
     return stats["ratio/mean"] > threshold

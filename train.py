@@ -60,52 +60,94 @@ class Args:
     dataset: str = field(default="gsm8k", metadata={"help": "Task: gsm8k, math or arithmetic."})
     model: str = field(
         default=None,
-        metadata={"help": "A hub id, a local folder, or 'tiny' (a small Llama-style model and tokenizer built in-process). "
-                  "Default: realtreetune/rho-1b-sft-GSM8K for gsm8k, realtreetune/rho-1b-sft-MATH for math, tiny for arithmetic."},
+        metadata={
+            "help": "A hub id, a local folder, or 'tiny' (a small Llama-style model and tokenizer built in-process). "
+            "Default: realtreetune/rho-1b-sft-GSM8K for gsm8k, realtreetune/rho-1b-sft-MATH for math, "
+            "tiny for arithmetic."
+        },
     )
-    data_dir: str = field(default=None, metadata={"help": "Folder of local JSONL data (e.g. ../shared/data); default: the hub."})
-    run_dir: str = field(default=None, metadata={"help": "Folder for checkpoints and metrics.jsonl. Default: runs/<dataset>."})
-    resume: bool = field(default=False, metadata={"help": "Continue the run saved in --run-dir exactly where it stopped."})
+    data_dir: str = field(
+        default=None, metadata={"help": "Folder of local JSONL data (e.g. ../shared/data); default: the hub."}
+    )
+    run_dir: str = field(
+        default=None, metadata={"help": "Folder for checkpoints and metrics.jsonl. Default: runs/<dataset>."}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Continue the run saved in --run-dir exactly where it stopped."}
+    )
     seed: int = field(default=2746318213, metadata={"help": "Seed of every random choice (the paper's APP_SEED)."})
     # the VinePPO iteration (PAPER_NOTES §9)
     num_iterations: int = field(default=None, metadata={"help": "RL iterations. Default 650 (gsm8k), 1000 (math)."})
     prompts_per_iteration: int = field(default=64, metadata={"help": "Problems sampled per iteration."})
-    samples_per_prompt: int = field(default=8, metadata={"help": "Answers sampled per problem (episodes = prompts x samples)."})
+    samples_per_prompt: int = field(
+        default=8, metadata={"help": "Answers sampled per problem (episodes = prompts x samples)."}
+    )
     num_mc_rollouts: int = field(default=9, metadata={"help": "K: Monte Carlo continuations per state for its value."})
     max_value_steps: int = field(
-        default=None, metadata={"help": "Value at most this many step states after the prompt (0: all). Default 25 (gsm8k), 0 (math)."}
+        default=None,
+        metadata={
+            "help": "Value at most this many step states after the prompt (0: all). Default 25 (gsm8k), 0 (math)."
+        },
     )
-    temperature: float = field(default=0.6, metadata={"help": "Sampling temperature for answers, MC rollouts and trainer logprobs."})
+    temperature: float = field(
+        default=0.6, metadata={"help": "Sampling temperature for answers, MC rollouts and trainer logprobs."}
+    )
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold for answers and MC rollouts."})
     max_new_tokens: int = field(default=1024, metadata={"help": "Most tokens in one answer or continuation."})
-    max_length: int = field(default=2048, metadata={"help": "Most tokens in prompt + response; longer answers are unfinished."})
+    max_length: int = field(
+        default=2048, metadata={"help": "Most tokens in prompt + response; longer answers are unfinished."}
+    )
     max_prompt_length: int = field(default=1512, metadata={"help": "Problems with longer prompts are dropped."})
     # PPO (PAPER_NOTES §3)
     num_epochs: int = field(default=2, metadata={"help": "PPO epochs over each iteration's episodes."})
-    minibatch_size: int = field(default=64, metadata={"help": "Episodes per optimizer step (advantages are whitened over it)."})
-    micro_batch_size: int = field(default=8, metadata={"help": "Episodes per forward pass (gradient accumulation); memory only."})
+    minibatch_size: int = field(
+        default=64, metadata={"help": "Episodes per optimizer step (advantages are whitened over it)."}
+    )
+    micro_batch_size: int = field(
+        default=8, metadata={"help": "Episodes per forward pass (gradient accumulation); memory only."}
+    )
     lr: float = field(default=None, metadata={"help": "AdamW learning rate. Default 1e-6 (the paper)."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of optimizer steps in the log-shaped warmup."})
+    warmup_ratio: float = field(
+        default=0.03, metadata={"help": "Fraction of optimizer steps in the log-shaped warmup."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range epsilon."})
-    kl_coef: float = field(default=1e-4, metadata={"help": "Beta of the k3 KL-to-reference loss term (0: no reference model)."})
+    kl_coef: float = field(
+        default=1e-4, metadata={"help": "Beta of the k3 KL-to-reference loss term (0: no reference model)."}
+    )
     # supervised warm-up (ours, for models that start from scratch)
-    sft_steps: int = field(default=0, metadata={"help": "Supervised steps on the training split's gold solutions before RL."})
-    sft_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the supervised warm-up (cosine decay)."})
+    sft_steps: int = field(
+        default=0, metadata={"help": "Supervised steps on the training split's gold solutions before RL."}
+    )
+    sft_lr: float = field(
+        default=1e-3, metadata={"help": "AdamW learning rate of the supervised warm-up (cosine decay)."}
+    )
     sft_batch_size: int = field(default=64, metadata={"help": "Gold solutions per supervised step."})
     # evaluation, logging, checkpoints
-    eval_every: int = field(default=10, metadata={"help": "Evaluate every this many iterations (0: only at the start and end)."})
+    eval_every: int = field(
+        default=10, metadata={"help": "Evaluate every this many iterations (0: only at the start and end)."}
+    )
     eval_problems: int = field(default=500, metadata={"help": "Test problems per evaluation (0: all)."})
     eval_samples: int = field(default=16, metadata={"help": "Samples per test problem for Pass@1 (the paper: 16)."})
     eval_temperature: float = field(default=0.35, metadata={"help": "Sampling temperature of the Pass@1 evaluation."})
-    save_every: int = field(default=10, metadata={"help": "Checkpoint every this many iterations (and at the end, and on Ctrl-C)."})
-    stop_after: int = field(default=0, metadata={"help": "Checkpoint and stop after this many iterations of this invocation (0: run on)."})
+    save_every: int = field(
+        default=10, metadata={"help": "Checkpoint every this many iterations (and at the end, and on Ctrl-C)."}
+    )
+    stop_after: int = field(
+        default=0, metadata={"help": "Checkpoint and stop after this many iterations of this invocation (0: run on)."}
+    )
     wandb: bool = field(default=False, metadata={"help": "Also log to Weights & Biases (needs `pip install wandb`)."})
     # hardware
     device: str = field(default=None, metadata={"help": "cuda or cpu. Default: cuda when available."})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (float32 master weights); ignored on CPU."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward pass on CUDA."})
-    max_batch_tokens: int = field(default=None, metadata={"help": "Cap on rows x tokens per sampling chunk (default: rollout's)."})
+    bf16: bool = field(
+        default=True, metadata={"help": "bf16 autocast on CUDA (float32 master weights); ignored on CPU."}
+    )
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in the backward pass on CUDA."}
+    )
+    max_batch_tokens: int = field(
+        default=None, metadata={"help": "Cap on rows x tokens per sampling chunk (default: rollout's)."}
+    )
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
 
 
@@ -233,11 +275,17 @@ def make_batch(episodes: list[dict], pad_id: int, device: str) -> dict:
 def sft(model, tokenizer, problems: list[dict], args: Args) -> None:
     """Next-token cross-entropy on prompt + gold solution + EOS, loss on the response tokens only, cosine LR decay."""
     rng = random.Random(args.seed)
-    examples = [(encode_prompt(tokenizer, p["question"], args.dataset),
-                 tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-                for p in problems]
+    examples = [
+        (
+            encode_prompt(tokenizer, p["question"], args.dataset),
+            tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+        )
+        for p in problems
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.sft_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.sft_steps))
+    )
     model.train()
     for step in (bar := tqdm(range(args.sft_steps), desc="sft", dynamic_ncols=True)):
         chunk = rng.sample(examples, min(args.sft_batch_size, len(examples)))
@@ -266,32 +314,56 @@ def autocast(args: Args):
     return contextlib.nullcontext()
 
 
-def sample_answers(model, tokenizer, prompts: list[list[int]], *, num_samples: int, temperature: float,
-                   generator: torch.Generator, args: Args) -> rollout.Rollouts:
+def sample_answers(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    num_samples: int,
+    temperature: float,
+    generator: torch.Generator,
+    args: Args,
+) -> rollout.Rollouts:
     """rollout.sample with the paper's stop string and length limits (PAPER_NOTES §1.1)."""
     with autocast(args):
         return rollout.sample(
-            model, prompts, num_samples=num_samples, max_new_tokens=args.max_new_tokens, temperature=temperature,
-            top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator,
-            stop_strings=reward.STOP_STRINGS, tokenizer=tokenizer, max_length=args.max_length,
-            show_progress=True, **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}),
+            model,
+            prompts,
+            num_samples=num_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=temperature,
+            top_p=args.top_p,
+            eos_token_id=tokenizer.eos_token_id,
+            generator=generator,
+            stop_strings=reward.STOP_STRINGS,
+            tokenizer=tokenizer,
+            max_length=args.max_length,
+            show_progress=True,
+            **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}),
         )
 
 
 def grade_all(tokenizer, rollouts: rollout.Rollouts, answers: list[str], dataset: str) -> list[float]:
     """R = grade(text) for finished answers and 0 for unfinished ones (PAPER_NOTES §4.3, pitfall 10)."""
-    return [reward.grade(tokenizer.decode(ids, **rollout.DECODE_KWARGS), gold, dataset) if done else 0.0
-            for ids, gold, done in zip(rollouts.response_ids, answers, rollouts.finished)]
+    return [
+        reward.grade(tokenizer.decode(ids, **rollout.DECODE_KWARGS), gold, dataset) if done else 0.0
+        for ids, gold, done in zip(rollouts.response_ids, answers, rollouts.finished)
+    ]
 
 
 def evaluate(model, tokenizer, problems: list[dict], args: Args, iteration: int) -> dict:
-    """Test Pass@1 as the paper measures it (mean accuracy of eval_samples samples at T=0.35, §4.5) and greedy accuracy."""
+    """Test Pass@1 as the paper measures it (mean accuracy of eval_samples samples at T=0.35, §4.5), and greedy
+    accuracy."""
     prompts = [encode_prompt(tokenizer, p["question"], args.dataset) for p in problems]
     generator = torch.Generator().manual_seed(args.seed + 1_000_003 * (iteration + 1))
     metrics = {}
-    for name, num_samples, temperature in [("eval/pass1", args.eval_samples, args.eval_temperature), ("eval/greedy", 1, 0.0)]:
-        outs = sample_answers(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature,
-                              generator=generator, args=args)
+    for name, num_samples, temperature in [
+        ("eval/pass1", args.eval_samples, args.eval_temperature),
+        ("eval/greedy", 1, 0.0),
+    ]:
+        outs = sample_answers(
+            model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, generator=generator, args=args
+        )
         golds = [p["answer"] for p in problems for _ in range(num_samples)]
         metrics[name] = float(np.mean(grade_all(tokenizer, outs, golds, args.dataset)))
     return metrics
@@ -307,9 +379,13 @@ def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, next_iter
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    state = dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), next_iteration=next_iteration,
-                 args=dataclasses.asdict(args), rng=dict(python=random.getstate(), numpy=np.random.get_state(),
-                                                          torch=torch.get_rng_state()))
+    state = dict(
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        next_iteration=next_iteration,
+        args=dataclasses.asdict(args),
+        rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
+    )
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     if os.path.exists(path):
         os.replace(path, old)
@@ -327,14 +403,18 @@ def check_run_dir(args: Args) -> None:
             raise SystemExit(f"error: {args.run_dir} holds another run's metrics; choose another --run-dir")
         return
     if not args.resume:
-        raise SystemExit(f"error: {args.run_dir} holds another run's checkpoint; pass --resume to continue it, "
-                         "or choose another --run-dir")
+        raise SystemExit(
+            f"error: {args.run_dir} holds another run's checkpoint; pass --resume to continue it, "
+            "or choose another --run-dir"
+        )
     saved = torch.load(state_file, weights_only=False)["args"]
     keep = {"resume", "stop_after", "device", "threads", "wandb", "max_batch_tokens", "eval_problems"}
     changed = [k for k, v in dataclasses.asdict(args).items() if k not in keep and saved.get(k) != v]
     if changed:
-        raise SystemExit(f"error: {args.run_dir} was started with other settings ({', '.join(changed)}); "
-                         "resume with the same options or choose another --run-dir")
+        raise SystemExit(
+            f"error: {args.run_dir} was started with other settings ({', '.join(changed)}); "
+            "resume with the same options or choose another --run-dir"
+        )
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -460,8 +540,15 @@ def main(argv: list[str] | None = None) -> None:
                     break
             prompt_ids = [p for p, _ in problems]
             answers = [a for _, a in problems for _ in range(args.samples_per_prompt)]
-            outs = sample_answers(policy, tokenizer, prompt_ids, num_samples=args.samples_per_prompt,
-                                  temperature=args.temperature, generator=generator, args=args)
+            outs = sample_answers(
+                policy,
+                tokenizer,
+                prompt_ids,
+                num_samples=args.samples_per_prompt,
+                temperature=args.temperature,
+                generator=generator,
+                args=args,
+            )
             episode_prompts = [p for p in prompt_ids for _ in range(args.samples_per_prompt)]
             rewards = grade_all(tokenizer, outs, answers, args.dataset)
             log["time/sample"] = time.time() - timer
@@ -473,11 +560,23 @@ def main(argv: list[str] | None = None) -> None:
             token_steps = [vine.token_steps(ids, s, tokenizer) for ids, s in zip(outs.response_ids, steps)]
             with autocast(args):
                 values, vine_stats = vine.estimate_values(
-                    policy, tokenizer, episode_prompts, outs.response_ids, token_steps, answers, args.dataset,
-                    num_mc_rollouts=args.num_mc_rollouts, max_value_steps=args.max_value_steps or None,
-                    max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
-                    top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, stop_strings=reward.STOP_STRINGS,
-                    generator=generator, show_progress=True,
+                    policy,
+                    tokenizer,
+                    episode_prompts,
+                    outs.response_ids,
+                    token_steps,
+                    answers,
+                    args.dataset,
+                    num_mc_rollouts=args.num_mc_rollouts,
+                    max_value_steps=args.max_value_steps or None,
+                    max_new_tokens=args.max_new_tokens,
+                    max_length=args.max_length,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    eos_token_id=tokenizer.eos_token_id,
+                    stop_strings=reward.STOP_STRINGS,
+                    generator=generator,
+                    show_progress=True,
                     **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}),
                 )
             episodes = []
@@ -494,26 +593,33 @@ def main(argv: list[str] | None = None) -> None:
             # -------- PPO: old and reference logprobs once, then epochs x minibatches (PAPER_NOTES §3, §8).
             # From here to the checkpoint Ctrl-C waits, so that a checkpoint never holds half an update.
             with deferred_interrupt() as interrupted:
-                log.update(train_on_episodes(policy, reference, optimizer, scheduler, episodes, tokenizer, generator, args))
+                log.update(
+                    train_on_episodes(policy, reference, optimizer, scheduler, episodes, tokenizer, generator, args)
+                )
                 log["time/train"] = time.time() - timer
 
                 # -------- log one line, write metrics.jsonl, checkpoint
                 all_advs = [a for e in episodes for a in e["advantages"]]
-                log.update({
-                    "reward/mean": float(np.mean(rewards)),
-                    "response/length": float(np.mean([len(ids) for ids in outs.response_ids])),
-                    "response/unfinished": 1.0 - float(np.mean(outs.finished)),
-                    "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])),
-                    "lr": scheduler.get_last_lr()[0],
-                })
+                log.update(
+                    {
+                        "reward/mean": float(np.mean(rewards)),
+                        "response/length": float(np.mean([len(ids) for ids in outs.response_ids])),
+                        "response/unfinished": 1.0 - float(np.mean(outs.finished)),
+                        "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])),
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                )
                 print(format_log(log))
                 metrics_file.write(json.dumps(log) + "\n")
                 metrics_file.flush()
                 if args.wandb:
                     wandb.log(log, step=iteration)
                 done = iteration + 1 - start_iteration
-                if interrupted or done == args.stop_after or iteration + 1 == args.num_iterations or (
-                    args.save_every and (iteration + 1) % args.save_every == 0
+                if (
+                    interrupted
+                    or done == args.stop_after
+                    or iteration + 1 == args.num_iterations
+                    or (args.save_every and (iteration + 1) % args.save_every == 0)
                 ):
                     save(iteration + 1)
             if interrupted:
@@ -569,10 +675,20 @@ def train_on_episodes(policy, reference, optimizer, scheduler, episodes, tokeniz
                 ref = pad_logprobs([e["ref_logprobs"] for e in chunk], width).to(args.device) if reference else None
                 adv = whitened[m : m + len(chunk), :width].to(args.device)
                 with autocast(args):
-                    logprobs, entropy = ppo.token_logprobs(policy, batch["input_ids"], batch["attention_mask"],
-                                                           args.temperature, return_entropy=True)
-                loss, s = ppo.ppo_loss(logprobs, old, adv, batch["mask"], clip_eps=args.clip_eps, ref_logprobs=ref,
-                                       kl_coef=args.kl_coef, num_tokens=num_tokens, num_seqs=num_seqs)
+                    logprobs, entropy = ppo.token_logprobs(
+                        policy, batch["input_ids"], batch["attention_mask"], args.temperature, return_entropy=True
+                    )
+                loss, s = ppo.ppo_loss(
+                    logprobs,
+                    old,
+                    adv,
+                    batch["mask"],
+                    clip_eps=args.clip_eps,
+                    ref_logprobs=ref,
+                    kl_coef=args.kl_coef,
+                    num_tokens=num_tokens,
+                    num_seqs=num_seqs,
+                )
                 loss.backward()
                 s["policy/entropy"] = float((entropy * batch["mask"]).sum()) / num_tokens
                 stats = ppo.accumulate_stats(stats, s)

@@ -17,11 +17,11 @@ import train
 ROOT = Path(__file__).resolve().parents[1]
 
 # a few seconds per iteration on 2 CPU cores: 2 prompts x 2 answers, K = 2, short answers, tiny model
-TINY = [
-    "--dataset", "arithmetic", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--num_mc_rollouts", "2",
-    "--max_new_tokens", "48", "--max_length", "160", "--minibatch_size", "2", "--micro_batch_size", "1", "--lr", "1e-3",
-    "--eval_every", "0", "--eval_problems", "2", "--eval_samples", "2", "--threads", "2",
-]
+TINY = (
+    "--dataset arithmetic --prompts_per_iteration 2 --samples_per_prompt 2 --num_mc_rollouts 2 --max_new_tokens 48 "
+    "--max_length 160 --minibatch_size 2 --micro_batch_size 1 --lr 1e-3 --eval_every 0 --eval_problems 2 "
+    "--eval_samples 2 --threads 2"
+).split()
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -32,8 +32,23 @@ def read_metrics(run_dir) -> list[dict]:
 def sft_model(tmp_path_factory) -> Path:
     """A tiny model after 100 supervised steps: it writes lines and stops with EOS, though its answers are wrong."""
     run_dir = tmp_path_factory.mktemp("sft")
-    train.main(TINY + ["--model", "tiny", "--num_iterations", "0", "--sft_steps", "100", "--sft_batch_size", "16",
-                       "--sft_lr", "3e-3", "--run_dir", str(run_dir)])
+    train.main(
+        TINY
+        + [
+            "--model",
+            "tiny",
+            "--num_iterations",
+            "0",
+            "--sft_steps",
+            "100",
+            "--sft_batch_size",
+            "16",
+            "--sft_lr",
+            "3e-3",
+            "--run_dir",
+            str(run_dir),
+        ]
+    )
     return run_dir / "init"
 
 
@@ -45,7 +60,9 @@ def parity_reward(monkeypatch):
 
 
 def test_smoke_run_trains_and_saves_a_loadable_checkpoint(tmp_path, sft_model, parity_reward):
-    train.main(TINY + ["--model", str(sft_model), "--num_iterations", "2", "--run_dir", str(tmp_path), "--eval_every", "1"])
+    train.main(
+        TINY + ["--model", str(sft_model), "--num_iterations", "2", "--run_dir", str(tmp_path), "--eval_every", "1"]
+    )
     rows = read_metrics(tmp_path)
     assert [r["iteration"] for r in rows] == [0, 1, 2]  # two iterations, then the final evaluation
     assert all(math.isfinite(r["loss/policy"]) and math.isfinite(r["grad_norm"]) for r in rows[:2])
@@ -75,7 +92,11 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, sft_mod
 
 def test_lr_schedule_warms_up_log_shaped_then_decays_linearly_to_zero():
     lr = lambda s: train.lr_lambda(s, warmup_steps=3, total_steps=10)  # noqa: E731
-    assert lr(0) == 0.0 and lr(1) == pytest.approx(math.log(2) / math.log(4)) and lr(2) == pytest.approx(math.log(3) / math.log(4))
+    assert (
+        lr(0) == 0.0
+        and lr(1) == pytest.approx(math.log(2) / math.log(4))
+        and lr(2) == pytest.approx(math.log(3) / math.log(4))
+    )
     assert lr(3) == 1.0 and lr(10) == 0.0 and lr(5) == pytest.approx(5 / 7)
 
 
@@ -90,8 +111,14 @@ def test_refuses_a_run_dir_that_holds_another_runs_checkpoint(tmp_path, sft_mode
 
 def run_cli(*argv, tmp_path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--run_dir", str(tmp_path / "run"), *argv],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--run_dir", str(tmp_path / "run"), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
 
 
 def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path, data_dir):
