@@ -146,7 +146,10 @@ class Args:
         default=True, metadata={"help": "Recompute activations in the backward pass on CUDA."}
     )
     max_batch_tokens: int = field(
-        default=None, metadata={"help": "Cap on rows x tokens per sampling chunk (default: rollout's)."}
+        default=rollout.DEFAULT_MAX_BATCH_TOKENS,
+        metadata={
+            "help": "Cap on rows x (prefix + new tokens) per sampling chunk; lower it if sampling runs short of memory."
+        },
     )
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
 
@@ -287,7 +290,7 @@ def sft(model, tokenizer, problems: list[dict], args: Args) -> None:
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.sft_steps))
     )
     model.train()
-    for step in (bar := tqdm(range(args.sft_steps), desc="sft", dynamic_ncols=True)):
+    for _ in (bar := tqdm(range(args.sft_steps), desc="sft", dynamic_ncols=True)):
         chunk = rng.sample(examples, min(args.sft_batch_size, len(examples)))
         episodes = [dict(prompt_ids=p, response_ids=r) for p, r in chunk]
         batch = make_batch(episodes, tokenizer.pad_token_id, args.device)
@@ -339,7 +342,7 @@ def sample_answers(
             tokenizer=tokenizer,
             max_length=args.max_length,
             show_progress=True,
-            **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}),
+            max_batch_tokens=args.max_batch_tokens,
         )
 
 
@@ -515,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, next_iteration, args)
         print(f"saved {checkpoint} (next iteration {next_iteration})")
 
-    iteration = start_iteration
+    # the policy holds the updates of the iterations before resume_at; saved_at: what the checkpoint on disk holds
+    resume_at, saved_at = start_iteration, start_iteration if args.resume else None
     try:
         for iteration in range(start_iteration, args.num_iterations):
             log = {"iteration": iteration}
@@ -577,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
                     stop_strings=reward.STOP_STRINGS,
                     generator=generator,
                     show_progress=True,
-                    **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}),
+                    max_batch_tokens=args.max_batch_tokens,
                 )
             episodes = []
             for i, ids in enumerate(outs.response_ids):
@@ -596,6 +600,7 @@ def main(argv: list[str] | None = None) -> None:
                 log.update(
                     train_on_episodes(policy, reference, optimizer, scheduler, episodes, tokenizer, generator, args)
                 )
+                resume_at = iteration + 1
                 log["time/train"] = time.time() - timer
 
                 # -------- log one line, write metrics.jsonl, checkpoint
@@ -621,7 +626,8 @@ def main(argv: list[str] | None = None) -> None:
                     or iteration + 1 == args.num_iterations
                     or (args.save_every and (iteration + 1) % args.save_every == 0)
                 ):
-                    save(iteration + 1)
+                    save(resume_at)
+                    saved_at = resume_at
             if interrupted:
                 print("interrupted; continue with --resume")
                 sys.exit(130)
@@ -632,9 +638,10 @@ def main(argv: list[str] | None = None) -> None:
             print(format_log({"iteration": args.num_iterations, **final}))
             metrics_file.write(json.dumps({"iteration": args.num_iterations, **final}) + "\n")
     except KeyboardInterrupt:
-        # Ctrl-C while evaluating, sampling or estimating values: the policy is untouched since iteration `iteration`
-        # began, so this checkpoint resumes exactly there
-        save(iteration)
+        # Ctrl-C outside an update (evaluating, sampling, estimating values): the policy holds exactly the updates of
+        # the iterations before resume_at, so this checkpoint resumes there
+        if saved_at != resume_at:
+            save(resume_at)
         print("interrupted; continue with --resume")
         sys.exit(130)
     finally:

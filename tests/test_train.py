@@ -138,3 +138,22 @@ def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path, data_dir):
         assert result.returncode != 0, argv
         assert "Traceback" not in result.stderr, (argv, result.stderr[-2000:])
         assert any(__import__("re").search(message, line) for line in result.stderr.splitlines()), (argv, result.stderr)
+
+
+@pytest.mark.parametrize("interrupt_at", [0, 1])
+def test_ctrl_c_saves_a_checkpoint_that_resumes_where_the_policy_is(tmp_path, sft_model, monkeypatch, interrupt_at):
+    """Ctrl-C in the evaluation before iteration 0 (no update yet) or in the final one (after iteration 0's update)."""
+
+    def evaluate(model, tokenizer, problems, args, iteration):
+        if iteration == interrupt_at:
+            raise KeyboardInterrupt
+        return {}
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(
+            TINY + ["--model", str(sft_model), "--num_iterations", "1", "--eval_every", "1", "--run_dir", str(tmp_path)]
+        )
+    assert stopped.value.code == 130
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["next_iteration"] == interrupt_at
