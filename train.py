@@ -386,10 +386,11 @@ def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, next_iter
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
         next_iteration=next_iteration,
-        args=dataclasses.asdict(args),
         rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
     )
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "run_args.json"), "w") as f:  # small, so check_run_dir need not load the optimizer
+        json.dump(dataclasses.asdict(args), f, indent=1)
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
@@ -410,7 +411,8 @@ def check_run_dir(args: Args) -> None:
             f"error: {args.run_dir} holds another run's checkpoint; pass --resume to continue it, "
             "or choose another --run-dir"
         )
-    saved = torch.load(state_file, weights_only=False)["args"]
+    with open(os.path.join(args.run_dir, "checkpoint", "run_args.json")) as f:
+        saved = json.load(f)
     keep = {"resume", "stop_after", "device", "threads", "wandb", "max_batch_tokens", "eval_problems"}
     changed = [k for k, v in dataclasses.asdict(args).items() if k not in keep and saved.get(k) != v]
     if changed:
