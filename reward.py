@@ -237,6 +237,17 @@ def format_prompt(question: str, dataset: str) -> str:
     return PROMPT_TEMPLATE.format(question=question)
 
 
+def answer_only_solution(answer: str, dataset: str) -> str:
+    """An SFT response with the working left out: only the final answer line, in the data set's answer format.
+
+    train.py --sft-answer-only mixes these into the supervised warm-up: a model that imitates both kinds of
+    solution sometimes answers without working, and RL has to learn that writing the steps pays (the CPU demo).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    return f"\n$\\boxed{{{answer}}}$\n" if dataset == "math" else f"\n#### {answer}\n"
+
+
 def extract_answer(text: str, dataset: str) -> str | None:
     """The final answer in a response, or None when it has none.
 

@@ -19,6 +19,7 @@ Where this script departs from the paper's code:
 4. Every sampled answer is an episode, so an iteration always has prompts x samples of them; the paper fills or
    subsamples to exactly 512 episodes when some fail to parse.
 5. `--sft-steps` (a supervised warm-up on the gold solutions) is ours: the paper starts from released SFT checkpoints.
+   So is `--sft-answer-only`, which cuts a fraction of those solutions to the bare answer line (the CPU demo).
 6. Mixed precision: float32 master weights with bf16 autocast on CUDA (the paper trains bf16 weights through DeepSpeed,
    which also keeps float32 master weights); float32 everywhere on CPU.
 """
@@ -123,6 +124,13 @@ class Args:
         default=1e-3, metadata={"help": "AdamW learning rate of the supervised warm-up (cosine decay)."}
     )
     sft_batch_size: int = field(default=64, metadata={"help": "Gold solutions per supervised step."})
+    sft_answer_only: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of supervised examples whose working is cut, leaving only the final answer line "
+            "(a mixed SFT set; the CPU demo uses 0.5)."
+        },
+    )
     # evaluation, logging, checkpoints
     eval_every: int = field(
         default=10, metadata={"help": "Evaluate every this many iterations (0: only at the start and end)."}
@@ -164,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
             setattr(args, name, value)
     args.run_dir = args.run_dir or os.path.join("runs", args.dataset)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not 0.0 <= args.sft_answer_only <= 1.0:
+        raise SystemExit(f"error: --sft-answer-only is a fraction in [0, 1], got {args.sft_answer_only}")
     assert args.minibatch_size % args.micro_batch_size == 0, "--minibatch-size must be a multiple of --micro-batch-size"
     return args
 
@@ -275,16 +285,24 @@ def make_batch(episodes: list[dict], pad_id: int, device: str) -> dict:
 # Supervised warm-up (ours; the paper starts from released SFT checkpoints, PAPER_NOTES §4.1)
 
 
+def sft_examples(tokenizer, problems: list[dict], args: Args, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + EOS) per problem: the gold solution, or with probability --sft-answer-only the
+    bare answer line (reward.answer_only_solution), so that the model learns to answer both with and without working
+    and RL has to learn which pays (the CPU demo)."""
+    examples = []
+    for p in problems:
+        solution = p["solution"]
+        if args.sft_answer_only and rng.random() < args.sft_answer_only:  # no draw at 0: the same run as without
+            solution = reward.answer_only_solution(p["answer"], args.dataset)
+        response_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append((encode_prompt(tokenizer, p["question"], args.dataset), response_ids))
+    return examples
+
+
 def sft(model, tokenizer, problems: list[dict], args: Args) -> None:
-    """Next-token cross-entropy on prompt + gold solution + EOS, loss on the response tokens only, cosine LR decay."""
+    """Next-token cross-entropy on prompt + solution + EOS, loss on the response tokens only, cosine LR decay."""
     rng = random.Random(args.seed)
-    examples = [
-        (
-            encode_prompt(tokenizer, p["question"], args.dataset),
-            tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
-        )
-        for p in problems
-    ]
+    examples = sft_examples(tokenizer, problems, args, rng)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.sft_steps))

@@ -24,6 +24,7 @@ def test_every_gsm8k_gold_solution_grades_correct(data_dir):
         assert p["solution"].startswith("\n") and p["solution"].endswith(f"#### {p['answer']}\n"), p["solution"]
         assert "<<" not in p["solution"], "calculator annotations must be removed (§4.1)"
         assert reward.grade(p["solution"], p["answer"], "gsm8k") == 1.0, p
+        assert reward.grade(reward.answer_only_solution(p["answer"], "gsm8k"), p["answer"], "gsm8k") == 1.0, p
         j = (i + 1) % len(problems)  # the next problem whose answer differs, even after removing commas
         while problems[j]["answer"].replace(",", "") == p["answer"].replace(",", ""):
             j = (j + 1) % len(problems)
@@ -44,6 +45,7 @@ def test_every_math500_gold_solution_grades_correct(data_dir):
     assert len(problems) == 500
     for i, p in enumerate(problems):
         assert reward.grade(p["solution"], p["answer"], "math") == 1.0, p
+        assert reward.grade(reward.answer_only_solution(p["answer"], "math"), p["answer"], "math") == 1.0, p
         # The same through math-verify itself (grade() answers identical strings without asking it).
         assert reward.verify_boxed(p["answer"], p["answer"]), p["answer"]
         j = (i + 1) % len(problems)  # the next problem whose answer is not the same value ("5" vs "x=5", "5.0")
@@ -246,6 +248,8 @@ def test_arithmetic_problems_are_true_and_gradable():
     for p in problems[:2000]:
         check_arithmetic_problem(p, num_steps=3, max_number=20)
     assert all(reward.grade(p["solution"], p["answer"], "arithmetic") == 1.0 for p in problems)
+    assert all(reward.grade(reward.answer_only_solution(p["answer"], "arithmetic"), p["answer"], "arithmetic") == 1.0
+               for p in problems)
     assert sum("*" in p["solution"] for p in problems) > 0, "an occasional multiplication"
     lengths = [len(reward.format_prompt(p["question"], "arithmetic") + p["solution"]) for p in problems]
     assert sum(lengths) / len(lengths) < 210 and max(lengths) < 240, "short enough for a tiny byte-level model"

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,12 +134,13 @@ def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path, data_dir):
         (["--dataset", "gsm8k", "--data_dir", str(data_dir), "--model", str(tmp_path / "missing")], "local folder"),
         (["--dataset", "gsm8k", "--data_dir", str(tmp_path / "bad")], "train.jsonl.*line 2"),
         (["--dataset", "gsm8k"], "data_dir"),  # the hub is unreachable: say how to pass local data
+        (["--dataset", "arithmetic", "--sft_answer_only", "1.5"], "fraction in \\[0, 1\\]"),
     ]
     for argv, message in cases:
         result = run_cli(*argv, tmp_path=tmp_path)
         assert result.returncode != 0, argv
         assert "Traceback" not in result.stderr, (argv, result.stderr[-2000:])
-        assert any(__import__("re").search(message, line) for line in result.stderr.splitlines()), (argv, result.stderr)
+        assert any(re.search(message, line) for line in result.stderr.splitlines()), (argv, result.stderr)
 
 
 @pytest.mark.parametrize("interrupt_at", [0, 1])
@@ -157,3 +160,29 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_where_the_policy_is(tmp_path, sf
     assert stopped.value.code == 130
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["next_iteration"] == interrupt_at
+
+
+def test_sft_answer_only_cuts_a_seeded_fraction_of_solutions_to_the_answer_line():
+    problems = reward.load_problems("arithmetic", "validation")  # 500 problems
+    tokenizer = train.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
+
+    def examples(fraction: float, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+        args = train.parse_args(["--dataset", "arithmetic", "--sft_answer_only", str(fraction)])
+        return train.sft_examples(tokenizer, problems, args, rng)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    gold = [ids(p["solution"]) for p in problems]
+    bare = [ids(reward.answer_only_solution(p["answer"], "arithmetic")) for p in problems]
+    prompts = [train.encode_prompt(tokenizer, p["question"], "arithmetic") for p in problems]
+    rng = random.Random(0)
+    assert examples(0.0, rng) == list(zip(prompts, gold))
+    assert rng.random() == random.Random(0).random()  # fraction 0 draws nothing: the run is as without the option
+    assert examples(1.0, random.Random(0)) == list(zip(prompts, bare))
+    half = examples(0.5, random.Random(0))
+    assert half == examples(0.5, random.Random(0))  # seeded
+    assert [p for p, _ in half] == prompts
+    assert all(r == g or r == b for (_, r), g, b in zip(half, gold, bare))
+    num_bare = sum(r == b for (_, r), b in zip(half, bare))
+    assert abs(num_bare - 250) < 4 * math.sqrt(500 * 0.25), num_bare  # Binomial(500, 0.5): within 4 sigma
