@@ -71,6 +71,12 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 # Loading problems
 
 
+def check_dataset(dataset: str) -> None:
+    """A ValueError naming the valid data sets, for any other name."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+
+
 def load_problems(dataset: str, split: str, data_dir: str | Path | None = None) -> list[dict]:
     """Problems of one split as dicts with "question", "answer" (gold final answer) and "solution".
 
@@ -79,8 +85,7 @@ def load_problems(dataset: str, split: str, data_dir: str | Path | None = None) 
     data_dir: a folder holding gsm8k/*.jsonl and math/*.jsonl, or the data set's own subfolder; None loads from
     the Hugging Face hub. The arithmetic data set is generated and ignores data_dir.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    check_dataset(dataset)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if dataset == "arithmetic":
@@ -232,8 +237,7 @@ def make_arithmetic_problems(num_problems: int, seed: int, *, num_steps: int = 3
 
 def format_prompt(question: str, dataset: str) -> str:
     """The paper's zero-shot prompt (§4.1), the same for every data set; the response starts with "\\n"."""
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    check_dataset(dataset)
     return PROMPT_TEMPLATE.format(question=question)
 
 
@@ -243,8 +247,7 @@ def answer_only_solution(answer: str, dataset: str) -> str:
     train.py --sft-answer-only mixes these into the supervised warm-up: a model that imitates both kinds of
     solution sometimes answers without working, and RL has to learn that writing the steps pays (the CPU demo).
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    check_dataset(dataset)
     return f"\n$\\boxed{{{answer}}}$\n" if dataset == "math" else f"\n#### {answer}\n"
 
 
