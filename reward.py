@@ -9,7 +9,7 @@ accuracy in minutes and then improved by RL (demos and tests).
     response = "\n" + worked solution + "\n"         GSM8K/arithmetic end with "#### 72\n", MATH with \boxed{..}
     reward   = grade(response, gold_answer, dataset) 1.0 or 0.0
 
-Test: python -m pytest tests/test_reward.py -q   (reads the offline JSONL copies in ../shared/data)
+Test: python -m pytest tests/test_reward.py -q   (reads the data shipped in data/, see data/README.md)
 
 Departures from the paper (numbered):
 1. GSM8K gold answers have their commas removed too. The paper's code removes commas from the prediction only
@@ -25,9 +25,10 @@ Departures from the paper (numbered):
    sampler that keeps the stop string in its output grades the same.
 5. The validation subsets (GSM8K: 373 of train, MATH: 500 of the PRM800K train split) are our own seeded draws; the
    authors' exact held-out ids ship in their release zip, which we do not have. MATH's 12,000-problem PRM800K train
-   split is rebuilt from MATH (see ../shared/data/README.md); its row order is not OpenAI's.
+   split is rebuilt from MATH (see data/README.md); its row order is not OpenAI's.
 """
 
+import gzip
 import json
 import logging
 import random
@@ -44,7 +45,9 @@ SPLITS = ("train", "validation", "test")
 STOP_STRINGS = ("\n\n\nProblem:",)  # the paper's stop string (PAPER_NOTES §1.1, §7.11)
 PROMPT_TEMPLATE = "[MATH_TASK] Problem:\n{question}\n\nSolution:"  # §4.1, §9: no space or newline after "Solution:"
 
-# Local JSONL file behind each split; "validation" is a seeded subset of the "train" file (§4.3, §4.4).
+DATA_DIR = Path(__file__).resolve().parent / "data"  # the copies shipped with the repository (data/README.md)
+# Local JSONL file behind each split (plain, or gzip-compressed with ".gz" added); "validation" is a seeded subset of
+# the "train" file (§4.3, §4.4).
 SOURCE_FILES = {"gsm8k": {"train": "train.jsonl", "test": "test.jsonl"},
                 "math": {"train": "prm800k_train.jsonl", "test": "math500_test.jsonl"}}
 # The same files on the Hugging Face hub: (repository, config, split). The PRM800K train split (12,000 problems =
@@ -82,8 +85,9 @@ def load_problems(dataset: str, split: str, data_dir: str | Path | None = None) 
 
     "solution" is the SFT response of §4.1: "\\n" + worked solution + "\\n" (GSM8K without its <<..>> calculator
     annotations, ending "#### 72\\n"; MATH ending with \\boxed{..}), so grade(solution, answer) == 1.0.
-    data_dir: a folder holding gsm8k/*.jsonl and math/*.jsonl, or the data set's own subfolder; None loads from
-    the Hugging Face hub. The arithmetic data set is generated and ignores data_dir.
+    data_dir: None reads the copies shipped in the repository's data/ folder; a folder path reads a folder of the
+    same layout (gsm8k/*.jsonl and math/*.jsonl, plain or .gz), or the data set's own subfolder; "hub" downloads
+    the same files from the Hugging Face hub. The arithmetic data set is generated and ignores data_dir.
     """
     check_dataset(dataset)
     if split not in SPLITS:
@@ -97,10 +101,10 @@ def load_problems(dataset: str, split: str, data_dir: str | Path | None = None) 
         held_out = {p["question"] for s in ("validation", "test") for p in load_problems(dataset, s)}
         return [p for p in problems if p["question"] not in held_out]
     filename = SOURCE_FILES[dataset]["test" if split == "test" else "train"]
-    if data_dir is None:
+    if data_dir == "hub":
         problems = load_hub_problems(dataset, filename)
     else:
-        problems = read_jsonl_problems(find_local_file(data_dir, dataset, filename), dataset)
+        problems = read_jsonl_problems(find_local_file(data_dir or DATA_DIR, dataset, filename), dataset)
     if split == "test":
         return problems
     train, validation = split_validation(problems, num_validation=NUM_VALIDATION[dataset], seed=VALIDATION_SEED)
@@ -108,26 +112,33 @@ def load_problems(dataset: str, split: str, data_dir: str | Path | None = None) 
 
 
 def find_local_file(data_dir: str | Path, dataset: str, filename: str) -> Path:
-    """data_dir/dataset/filename, or data_dir/filename when data_dir is already the data set's folder."""
+    """data_dir/dataset/filename, or data_dir/filename when data_dir is already the data set's folder; either one
+    plain or gzip-compressed (filename + ".gz")."""
     candidates = [Path(data_dir) / dataset / filename, Path(data_dir) / filename]
     for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{candidates[0]} not found (nor {candidates[1]}); data_dir must hold "
-                            f"gsm8k/{{train,test}}.jsonl and math/{{prm800k_train,math500_test}}.jsonl")
+        for candidate in (path, path.with_name(path.name + ".gz")):
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(f"{candidates[0]} not found (nor {candidates[1]}, nor either with .gz); data_dir must "
+                            f"hold gsm8k/{{train,test}}.jsonl and math/{{prm800k_train,math500_test}}.jsonl")
 
 
 def read_jsonl_problems(path: Path, dataset: str) -> list[dict]:
-    """One problem per non-blank line of a JSONL file; a malformed line raises ValueError naming file and line."""
+    """One problem per non-blank line of a JSONL file (gzip-compressed if its name ends in .gz); a malformed line
+    raises ValueError naming file and line."""
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                problems.append(row_to_problem(json.loads(line), dataset))
-            except ValueError as e:  # json.JSONDecodeError is a ValueError too
-                raise ValueError(f"{path}, line {line_number}: {e}") from e
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    problems.append(row_to_problem(json.loads(line), dataset))
+                except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                    raise ValueError(f"{path}, line {line_number}: {e}") from e
+    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:  # a damaged or cut-off file, or not text
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
     return problems
 
 
@@ -141,8 +152,7 @@ def load_hub_problems(dataset: str, filename: str) -> list[dict]:
     except Exception as e:  # no network, offline mode, moved repository...: all mean "use local files"
         raise RuntimeError(
             f"could not load {repo} ({split}) from the Hugging Face hub: {type(e).__name__}: {e}\n"
-            f"Pass data_dir (train.py: --data-dir) with a local folder of JSONL files: gsm8k/train.jsonl, "
-            f"gsm8k/test.jsonl, math/prm800k_train.jsonl, math/math500_test.jsonl (see shared/data/README.md)."
+            f"Leave data_dir unset (train.py: no --data-dir) to read the copies shipped in data/ (see data/README.md)."
         ) from e
     problems = []
     for i, row in enumerate(rows):

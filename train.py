@@ -68,7 +68,11 @@ class Args:
         },
     )
     data_dir: str = field(
-        default=None, metadata={"help": "Folder of local JSONL data (e.g. ../shared/data); default: the hub."}
+        default=None,
+        metadata={
+            "help": "Folder of JSONL data (gsm8k/*.jsonl, math/*.jsonl, plain or .gz), or 'hub' to download it. "
+            "Default: the copies shipped in data/."
+        },
     )
     run_dir: str = field(
         default=None, metadata={"help": "Folder for checkpoints and metrics.jsonl. Default: runs/<dataset>."}

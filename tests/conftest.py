@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrain
 
 import train
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the gzip-compressed JSONL shipped in the repository
 
 CORPUS = [
     "[MATH_TASK] Problem:\nNatalia sold clips to 48 of her friends in April.\n\nSolution:",

@@ -1,5 +1,6 @@
 """Tests for reward.py: data loading, the arithmetic generator, answer extraction and grading (CPU, offline)."""
 
+import gzip
 import json
 import random
 import re
@@ -287,6 +288,25 @@ def test_data_dir_may_be_the_dataset_folder(data_dir):
     assert reward.load_problems("math", "test", data_dir / "math") == reward.load_problems("math", "test", data_dir)
 
 
+def test_default_is_the_data_shipped_in_the_repository(data_dir):
+    assert reward.DATA_DIR == data_dir and (data_dir / "gsm8k" / "test.jsonl.gz").is_file()
+    assert reward.load_problems("gsm8k", "test") == reward.load_problems("gsm8k", "test", data_dir)
+
+
+def test_plain_and_gzip_jsonl_give_the_same_problems(tmp_path, data_dir):
+    (tmp_path / "gsm8k").mkdir()
+    with gzip.open(data_dir / "gsm8k" / "test.jsonl.gz", "rb") as f:
+        (tmp_path / "gsm8k" / "test.jsonl").write_bytes(f.read())
+    assert reward.load_problems("gsm8k", "test", tmp_path) == reward.load_problems("gsm8k", "test", data_dir)
+
+
+def test_a_corrupt_gzip_file_is_a_value_error_naming_it(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl.gz").write_bytes(gzip.compress(b'{"question": "q"}\n' * 100)[:40])
+    with pytest.raises(ValueError, match=re.escape("test.jsonl.gz")):
+        reward.load_problems("gsm8k", "test", tmp_path)
+
+
 def test_missing_file_error_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "gsm8k" / "test.jsonl"))):
         reward.load_problems("gsm8k", "test", tmp_path)
@@ -318,7 +338,7 @@ def test_unknown_dataset_or_split():
         reward.load_problems("gsm8k", "dev")
 
 
-def test_hub_failure_says_to_pass_data_dir(monkeypatch):
+def test_hub_failure_says_how_to_use_the_shipped_data(monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -327,9 +347,9 @@ def test_hub_failure_says_to_pass_data_dir(monkeypatch):
         raise ConnectionError("no network in tests")
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
-    with pytest.raises(RuntimeError, match="data_dir") as error:
-        reward.load_problems("gsm8k", "train")
-    assert "gsm8k/train.jsonl" in str(error.value)
+    with pytest.raises(RuntimeError, match="data_dir unset") as error:
+        reward.load_problems("gsm8k", "train", "hub")
+    assert "data/README.md" in str(error.value)
 
 
 def test_hub_rows_give_the_same_problems_as_local_files(monkeypatch, data_dir):
@@ -339,13 +359,15 @@ def test_hub_rows_give_the_same_problems_as_local_files(monkeypatch, data_dir):
                   "zzy1123/MATH_train_test_split": {"train": "math/prm800k_train.jsonl"}}
 
     def fake_load_dataset(repo, config, split):
-        rows = [json.loads(line) for line in open(data_dir / local_file[repo][split])]
+        rows = [json.loads(line) for line in gzip.open(data_dir / (local_file[repo][split] + ".gz"), "rt")]
         random.Random(0).shuffle(rows)
         return rows
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    shuffled, local = reward.load_problems("gsm8k", "test"), reward.load_problems("gsm8k", "test", data_dir)
+    shuffled, local = reward.load_problems("gsm8k", "test", "hub"), reward.load_problems("gsm8k", "test", data_dir)
     assert shuffled != local and sorted(shuffled, key=str) == sorted(local, key=str)
     for dataset in ("gsm8k", "math"):
-        hub, local = reward.load_problems(dataset, "validation"), reward.load_problems(dataset, "validation", data_dir)
+        hub = reward.load_problems(dataset, "validation", "hub")
+        local = reward.load_problems(dataset, "validation", data_dir)
         assert sorted(hub, key=str) == sorted(local, key=str)
+

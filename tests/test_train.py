@@ -123,17 +123,17 @@ def run_cli(*argv, tmp_path) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path, data_dir):
+def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path):
     bad = tmp_path / "bad" / "gsm8k"
     bad.mkdir(parents=True)
     (bad / "train.jsonl").write_text('{"question": "q", "answer": "a\\n#### 1"}\nnot json\n')
     (bad / "test.jsonl").write_text('{"question": "q", "answer": "a\\n#### 1"}\n')
     cases = [
         (["--dataset", "gsm9k"], "unknown dataset"),
-        (["--dataset", "gsm8k", "--data_dir", str(data_dir), "--model", "no-such-org/no-such-model"], "local folder"),
-        (["--dataset", "gsm8k", "--data_dir", str(data_dir), "--model", str(tmp_path / "missing")], "local folder"),
+        (["--dataset", "gsm8k", "--model", "no-such-org/no-such-model"], "local folder"),
+        (["--dataset", "gsm8k", "--model", str(tmp_path / "missing")], "local folder"),
         (["--dataset", "gsm8k", "--data_dir", str(tmp_path / "bad")], "train.jsonl.*line 2"),
-        (["--dataset", "gsm8k"], "data_dir"),  # the hub is unreachable: say how to pass local data
+        (["--dataset", "gsm8k", "--data_dir", "hub"], "no --data-dir"),  # the hub is unreachable: use shipped data
         (["--dataset", "arithmetic", "--sft_answer_only", "1.5"], "fraction in \\[0, 1\\]"),
     ]
     for argv, message in cases:
