@@ -251,7 +251,20 @@ def disable_dropout(model) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data: token ids of prompts and of gold solutions
+# Data: token ids of prompts, episodes, batches
+
+
+@dataclass
+class Episode:
+    """One sampled answer with what the PPO update needs of it (PAPER_NOTES §1.1 step 5, §8)."""
+
+    prompt_ids: list[int]  # BOS + the prompt
+    response_ids: list[int]  # the sampled tokens, then EOS if the answer finished (pitfall 10)
+    finished: bool  # stopped by EOS or the stop string; False: cut by the length limit (reward 0, no EOS)
+    reward: float  # R, the 0/1 grade of the answer
+    advantages: list[float]  # one per response token, EOS included
+    old_logprobs: torch.Tensor | None = None  # (P+R-1,) logprob of every next token under pi_old, set by ppo_update
+    ref_logprobs: torch.Tensor | None = None  # (P+R-1,) the same under the reference model; None when kl_coef = 0
 
 
 def encode_prompt(tokenizer, question: str, dataset: str) -> list[int]:
@@ -271,16 +284,15 @@ def pad_right(seqs: list[list[int]], pad_id: int, device: str) -> tuple[torch.Te
     return ids.to(device), attention_mask.to(device)
 
 
-def make_batch(episodes: list[dict], pad_id: int, device: str) -> dict:
+def make_batch(episodes: list[Episode], pad_id: int, device: str) -> dict:
     """Tensors of a list of episodes, aligned with ppo.token_logprobs (position t scores token t+1)."""
-    ids, attention_mask = pad_right([e["prompt_ids"] + e["response_ids"] for e in episodes], pad_id, device)
+    ids, attention_mask = pad_right([e.prompt_ids + e.response_ids for e in episodes], pad_id, device)
     response_mask = torch.zeros_like(ids, dtype=torch.float32)  # (B, T): 1 on response tokens (incl. EOS)
     advantages = torch.zeros_like(ids, dtype=torch.float32)  # (B, T)
     for i, e in enumerate(episodes):
-        p, r = len(e["prompt_ids"]), len(e["response_ids"])
+        p, r = len(e.prompt_ids), len(e.response_ids)
         response_mask[i, p : p + r] = 1.0
-        if "advantages" in e:
-            advantages[i, p : p + r] = torch.tensor(e["advantages"])
+        advantages[i, p : p + r] = torch.tensor(e.advantages)
     # causal shift: logprobs[:, t] is the logprob of token t+1, so masks and advantages drop position 0
     return dict(input_ids=ids, attention_mask=attention_mask, mask=response_mask[:, 1:], advantages=advantages[:, 1:])
 
@@ -314,7 +326,7 @@ def sft(model, tokenizer, problems: list[dict], args: Args) -> None:
     model.train()
     for _ in (bar := tqdm(range(args.sft_steps), desc="sft", dynamic_ncols=True)):
         chunk = rng.sample(examples, min(args.sft_batch_size, len(examples)))
-        episodes = [dict(prompt_ids=p, response_ids=r) for p, r in chunk]
+        episodes = [Episode(p, r, finished=True, reward=0.0, advantages=[0.0] * len(r)) for p, r in chunk]
         batch = make_batch(episodes, tokenizer.pad_token_id, args.device)
         with autocast(args):
             logprobs = ppo.token_logprobs(model, batch["input_ids"], batch["attention_mask"], 1.0)  # (B, T-1)
@@ -417,6 +429,7 @@ def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, next_iter
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+    print(f"saved {path} (next iteration {next_iteration})")
 
 
 def check_run_dir(args: Args) -> None:
@@ -463,221 +476,90 @@ def deferred_interrupt():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# One iteration, phase by phase (PAPER_NOTES §1.1, §8): sample answers, estimate values and advantages, update, log
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    # seeding (cleanrl): every random choice below flows from args.seed
-    random.seed(args.seed)
-    np.random.seed(args.seed % 2**32)
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    check_run_dir(args)
-    os.makedirs(args.run_dir, exist_ok=True)
-    print(json.dumps(dataclasses.asdict(args), indent=1))
+def sample_problems(train_problems: list[dict], tokenizer, iteration: int, args: Args) -> list[tuple[list[int], str]]:
+    """The iteration's (prompt ids, gold answer) pairs: the train split reshuffled with seed + iteration, the first
+    prompts_per_iteration whose prompt has at most max_prompt_length tokens (§1.1 step 1; §3 prompt filter)."""
+    order = random.Random(args.seed + iteration).sample(range(len(train_problems)), len(train_problems))
+    problems = []
+    for i in order:
+        prompt_ids = encode_prompt(tokenizer, train_problems[i]["question"], args.dataset)
+        if len(prompt_ids) <= args.max_prompt_length:
+            problems.append((prompt_ids, train_problems[i]["answer"]))
+        if len(problems) == args.prompts_per_iteration:
+            break
+    return problems
 
-    # -------- data
-    try:
-        train_problems = reward.load_problems(args.dataset, "train", args.data_dir)
-        test_problems = reward.load_problems(args.dataset, "test", args.data_dir)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:  # missing file, bad row, no hub
-        raise SystemExit(f"error: {e}") from None
-    if args.eval_problems:
-        test_problems = test_problems[: args.eval_problems]
 
-    # -------- models: the policy, and the frozen reference (the initial / SFT policy, PAPER_NOTES §3)
-    checkpoint = os.path.join(args.run_dir, "checkpoint")
-    init_dir = os.path.join(args.run_dir, "init")  # the RL starting point when it was made here (tiny or SFT)
-    made_here = args.model == "tiny" or args.sft_steps > 0
-    if made_here and not os.path.exists(os.path.join(init_dir, "config.json")):
-        if args.model == "tiny":
-            tokenizer = build_tiny_tokenizer([p["question"] + p["solution"] for p in train_problems[:20000]])
-            policy = build_tiny_model(tokenizer, max_length=args.max_length).to(args.device)
-        else:
-            policy, tokenizer = load_model(args.model, args.device)
-        if args.sft_steps:
-            sft(policy, tokenizer, train_problems, args)
-        policy.save_pretrained(init_dir)
-        tokenizer.save_pretrained(init_dir)
-    start = args.model if not made_here else init_dir
-    ref_path = start
-    if args.resume:
-        start = checkpoint
-    policy, tokenizer = load_model(start, args.device)
-    if args.device.startswith("cuda") and args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    reference = None
-    if args.kl_coef > 0:  # not loaded when beta = 0
-        reference, _ = load_model(ref_path, args.device)
-        reference.eval().requires_grad_(False)
-        if args.device.startswith("cuda") and args.bf16:
-            reference.to(torch.bfloat16)
-
-    episodes_per_iteration = args.prompts_per_iteration * args.samples_per_prompt
-    steps_per_iteration = args.num_epochs * math.ceil(episodes_per_iteration / args.minibatch_size)
-    total_steps = args.num_iterations * steps_per_iteration
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, warmup_steps=warmup_steps, total_steps=total_steps)
+def sample_and_grade(
+    policy, tokenizer, problems: list[tuple[list[int], str]], generator: torch.Generator, args: Args
+) -> tuple[rollout.Rollouts, list[float]]:
+    """samples_per_prompt answers per prompt at the sampling temperature (§1.1 step 3), answer j of prompt i at
+    i * samples_per_prompt + j, and their rewards R (§4.3: 0 when unfinished)."""
+    prompts = [prompt_ids for prompt_ids, _ in problems]
+    rollouts = sample_answers(
+        policy,
+        tokenizer,
+        prompts,
+        num_samples=args.samples_per_prompt,
+        temperature=args.temperature,
+        generator=generator,
+        args=args,
     )
-    start_iteration = 0
-    if args.resume:
-        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start_iteration = state["next_iteration"]
-        print(f"resumed from {checkpoint} at iteration {start_iteration}")
-    if args.wandb:
-        import wandb
-
-        wandb.init(project="vineppo", config=dataclasses.asdict(args), resume="allow")
-    metrics_file = open(os.path.join(args.run_dir, "metrics.jsonl"), "a")
-
-    def save(next_iteration: int) -> None:
-        save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, next_iteration, args)
-        print(f"saved {checkpoint} (next iteration {next_iteration})")
-
-    # the policy holds the updates of the iterations before resume_at; saved_at: what the checkpoint on disk holds
-    resume_at, saved_at = start_iteration, start_iteration if args.resume else None
-    try:
-        for iteration in range(start_iteration, args.num_iterations):
-            log = {"iteration": iteration}
-            timer = time.time()
-            # one generator per iteration, so that a resumed run draws exactly what an uninterrupted one does
-            generator = torch.Generator().manual_seed(args.seed + iteration)
-
-            # -------- evaluate (before the update, so iteration 0 reports the starting policy)
-            if args.eval_every and iteration % args.eval_every == 0:
-                log.update(evaluate(policy, tokenizer, test_problems, args, iteration))
-                log["time/eval"] = time.time() - timer
-                timer = time.time()
-
-            # -------- sample prompts (reshuffled with seed + iteration, PAPER_NOTES §1.1) and answers
-            order = random.Random(args.seed + iteration).sample(range(len(train_problems)), len(train_problems))
-            problems = []
-            for i in order:
-                prompt_ids = encode_prompt(tokenizer, train_problems[i]["question"], args.dataset)
-                if len(prompt_ids) <= args.max_prompt_length:  # the paper's prompt filter
-                    problems.append((prompt_ids, train_problems[i]["answer"]))
-                if len(problems) == args.prompts_per_iteration:
-                    break
-            prompt_ids = [p for p, _ in problems]
-            answers = [a for _, a in problems for _ in range(args.samples_per_prompt)]
-            outs = sample_answers(
-                policy,
-                tokenizer,
-                prompt_ids,
-                num_samples=args.samples_per_prompt,
-                temperature=args.temperature,
-                generator=generator,
-                args=args,
-            )
-            episode_prompts = [p for p in prompt_ids for _ in range(args.samples_per_prompt)]
-            rewards = grade_all(tokenizer, outs, answers, args.dataset)
-            log["time/sample"] = time.time() - timer
-            timer = time.time()
-
-            # -------- Monte Carlo values of the step states (PAPER_NOTES §1.2), step and token advantages (§1.3)
-            texts = [tokenizer.decode(ids, **rollout.DECODE_KWARGS) for ids in outs.response_ids]
-            steps = [vine.split_steps(t, args.dataset) for t in texts]
-            token_steps = [vine.token_steps(ids, s, tokenizer) for ids, s in zip(outs.response_ids, steps)]
-            with autocast(args):
-                values, vine_stats = vine.estimate_values(
-                    policy,
-                    tokenizer,
-                    episode_prompts,
-                    outs.response_ids,
-                    token_steps,
-                    answers,
-                    args.dataset,
-                    num_mc_rollouts=args.num_mc_rollouts,
-                    max_value_steps=args.max_value_steps or None,
-                    max_new_tokens=args.max_new_tokens,
-                    max_length=args.max_length,
-                    temperature=args.temperature,
-                    top_p=args.top_p,
-                    eos_token_id=tokenizer.eos_token_id,
-                    stop_strings=reward.STOP_STRINGS,
-                    generator=generator,
-                    show_progress=True,
-                    max_batch_tokens=args.max_batch_tokens,
-                )
-            episodes = []
-            for i, ids in enumerate(outs.response_ids):
-                step_advs = vine.step_advantages(values[i], rewards[i], len(steps[i]))
-                advs = vine.token_advantages(step_advs, token_steps[i])
-                if outs.finished[i]:  # EOS only on finished answers, with the last token's advantage (§1.3, pitfall 10)
-                    ids, advs = ids + [tokenizer.eos_token_id], advs + [advs[-1] if advs else step_advs[-1]]
-                episodes.append(dict(prompt_ids=episode_prompts[i], response_ids=ids, advantages=advs))
-            log.update(vine_stats)
-            log["time/values"] = time.time() - timer
-            timer = time.time()
-
-            # -------- PPO: old and reference logprobs once, then epochs x minibatches (PAPER_NOTES §3, §8).
-            # From here to the checkpoint Ctrl-C waits, so that a checkpoint never holds half an update.
-            with deferred_interrupt() as interrupted:
-                log.update(
-                    train_on_episodes(policy, reference, optimizer, scheduler, episodes, tokenizer, generator, args)
-                )
-                resume_at = iteration + 1
-                log["time/train"] = time.time() - timer
-
-                # -------- log one line, write metrics.jsonl, checkpoint
-                all_advs = [a for e in episodes for a in e["advantages"]]
-                log.update(
-                    {
-                        "reward/mean": float(np.mean(rewards)),
-                        "response/length": float(np.mean([len(ids) for ids in outs.response_ids])),
-                        "response/unfinished": 1.0 - float(np.mean(outs.finished)),
-                        "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])),
-                        "lr": scheduler.get_last_lr()[0],
-                    }
-                )
-                print(format_log(log))
-                metrics_file.write(json.dumps(log) + "\n")
-                metrics_file.flush()
-                if args.wandb:
-                    wandb.log(log, step=iteration)
-                done = iteration + 1 - start_iteration
-                if (
-                    interrupted
-                    or done == args.stop_after
-                    or iteration + 1 == args.num_iterations
-                    or (args.save_every and (iteration + 1) % args.save_every == 0)
-                ):
-                    save(resume_at)
-                    saved_at = resume_at
-            if interrupted:
-                print("interrupted; continue with --resume")
-                sys.exit(130)
-            if done == args.stop_after:
-                return
-        if args.eval_every or args.num_iterations == start_iteration:
-            final = evaluate(policy, tokenizer, test_problems, args, args.num_iterations)
-            print(format_log({"iteration": args.num_iterations, **final}))
-            metrics_file.write(json.dumps({"iteration": args.num_iterations, **final}) + "\n")
-    except KeyboardInterrupt:
-        # Ctrl-C outside an update (evaluating, sampling, estimating values): the policy holds exactly the updates of
-        # the iterations before resume_at, so this checkpoint resumes there
-        if saved_at != resume_at:
-            save(resume_at)
-        print("interrupted; continue with --resume")
-        sys.exit(130)
-    finally:
-        metrics_file.close()
+    golds = [gold for _, gold in problems for _ in range(args.samples_per_prompt)]
+    return rollouts, grade_all(tokenizer, rollouts, golds, args.dataset)
 
 
-def train_on_episodes(policy, reference, optimizer, scheduler, episodes, tokenizer, generator, args: Args) -> dict:
-    """Old and reference logprobs once (pitfall 13), then num_epochs x shuffled minibatches of clipped PPO + KL."""
-    pad_id = tokenizer.pad_token_id
-    micro = [episodes[i : i + args.micro_batch_size] for i in range(0, len(episodes), args.micro_batch_size)]
+def vine_advantages(
+    policy, tokenizer, problems, rollouts: rollout.Rollouts, rewards: list[float], generator, args: Args
+) -> tuple[list[Episode], dict]:
+    """VinePPO's credit assignment for every answer (§1.2, §1.3): split into steps, MC values of the step states
+    from the same policy snapshot and sampling settings (pitfall 1), A_i = r_i + V(s_{i+1}) - V(s_i) per step, each
+    token carrying its step's A_i, EOS appended to finished answers with the last token's advantage (pitfall 10)."""
+    prompts = [prompt_ids for prompt_ids, _ in problems for _ in range(args.samples_per_prompt)]
+    golds = [gold for _, gold in problems for _ in range(args.samples_per_prompt)]
+    texts = [tokenizer.decode(ids, **rollout.DECODE_KWARGS) for ids in rollouts.response_ids]
+    steps = [vine.split_steps(text, args.dataset) for text in texts]
+    token_steps = [vine.token_steps(ids, s, tokenizer) for ids, s in zip(rollouts.response_ids, steps)]
+    with autocast(args):
+        values, stats = vine.estimate_values(
+            policy,
+            tokenizer,
+            prompts,
+            rollouts.response_ids,
+            token_steps,
+            golds,
+            args.dataset,
+            num_mc_rollouts=args.num_mc_rollouts,
+            max_value_steps=args.max_value_steps or None,
+            max_new_tokens=args.max_new_tokens,
+            max_length=args.max_length,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            eos_token_id=tokenizer.eos_token_id,
+            stop_strings=reward.STOP_STRINGS,
+            generator=generator,
+            show_progress=True,
+            max_batch_tokens=args.max_batch_tokens,
+        )
+    episodes = []
+    for i, ids in enumerate(rollouts.response_ids):
+        step_advs = vine.step_advantages(values[i], rewards[i], len(steps[i]))
+        advs = vine.token_advantages(step_advs, token_steps[i])
+        finished = rollouts.finished[i]
+        if finished:  # EOS only on finished answers, with the last token's advantage (§1.3, pitfall 10)
+            ids, advs = ids + [tokenizer.eos_token_id], advs + [advs[-1] if advs else step_advs[-1]]
+        episodes.append(Episode(prompts[i], ids, finished, rewards[i], advs))
+    return episodes, stats
+
+
+def old_and_ref_logprobs(policy, reference, episodes: list[Episode], pad_id: int, args: Args) -> None:
+    """pi_old and reference logprobs of every episode, once per iteration before the update (pitfall 13)."""
     with torch.no_grad(), autocast(args):
-        for chunk in micro:
+        for start in range(0, len(episodes), args.micro_batch_size):
+            chunk = episodes[start : start + args.micro_batch_size]
             batch = make_batch(chunk, pad_id, args.device)
             old = ppo.token_logprobs(policy, batch["input_ids"], batch["attention_mask"], args.temperature)  # (B, T-1)
             ref = None
@@ -685,44 +567,60 @@ def train_on_episodes(policy, reference, optimizer, scheduler, episodes, tokeniz
                 ref = ppo.token_logprobs(reference, batch["input_ids"], batch["attention_mask"], args.temperature)
             for j, e in enumerate(chunk):
                 n = int(batch["attention_mask"][j].sum()) - 1  # number of predicted positions of this episode
-                e["old_logprobs"] = old[j, :n].cpu()
-                e["ref_logprobs"] = ref[j, :n].cpu() if ref is not None else None
+                e.old_logprobs = old[j, :n].cpu()
+                e.ref_logprobs = ref[j, :n].cpu() if ref is not None else None
+
+
+def minibatch_backward(policy, minibatch: list[Episode], pad_id: int, args: Args) -> dict:
+    """Gradient of the clipped PPO loss + KL over one minibatch, accumulated over micro-batches (memory only: the
+    advantages are whitened and the losses normalised over the whole minibatch, pitfalls 6 and 7). Returns its
+    ppo_loss stats, summed over the micro-batches into minibatch means (ppo.accumulate_stats)."""
+    full = make_batch(minibatch, pad_id, "cpu")
+    whitened = ppo.masked_whiten(full["advantages"], full["mask"])  # (B, T-1) once over the whole minibatch
+    num_tokens, num_seqs = float(full["mask"].sum()), float(len(minibatch))
+    stats = {}
+    for m in range(0, len(minibatch), args.micro_batch_size):
+        chunk = minibatch[m : m + args.micro_batch_size]
+        batch = make_batch(chunk, pad_id, args.device)
+        width = batch["mask"].shape[1]
+        old = pad_logprobs([e.old_logprobs for e in chunk], width).to(args.device)
+        ref = None  # no reference model when kl_coef = 0
+        if chunk[0].ref_logprobs is not None:
+            ref = pad_logprobs([e.ref_logprobs for e in chunk], width).to(args.device)
+        adv = whitened[m : m + len(chunk), :width].to(args.device)
+        with autocast(args):
+            logprobs, entropy = ppo.token_logprobs(
+                policy, batch["input_ids"], batch["attention_mask"], args.temperature, return_entropy=True
+            )
+        loss, s = ppo.ppo_loss(
+            logprobs,
+            old,
+            adv,
+            batch["mask"],
+            clip_eps=args.clip_eps,
+            ref_logprobs=ref,
+            kl_coef=args.kl_coef,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+        )
+        loss.backward()
+        s["policy/entropy"] = float((entropy * batch["mask"]).sum()) / num_tokens
+        stats = ppo.accumulate_stats(stats, s)
+    return stats
+
+
+def ppo_update(policy, reference, optimizer, scheduler, episodes: list[Episode], pad_id: int, generator, args) -> dict:
+    """num_epochs passes over the episodes in shuffled minibatches of minibatch_size, one AdamW step each with the
+    gradient norm clipped (§3, §8). Returns the PPO stats averaged over the optimizer steps."""
+    old_and_ref_logprobs(policy, reference, episodes, pad_id, args)
     totals, num_steps, skipped = {}, 0, 0
     policy.train()  # dropout is off (disable_dropout); train mode turns on gradient checkpointing
     for _ in range(args.num_epochs):
         perm = torch.randperm(len(episodes), generator=generator).tolist()
         for start in range(0, len(perm), args.minibatch_size):
-            minibatch = [episodes[i] for i in perm[start : start + args.minibatch_size]]
-            # whiten advantages over the whole minibatch's response tokens, once (pitfall 6)
-            full = make_batch(minibatch, pad_id, "cpu")
-            whitened = ppo.masked_whiten(full["advantages"], full["mask"])  # (B, T-1)
-            num_tokens, num_seqs = float(full["mask"].sum()), float(len(minibatch))
-            stats = {}
-            for m in range(0, len(minibatch), args.micro_batch_size):
-                chunk = minibatch[m : m + args.micro_batch_size]
-                batch = make_batch(chunk, pad_id, args.device)
-                width = batch["mask"].shape[1]
-                old = pad_logprobs([e["old_logprobs"] for e in chunk], width).to(args.device)
-                ref = pad_logprobs([e["ref_logprobs"] for e in chunk], width).to(args.device) if reference else None
-                adv = whitened[m : m + len(chunk), :width].to(args.device)
-                with autocast(args):
-                    logprobs, entropy = ppo.token_logprobs(
-                        policy, batch["input_ids"], batch["attention_mask"], args.temperature, return_entropy=True
-                    )
-                loss, s = ppo.ppo_loss(
-                    logprobs,
-                    old,
-                    adv,
-                    batch["mask"],
-                    clip_eps=args.clip_eps,
-                    ref_logprobs=ref,
-                    kl_coef=args.kl_coef,
-                    num_tokens=num_tokens,
-                    num_seqs=num_seqs,
-                )
-                loss.backward()
-                s["policy/entropy"] = float((entropy * batch["mask"]).sum()) / num_tokens
-                stats = ppo.accumulate_stats(stats, s)
+            stats = minibatch_backward(
+                policy, [episodes[i] for i in perm[start : start + args.minibatch_size]], pad_id, args
+            )
             if ppo.ratio_guard_exceeded(stats):  # the paper's guard: skip a minibatch whose mean ratio > 10
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -748,9 +646,184 @@ def pad_logprobs(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
+def write_log(log: dict, episodes: list[Episode], rollouts: rollout.Rollouts, scheduler, metrics_file, args) -> None:
+    """Add the iteration's sample statistics to its log, print one line and append it to metrics.jsonl (and wandb)."""
+    all_advs = [a for e in episodes for a in e.advantages]
+    log.update(
+        {
+            "reward/mean": float(np.mean([e.reward for e in episodes])),
+            "response/length": float(np.mean([len(ids) for ids in rollouts.response_ids])),
+            "response/unfinished": 1.0 - float(np.mean(rollouts.finished)),
+            "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])),
+            "lr": scheduler.get_last_lr()[0],
+        }
+    )
+    print(format_log(log))
+    metrics_file.write(json.dumps(log) + "\n")
+    metrics_file.flush()
+    if args.wandb:
+        import wandb
+
+        wandb.log(log, step=log["iteration"])
+
+
 def format_log(log: dict) -> str:
     """One readable line per iteration (STYLE.md Logging); the README explains each metric."""
     return " | ".join([f"it {log['iteration']}"] + [f"{k} {v:.4g}" for k, v in log.items() if k != "iteration"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Setup: data, models, optimizer, resume
+
+
+def load_data(args: Args) -> tuple[list[dict], list[dict]]:
+    """The train and test problems, with a one-line error for a missing file, a bad row or an unreachable hub."""
+    try:
+        train_problems = reward.load_problems(args.dataset, "train", args.data_dir)
+        test_problems = reward.load_problems(args.dataset, "test", args.data_dir)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return train_problems, test_problems[: args.eval_problems or None]
+
+
+def load_models(args: Args, train_problems: list[dict]):
+    """The policy to train and the frozen reference, the initial (SFT) policy (PAPER_NOTES §3; pitfall 13).
+
+    A tiny model, or any model given --sft-steps, is made here once and kept in run_dir/init/: the RL start and the
+    reference. With --resume the policy comes from run_dir/checkpoint/. No reference is loaded when kl_coef = 0."""
+    init_dir = os.path.join(args.run_dir, "init")
+    made_here = args.model == "tiny" or args.sft_steps > 0
+    if made_here and not os.path.exists(os.path.join(init_dir, "config.json")):
+        if args.model == "tiny":
+            tokenizer = build_tiny_tokenizer([p["question"] + p["solution"] for p in train_problems[:20000]])
+            policy = build_tiny_model(tokenizer, max_length=args.max_length).to(args.device)
+        else:
+            policy, tokenizer = load_model(args.model, args.device)
+        if args.sft_steps:
+            sft(policy, tokenizer, train_problems, args)
+        policy.save_pretrained(init_dir)
+        tokenizer.save_pretrained(init_dir)
+    start = init_dir if made_here else args.model
+    policy, tokenizer = load_model(os.path.join(args.run_dir, "checkpoint") if args.resume else start, args.device)
+    if args.device.startswith("cuda") and args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    reference = None
+    if args.kl_coef > 0:
+        reference, _ = load_model(start, args.device)
+        reference.eval().requires_grad_(False)
+        if args.device.startswith("cuda") and args.bf16:
+            reference.to(torch.bfloat16)
+    return policy, reference, tokenizer
+
+
+def make_optimizer(policy, args: Args):
+    """AdamW (betas 0.9, 0.999, eps 1e-8, no weight decay) with the warmup-then-linear-decay schedule (§3)."""
+    episodes_per_iteration = args.prompts_per_iteration * args.samples_per_prompt
+    steps_per_iteration = args.num_epochs * math.ceil(episodes_per_iteration / args.minibatch_size)
+    total_steps = args.num_iterations * steps_per_iteration
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, warmup_steps=warmup_steps, total_steps=total_steps)
+    )
+    return optimizer, scheduler
+
+
+def restore_trainer_state(path: str, optimizer, scheduler) -> int:
+    """Load optimizer, scheduler and RNG states from a checkpoint; returns the iteration to continue at."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    print(f"resumed from {path} at iteration {state['next_iteration']}")
+    return state["next_iteration"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # seeding (cleanrl): every random choice below flows from args.seed
+    random.seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    check_run_dir(args)
+    os.makedirs(args.run_dir, exist_ok=True)
+    print(json.dumps(dataclasses.asdict(args), indent=1))
+    train_problems, test_problems = load_data(args)
+    policy, reference, tokenizer = load_models(args, train_problems)
+    optimizer, scheduler = make_optimizer(policy, args)
+    checkpoint = os.path.join(args.run_dir, "checkpoint")
+    start_iteration = restore_trainer_state(checkpoint, optimizer, scheduler) if args.resume else 0
+    if args.wandb:
+        import wandb
+
+        wandb.init(project="vineppo", config=dataclasses.asdict(args), resume="allow")
+    metrics_file = open(os.path.join(args.run_dir, "metrics.jsonl"), "a")
+    # the policy holds the updates of the iterations before resume_at; saved_at: what the checkpoint on disk holds
+    resume_at, saved_at = start_iteration, start_iteration if args.resume else None
+    try:
+        for iteration in range(start_iteration, args.num_iterations):
+            log = {"iteration": iteration}
+            # one generator per iteration, so that a resumed run draws exactly what an uninterrupted one does
+            generator = torch.Generator().manual_seed(args.seed + iteration)
+            timer = time.time()
+            if args.eval_every and iteration % args.eval_every == 0:  # before the update: iteration 0 is the start
+                log.update(evaluate(policy, tokenizer, test_problems, args, iteration))
+                log["time/eval"], timer = time.time() - timer, time.time()
+            # -------- sample answers and grade them
+            problems = sample_problems(train_problems, tokenizer, iteration, args)
+            rollouts, rewards = sample_and_grade(policy, tokenizer, problems, generator, args)
+            log["time/sample"], timer = time.time() - timer, time.time()
+            # -------- Monte Carlo values of the step states, step and token advantages
+            episodes, vine_stats = vine_advantages(policy, tokenizer, problems, rollouts, rewards, generator, args)
+            log.update(vine_stats)
+            log["time/values"], timer = time.time() - timer, time.time()
+            # -------- PPO update, log, checkpoint; Ctrl-C waits until the block ends (no checkpoint of half an update)
+            with deferred_interrupt() as interrupted:
+                log.update(
+                    ppo_update(
+                        policy, reference, optimizer, scheduler, episodes, tokenizer.pad_token_id, generator, args
+                    )
+                )
+                resume_at = iteration + 1
+                log["time/train"] = time.time() - timer
+                write_log(log, episodes, rollouts, scheduler, metrics_file, args)
+                done = iteration + 1 - start_iteration
+                if (
+                    interrupted
+                    or done == args.stop_after
+                    or iteration + 1 == args.num_iterations
+                    or (args.save_every and (iteration + 1) % args.save_every == 0)
+                ):
+                    save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, resume_at, args)
+                    saved_at = resume_at
+            if interrupted:
+                print("interrupted; continue with --resume")
+                sys.exit(130)
+            if done == args.stop_after:
+                return
+        if args.eval_every or args.num_iterations == start_iteration:
+            final = {
+                "iteration": args.num_iterations,
+                **evaluate(policy, tokenizer, test_problems, args, args.num_iterations),
+            }
+            print(format_log(final))
+            metrics_file.write(json.dumps(final) + "\n")
+    except KeyboardInterrupt:
+        # Ctrl-C outside an update (evaluating, sampling, estimating values): the policy holds exactly the updates of
+        # the iterations before resume_at, so this checkpoint resumes there
+        if saved_at != resume_at:
+            save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, resume_at, args)
+        print("interrupted; continue with --resume")
+        sys.exit(130)
+    finally:
+        metrics_file.close()
 
 
 if __name__ == "__main__":
