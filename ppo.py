@@ -149,7 +149,7 @@ def ppo_loss(
         loss/policy, loss/kl, loss/total;  loss/clipfrac: fraction of tokens where the clipped term is the larger one
         (its gradient is 0 there);  loss/approx_kl: k3 estimate of KL(pi_old || pi), mean of (ratio - 1) - log ratio,
         as cleanrl's approx_kl (http://joschu.net/blog/kl-approx.html);  ratio/mean (read by ratio_guard_exceeded);
-        ratio/max over response tokens.
+        ratio/max over response tokens;  kl/ref (only with a KL term): the KL estimate itself, L_kl / kl_coef.
     """
     shapes = {logprobs.shape, old_logprobs.shape, advantages.shape, mask.shape}
     assert len(shapes) == 1, f"all inputs must share one (B, T-1) shape, got {shapes}"
@@ -168,7 +168,7 @@ def ppo_loss(
     pg = torch.maximum(pg_unclipped, pg_clipped)  # (B, T-1) pessimistic bound; gradient 0 where the clip wins
     policy_loss = torch.where(mask, pg, 0.0).sum() / num_tokens  # prompt and padding tokens masked out
 
-    kl_loss = torch.zeros((), device=logprobs.device)
+    kl_loss, kl_ref = torch.zeros((), device=logprobs.device), None
     if ref_logprobs is not None and kl_coef != 0.0:
         assert ref_logprobs.shape == logprobs.shape, f"{ref_logprobs.shape=} != {logprobs.shape=}"
         ref_log_ratio = torch.where(mask, ref_logprobs.detach() - logprobs, 0.0)  # (B, T-1) log(pi_ref / pi)
@@ -177,25 +177,26 @@ def ppo_loss(
         ref_log_ratio = torch.clamp(ref_log_ratio, -20.0, 20.0)
         k3 = torch.exp(ref_log_ratio) - ref_log_ratio - 1.0  # (B, T-1) >= 0
         k3 = torch.clamp(k3, 0.0, 10.0)  # per-token clamp as the paper; gradient 0 above 10
-        kl_loss = kl_coef * torch.where(mask, k3, 0.0).sum() / num_seqs  # sum over tokens, mean over sequences
+        kl_ref = torch.where(mask, k3, 0.0).sum() / num_seqs  # KL(pi || pi_ref): sum over tokens, mean over sequences
+        kl_loss = kl_coef * kl_ref
     loss = policy_loss + kl_loss
 
     with torch.no_grad():
         clipped = (pg_clipped > pg_unclipped) & mask  # (B, T-1)
         approx_kl = (ratio - 1.0) - log_ratio  # (B, T-1) k3 estimator of KL(pi_old || pi)
-        values = torch.stack(
-            [
-                policy_loss.detach(),
-                kl_loss.detach(),
-                loss.detach(),
-                clipped.sum() / num_tokens,
-                torch.where(mask, approx_kl, 0.0).sum() / num_tokens,
-                torch.where(mask, ratio, 0.0).sum() / num_tokens,
-                torch.where(mask, ratio, 0.0).max(),  # ratios are positive, so the masked 0s never win
-            ]
-        ).tolist()  # one device sync for all stats
-    keys = ["loss/policy", "loss/kl", "loss/total", "loss/clipfrac", "loss/approx_kl", "ratio/mean", "ratio/max"]
-    return loss, dict(zip(keys, values))
+        stats = {
+            "loss/policy": policy_loss.detach(),
+            "loss/kl": kl_loss.detach(),
+            "loss/total": loss.detach(),
+            "loss/clipfrac": clipped.sum() / num_tokens,
+            "loss/approx_kl": torch.where(mask, approx_kl, 0.0).sum() / num_tokens,
+            "ratio/mean": torch.where(mask, ratio, 0.0).sum() / num_tokens,
+            "ratio/max": torch.where(mask, ratio, 0.0).max(),  # ratios are positive, so the masked 0s never win
+        }
+        if kl_ref is not None:
+            stats["kl/ref"] = kl_ref.detach()
+        values = torch.stack(list(stats.values())).tolist()  # one device sync for all stats
+    return loss, dict(zip(stats, values))
 
 
 def accumulate_stats(total: dict[str, float], stats: dict[str, float]) -> dict[str, float]:

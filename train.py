@@ -1,13 +1,13 @@
 """VinePPO training: the only script. Reads top to bottom as one iteration of the paper's loop.
 
+    python train.py --dataset arithmetic                  # the CPU demo: a tiny model, SFT then VinePPO, ~11 minutes
     python train.py --dataset gsm8k                       # the paper's GSM8K + RhoMath-1.1B recipe (one GPU)
-    python train.py --dataset arithmetic --model tiny     # a tiny model trained from scratch on a CPU (the demo)
     python train.py --help                                # every option, with its default
 
-One iteration (PAPER_NOTES.md §1.1, §8; DESIGN.md "one-way flow of data"):
-    sample prompts -> N answers each (rollout.sample) -> grade (reward.grade) -> split into steps (vine.split_steps)
-    -> Monte Carlo values of the step states (vine.estimate_values) -> step advantages -> PPO epochs (ppo.ppo_loss)
-    -> log, evaluate, checkpoint.
+One iteration (PAPER_NOTES.md §1.1, §8; DESIGN.md "one-way flow of data"), one function per phase:
+    sample_problems -> sample_and_grade (rollout.sample, reward.grade) -> vine_advantages (vine.split_steps,
+    vine.estimate_values, vine.step_advantages) -> ppo_update (ppo.ppo_loss) -> write_log -> evaluate, keep_best
+    -> save_checkpoint. main() at the bottom strings them together.
 
 Where this script departs from the paper's code:
 1. One process, one device, Hugging Face `generate`-free sampling (rollout.py) instead of vLLM servers. The MC
@@ -22,8 +22,13 @@ Where this script departs from the paper's code:
    So is `--sft-answer-only`, which cuts a fraction of those solutions to the bare answer line (the CPU demo).
 6. Mixed precision: float32 master weights with bf16 autocast on CUDA (the paper trains bf16 weights through DeepSpeed,
    which also keeps float32 master weights); float32 everywhere on CPU.
+7. The arithmetic defaults (DATASET_DEFAULTS) are ours, sized for a CPU; gsm8k and math use the paper's.
+
+Details that follow the official code exactly and are easy to get wrong (each has a test):
+- Validation Pass@1 is measured at every evaluation and the best policy kept in run_dir/best/ (PAPER_NOTES §4.5).
 """
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -46,13 +51,34 @@ import reward
 import rollout
 import vine
 
-# Per-dataset defaults for the options whose default is None below (the paper's values for gsm8k and math,
-# PAPER_NOTES.md §9; our own for the CPU demo on arithmetic). This is the one place they live.
+# Per-dataset defaults of the options whose default is None in Args: the paper's GSM8K and MATH recipes with
+# RhoMath-1.1B (PAPER_NOTES.md §3, §9) and, for arithmetic, the README's CPU demo (about 11 minutes on 2 cores).
+# This table is the one place they live; an option given on the command line overrides it.
+# fmt: off
 DATASET_DEFAULTS = {
-    "gsm8k": dict(model="realtreetune/rho-1b-sft-GSM8K", max_value_steps=25, lr=1e-6, num_iterations=650),
-    "math": dict(model="realtreetune/rho-1b-sft-MATH", max_value_steps=0, lr=1e-6, num_iterations=1000),
-    "arithmetic": dict(model="tiny", max_value_steps=25, lr=1e-6, num_iterations=650),
+    #                    gsm8k                            math                            arithmetic (CPU demo)
+    "model":            ("realtreetune/rho-1b-sft-GSM8K", "realtreetune/rho-1b-sft-MATH", "tiny"),
+    "num_iterations":   (650,                             1000,                           10),
+    "num_mc_rollouts":  (9,                               9,                              3),
+    "max_value_steps":  (25,                              0,                              25),
+    "max_new_tokens":   (1024,                            1024,                           64),
+    "max_length":       (2048,                            2048,                           160),
+    "lr":               (1e-6,                            1e-6,                           3e-5),
+    "micro_batch_size": (8,                               8,                              64),
+    "sft_steps":        (0,                               0,                              2600),
+    "sft_batch_size":   (64,                              64,                             32),
+    "sft_lr":           (1e-3,                            1e-3,                           2e-3),
+    "sft_answer_only":  (0.0,                             0.0,                            0.5),
+    "eval_every":       (10,                              10,                             5),
+    "eval_samples":     (16,                              16,                             4),
 }
+# fmt: on
+
+
+def per_dataset(name: str) -> str:
+    """The help text's last sentence for an option of DATASET_DEFAULTS, e.g. " Default: 650 (gsm8k), ..."."""
+    values = ", ".join(f"{value} ({dataset})" for dataset, value in zip(reward.DATASETS, DATASET_DEFAULTS[name]))
+    return f" Default: {values}."
 
 
 @dataclass
@@ -62,9 +88,8 @@ class Args:
     model: str = field(
         default=None,
         metadata={
-            "help": "A hub id, a local folder, or 'tiny' (a small Llama-style model and tokenizer built in-process). "
-            "Default: realtreetune/rho-1b-sft-GSM8K for gsm8k, realtreetune/rho-1b-sft-MATH for math, "
-            "tiny for arithmetic."
+            "help": "A hub id, a local folder with a Hugging Face model and tokenizer, or 'tiny' (a ~1M-parameter "
+            "Llama and tokenizer built in-process)." + per_dataset("model")
         },
     )
     data_dir: str = field(
@@ -82,25 +107,34 @@ class Args:
     )
     seed: int = field(default=2746318213, metadata={"help": "Seed of every random choice (the paper's APP_SEED)."})
     # the VinePPO iteration (PAPER_NOTES §9)
-    num_iterations: int = field(default=None, metadata={"help": "RL iterations. Default 650 (gsm8k), 1000 (math)."})
+    num_iterations: int = field(default=None, metadata={"help": "RL iterations." + per_dataset("num_iterations")})
     prompts_per_iteration: int = field(default=64, metadata={"help": "Problems sampled per iteration."})
     samples_per_prompt: int = field(
         default=8, metadata={"help": "Answers sampled per problem (episodes = prompts x samples)."}
     )
-    num_mc_rollouts: int = field(default=9, metadata={"help": "K: Monte Carlo continuations per state for its value."})
+    num_mc_rollouts: int = field(
+        default=None,
+        metadata={"help": "K: Monte Carlo continuations per state for its value." + per_dataset("num_mc_rollouts")},
+    )
     max_value_steps: int = field(
         default=None,
         metadata={
-            "help": "Value at most this many step states after the prompt (0: all). Default 25 (gsm8k), 0 (math)."
+            "help": "Value at most this many step states after the prompt (0: all)." + per_dataset("max_value_steps")
         },
     )
     temperature: float = field(
         default=0.6, metadata={"help": "Sampling temperature for answers, MC rollouts and trainer logprobs."}
     )
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold for answers and MC rollouts."})
-    max_new_tokens: int = field(default=1024, metadata={"help": "Most tokens in one answer or continuation."})
+    max_new_tokens: int = field(
+        default=None, metadata={"help": "Most tokens in one answer or continuation." + per_dataset("max_new_tokens")}
+    )
     max_length: int = field(
-        default=2048, metadata={"help": "Most tokens in prompt + response; longer answers are unfinished."}
+        default=None,
+        metadata={
+            "help": "Most tokens in prompt + response (+ EOS); longer answers are unfinished."
+            + per_dataset("max_length")
+        },
     )
     max_prompt_length: int = field(default=1512, metadata={"help": "Problems with longer prompts are dropped."})
     # PPO (PAPER_NOTES §3)
@@ -109,9 +143,13 @@ class Args:
         default=64, metadata={"help": "Episodes per optimizer step (advantages are whitened over it)."}
     )
     micro_batch_size: int = field(
-        default=8, metadata={"help": "Episodes per forward pass (gradient accumulation); memory only."}
+        default=None,
+        metadata={
+            "help": "Episodes per forward pass (gradient accumulation); memory only, results do not change."
+            + per_dataset("micro_batch_size")
+        },
     )
-    lr: float = field(default=None, metadata={"help": "AdamW learning rate. Default 1e-6 (the paper)."})
+    lr: float = field(default=None, metadata={"help": "AdamW learning rate." + per_dataset("lr")})
     warmup_ratio: float = field(
         default=0.03, metadata={"help": "Fraction of optimizer steps in the log-shaped warmup."}
     )
@@ -122,25 +160,41 @@ class Args:
     )
     # supervised warm-up (ours, for models that start from scratch)
     sft_steps: int = field(
-        default=0, metadata={"help": "Supervised steps on the training split's gold solutions before RL."}
+        default=None,
+        metadata={
+            "help": "Supervised steps on the training split's gold solutions before RL." + per_dataset("sft_steps")
+        },
     )
     sft_lr: float = field(
-        default=1e-3, metadata={"help": "AdamW learning rate of the supervised warm-up (cosine decay)."}
+        default=None,
+        metadata={"help": "AdamW learning rate of the supervised warm-up (cosine decay)." + per_dataset("sft_lr")},
     )
-    sft_batch_size: int = field(default=64, metadata={"help": "Gold solutions per supervised step."})
+    sft_batch_size: int = field(
+        default=None, metadata={"help": "Gold solutions per supervised step." + per_dataset("sft_batch_size")}
+    )
     sft_answer_only: float = field(
-        default=0.0,
+        default=None,
         metadata={
             "help": "Fraction of supervised examples whose working is cut, leaving only the final answer line "
-            "(a mixed SFT set; the CPU demo uses 0.5)."
+            "(a mixed SFT set)." + per_dataset("sft_answer_only")
         },
     )
     # evaluation, logging, checkpoints
     eval_every: int = field(
-        default=10, metadata={"help": "Evaluate every this many iterations (0: only at the start and end)."}
+        default=None,
+        metadata={
+            "help": "Evaluate (test and validation) every this many iterations, before the update, and after the "
+            "last one; keep the policy with the best validation Pass@1 in run_dir/best (0: never)."
+            + per_dataset("eval_every")
+        },
     )
-    eval_problems: int = field(default=500, metadata={"help": "Test problems per evaluation (0: all)."})
-    eval_samples: int = field(default=16, metadata={"help": "Samples per test problem for Pass@1 (the paper: 16)."})
+    eval_problems: int = field(
+        default=0, metadata={"help": "Test and validation problems per evaluation (0: all, as the paper)."}
+    )
+    eval_samples: int = field(
+        default=None,
+        metadata={"help": "Samples per problem for Pass@1 (the paper: 16)." + per_dataset("eval_samples")},
+    )
     eval_temperature: float = field(default=0.35, metadata={"help": "Sampling temperature of the Pass@1 evaluation."})
     save_every: int = field(
         default=10, metadata={"help": "Checkpoint every this many iterations (and at the end, and on Ctrl-C)."}
@@ -166,14 +220,23 @@ class Args:
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help adds "(default: X)" to every option whose default is not None; a None default is filled in later (per
+    data set, or from the machine) and the option's own help says how."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     """Parse the command line, fill the per-dataset defaults and check the values."""
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
-    if args.dataset not in DATASET_DEFAULTS:
-        raise SystemExit(f"error: unknown dataset {args.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
-    for name, value in DATASET_DEFAULTS[args.dataset].items():
+    (args,) = HfArgumentParser(Args, formatter_class=HelpFormatter).parse_args_into_dataclasses(args=argv)
+    if args.dataset not in reward.DATASETS:
+        raise SystemExit(f"error: unknown dataset {args.dataset!r}; choose one of {', '.join(reward.DATASETS)}")
+    column = reward.DATASETS.index(args.dataset)
+    for name, values in DATASET_DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, value)
+            setattr(args, name, values[column])
     args.run_dir = args.run_dir or os.path.join("runs", args.dataset)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not 0.0 <= args.sft_answer_only <= 1.0:
@@ -388,16 +451,17 @@ def grade_all(tokenizer, rollouts: rollout.Rollouts, answers: list[str], dataset
     ]
 
 
-def evaluate(model, tokenizer, problems: list[dict], args: Args, iteration: int) -> dict:
-    """Test Pass@1 as the paper measures it (mean accuracy of eval_samples samples at T=0.35, §4.5), and greedy
-    accuracy."""
-    prompts = [encode_prompt(tokenizer, p["question"], args.dataset) for p in problems]
+def evaluate(model, tokenizer, test_problems: list[dict], val_problems: list[dict], args: Args, iteration: int) -> dict:
+    """Pass@1 as the paper measures it (§4.5): the mean accuracy of eval_samples answers per problem at T = 0.35, on
+    the test and the validation problems; and the accuracy of the greedy answer to each test problem."""
     generator = torch.Generator().manual_seed(args.seed + 1_000_003 * (iteration + 1))
     metrics = {}
-    for name, num_samples, temperature in [
-        ("eval/pass1", args.eval_samples, args.eval_temperature),
-        ("eval/greedy", 1, 0.0),
+    for name, problems, num_samples, temperature in [
+        ("eval/pass1", test_problems, args.eval_samples, args.eval_temperature),
+        ("eval/greedy", test_problems, 1, 0.0),
+        ("eval/val_pass1", val_problems, args.eval_samples, args.eval_temperature),
     ]:
+        prompts = [encode_prompt(tokenizer, p["question"], args.dataset) for p in problems]
         outs = sample_answers(
             model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, generator=generator, args=args
         )
@@ -406,29 +470,60 @@ def evaluate(model, tokenizer, problems: list[dict], args: Args, iteration: int)
     return metrics
 
 
+def keep_best(metrics: dict, best_val: float, policy, tokenizer, iteration: int, args: Args) -> float:
+    """Save the policy to run_dir/best/ when its validation Pass@1 beats every earlier evaluation of the run (the
+    paper reports the checkpoint with the best validation accuracy, §4.5); returns the best value so far."""
+    if metrics["eval/val_pass1"] <= best_val:
+        return best_val
+    best_dir = os.path.join(args.run_dir, "best")
+    save_folder(best_dir, policy, tokenizer, {"best.json": {"iteration": iteration, **metrics}})
+    print(f"saved {best_dir} (validation Pass@1 {metrics['eval/val_pass1']:.4f}, iteration {iteration})")
+    return metrics["eval/val_pass1"]
+
+
+def evaluate_and_keep_best(policy, tokenizer, val_problems, test_problems, iteration, best_val, args) -> tuple:
+    """The evaluation phase: evaluate, keep the best policy, time it. Returns (metrics, best validation Pass@1)."""
+    start = time.time()
+    metrics = evaluate(policy, tokenizer, test_problems, val_problems, args, iteration)
+    best_val = keep_best(metrics, best_val, policy, tokenizer, iteration, args)
+    metrics["time/eval"] = time.time() - start
+    return metrics, best_val
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints: save_pretrained (loadable by transformers and vLLM) + optimizer, scheduler, RNG, iteration; atomic
 
 
-def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, next_iteration: int, args: Args) -> None:
-    """Write everything to `path`.tmp, then swap it in with renames, so a crash never leaves half a checkpoint."""
+def save_folder(path: str, model, tokenizer, files: dict) -> None:
+    """The model and tokenizer (save_pretrained) and `files` (name -> object, written with json for .json names and
+    torch.save otherwise) go to path.tmp, which then replaces path by renames: a crash never leaves half a folder."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    state = dict(
-        optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(),
-        next_iteration=next_iteration,
-        rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
-    )
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "run_args.json"), "w") as f:  # small, so check_run_dir need not load the optimizer
-        json.dump(dataclasses.asdict(args), f, indent=1)
+    for name, obj in files.items():
+        if name.endswith(".json"):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1)
+        else:
+            torch.save(obj, os.path.join(tmp, name))
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, args, next_iteration: int, best_val: float):
+    """A checkpoint that --resume continues exactly: the model, optimizer, scheduler and RNG states, the iteration to
+    continue at and the best validation Pass@1 so far. run_args.json is small: check_run_dir reads only it."""
+    state = dict(
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
+        next_iteration=next_iteration,
+        best_val_pass1=best_val,
+    )
+    save_folder(path, model, tokenizer, {"trainer_state.pt": state, "run_args.json": dataclasses.asdict(args)})
     print(f"saved {path} (next iteration {next_iteration})")
 
 
@@ -455,6 +550,11 @@ def check_run_dir(args: Args) -> None:
             f"error: {args.run_dir} was started with other settings ({', '.join(changed)}); "
             "resume with the same options or choose another --run-dir"
         )
+
+
+def is_checkpoint_iteration(iteration: int, args: Args) -> bool:
+    """Checkpoint after every save_every-th iteration and after the last one."""
+    return iteration + 1 == args.num_iterations or bool(args.save_every and (iteration + 1) % args.save_every == 0)
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -653,7 +753,7 @@ def write_log(log: dict, episodes: list[Episode], rollouts: rollout.Rollouts, sc
         {
             "reward/mean": float(np.mean([e.reward for e in episodes])),
             "response/length": float(np.mean([len(ids) for ids in rollouts.response_ids])),
-            "response/unfinished": 1.0 - float(np.mean(rollouts.finished)),
+            "response/unfinished": 1.0 - float(np.mean([e.finished for e in episodes])),
             "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])),
             "lr": scheduler.get_last_lr()[0],
         }
@@ -676,14 +776,14 @@ def format_log(log: dict) -> str:
 # Setup: data, models, optimizer, resume
 
 
-def load_data(args: Args) -> tuple[list[dict], list[dict]]:
-    """The train and test problems, with a one-line error for a missing file, a bad row or an unreachable hub."""
+def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
+    """Train, validation and test problems (the last two cut to eval_problems), with a one-line error for a missing
+    file, a bad row or an unreachable hub."""
     try:
-        train_problems = reward.load_problems(args.dataset, "train", args.data_dir)
-        test_problems = reward.load_problems(args.dataset, "test", args.data_dir)
+        splits = [reward.load_problems(args.dataset, split, args.data_dir) for split in ("train", "validation", "test")]
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    return train_problems, test_problems[: args.eval_problems or None]
+    return splits[0], splits[1][: args.eval_problems or None], splits[2][: args.eval_problems or None]
 
 
 def load_models(args: Args, train_problems: list[dict]):
@@ -701,8 +801,7 @@ def load_models(args: Args, train_problems: list[dict]):
             policy, tokenizer = load_model(args.model, args.device)
         if args.sft_steps:
             sft(policy, tokenizer, train_problems, args)
-        policy.save_pretrained(init_dir)
-        tokenizer.save_pretrained(init_dir)
+        save_folder(init_dir, policy, tokenizer, {})
     start = init_dir if made_here else args.model
     policy, tokenizer = load_model(os.path.join(args.run_dir, "checkpoint") if args.resume else start, args.device)
     if args.device.startswith("cuda") and args.gradient_checkpointing:
@@ -729,8 +828,9 @@ def make_optimizer(policy, args: Args):
     return optimizer, scheduler
 
 
-def restore_trainer_state(path: str, optimizer, scheduler) -> int:
-    """Load optimizer, scheduler and RNG states from a checkpoint; returns the iteration to continue at."""
+def restore_trainer_state(path: str, optimizer, scheduler) -> tuple[int, float]:
+    """Load optimizer, scheduler and RNG states from a checkpoint; returns the iteration to continue at and the best
+    validation Pass@1 so far."""
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -738,7 +838,17 @@ def restore_trainer_state(path: str, optimizer, scheduler) -> int:
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     print(f"resumed from {path} at iteration {state['next_iteration']}")
-    return state["next_iteration"]
+    return state["next_iteration"], state.get("best_val_pass1", -1.0)
+
+
+def print_where_results_went(args: Args, best_val: float) -> None:
+    """The last lines of a run: its files, and the command that draws its curves."""
+    print(f"metrics:    {os.path.join(args.run_dir, 'metrics.jsonl')}")
+    print(f"checkpoint: {os.path.join(args.run_dir, 'checkpoint')}")
+    if best_val >= 0:
+        print(f"best:       {os.path.join(args.run_dir, 'best')} (validation Pass@1 {best_val:.4f})")
+    curves = os.path.join(args.run_dir, "curves.png")
+    print(f"curves:     python benchmarks/plot_metrics.py {args.run_dir}   (writes {curves}; needs matplotlib)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -755,11 +865,11 @@ def main(argv: list[str] | None = None) -> None:
     check_run_dir(args)
     os.makedirs(args.run_dir, exist_ok=True)
     print(json.dumps(dataclasses.asdict(args), indent=1))
-    train_problems, test_problems = load_data(args)
+    train_problems, val_problems, test_problems = load_data(args)
     policy, reference, tokenizer = load_models(args, train_problems)
     optimizer, scheduler = make_optimizer(policy, args)
     checkpoint = os.path.join(args.run_dir, "checkpoint")
-    start_iteration = restore_trainer_state(checkpoint, optimizer, scheduler) if args.resume else 0
+    start_iteration, best_val = restore_trainer_state(checkpoint, optimizer, scheduler) if args.resume else (0, -1.0)
     if args.wandb:
         import wandb
 
@@ -772,11 +882,13 @@ def main(argv: list[str] | None = None) -> None:
             log = {"iteration": iteration}
             # one generator per iteration, so that a resumed run draws exactly what an uninterrupted one does
             generator = torch.Generator().manual_seed(args.seed + iteration)
-            timer = time.time()
             if args.eval_every and iteration % args.eval_every == 0:  # before the update: iteration 0 is the start
-                log.update(evaluate(policy, tokenizer, test_problems, args, iteration))
-                log["time/eval"], timer = time.time() - timer, time.time()
+                metrics, best_val = evaluate_and_keep_best(
+                    policy, tokenizer, val_problems, test_problems, iteration, best_val, args
+                )
+                log.update(metrics)
             # -------- sample answers and grade them
+            timer = time.time()
             problems = sample_problems(train_problems, tokenizer, iteration, args)
             rollouts, rewards = sample_and_grade(policy, tokenizer, problems, generator, args)
             log["time/sample"], timer = time.time() - timer, time.time()
@@ -786,40 +898,33 @@ def main(argv: list[str] | None = None) -> None:
             log["time/values"], timer = time.time() - timer, time.time()
             # -------- PPO update, log, checkpoint; Ctrl-C waits until the block ends (no checkpoint of half an update)
             with deferred_interrupt() as interrupted:
-                log.update(
-                    ppo_update(
-                        policy, reference, optimizer, scheduler, episodes, tokenizer.pad_token_id, generator, args
-                    )
-                )
+                pad_id = tokenizer.pad_token_id
+                log.update(ppo_update(policy, reference, optimizer, scheduler, episodes, pad_id, generator, args))
                 resume_at = iteration + 1
                 log["time/train"] = time.time() - timer
                 write_log(log, episodes, rollouts, scheduler, metrics_file, args)
                 done = iteration + 1 - start_iteration
-                if (
-                    interrupted
-                    or done == args.stop_after
-                    or iteration + 1 == args.num_iterations
-                    or (args.save_every and (iteration + 1) % args.save_every == 0)
-                ):
-                    save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, resume_at, args)
+                if interrupted or done == args.stop_after or is_checkpoint_iteration(iteration, args):
+                    save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, args, resume_at, best_val)
                     saved_at = resume_at
             if interrupted:
                 print("interrupted; continue with --resume")
                 sys.exit(130)
             if done == args.stop_after:
                 return
-        if args.eval_every or args.num_iterations == start_iteration:
-            final = {
-                "iteration": args.num_iterations,
-                **evaluate(policy, tokenizer, test_problems, args, args.num_iterations),
-            }
+        if args.eval_every:  # -------- evaluate the final policy
+            final, best_val = evaluate_and_keep_best(
+                policy, tokenizer, val_problems, test_problems, args.num_iterations, best_val, args
+            )
+            final = {"iteration": args.num_iterations, **final}
             print(format_log(final))
             metrics_file.write(json.dumps(final) + "\n")
+        print_where_results_went(args, best_val)
     except KeyboardInterrupt:
         # Ctrl-C outside an update (evaluating, sampling, estimating values): the policy holds exactly the updates of
         # the iterations before resume_at, so this checkpoint resumes there
         if saved_at != resume_at:
-            save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, resume_at, args)
+            save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, args, resume_at, best_val)
         print("interrupted; continue with --resume")
         sys.exit(130)
     finally:

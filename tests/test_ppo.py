@@ -194,6 +194,7 @@ def test_kl_term_zero_at_reference_hand_value_and_clamp():
     loss, stats = ppo_loss(logprobs, logprobs.detach(), zeros, mask, clip_eps=0.2, ref_logprobs=ref, kl_coef=0.5)
     expected = 0.5 * ((math.e - 2) + math.exp(-1) + 10.0) / 2
     assert loss.item() == pytest.approx(expected, abs=1e-5) and stats["loss/kl"] == pytest.approx(expected, abs=1e-5)
+    assert stats["kl/ref"] == pytest.approx(expected / 0.5, abs=1e-5)  # the KL itself, without kl_coef
     loss.backward()
     # d k3 / d logp = 1 - exp(d): pulls logp toward ref; zero where clamped or masked.
     expected_grad = 0.5 / 2 * torch.tensor([[1 - math.e, 1 - math.exp(-1)], [0.0, 0.0]])

@@ -1,5 +1,6 @@
 """End-to-end tests of train.py: a smoke run, exact resume, and the error messages a user sees."""
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = (
     "--dataset arithmetic --prompts_per_iteration 2 --samples_per_prompt 2 --num_mc_rollouts 2 --max_new_tokens 48 "
     "--max_length 160 --minibatch_size 2 --micro_batch_size 1 --lr 1e-3 --eval_every 0 --eval_problems 2 "
-    "--eval_samples 2 --threads 2"
+    "--eval_samples 2 --sft_steps 0 --threads 2"
+).split()
+# The README's CPU demo as measured before it became the arithmetic defaults (its --eval-problems 500 is all of the
+# arithmetic test and validation splits, which the default 0 also means).
+DEMO = (
+    "--dataset arithmetic --model tiny --sft-steps 2600 --sft-batch-size 32 --sft-lr 2e-3 --sft-answer-only 0.5 "
+    "--num-iterations 10 --prompts-per-iteration 64 --num-mc-rollouts 3 --max-new-tokens 64 --max-length 160 "
+    "--lr 3e-5 --eval-every 5 --eval-samples 4 --micro-batch-size 64"
 ).split()
 
 
@@ -69,7 +77,11 @@ def test_smoke_run_trains_and_saves_a_loadable_checkpoint(tmp_path, sft_model, p
     assert [r["iteration"] for r in rows] == [0, 1, 2]  # two iterations, then the final evaluation
     assert all(math.isfinite(r["loss/policy"]) and math.isfinite(r["grad_norm"]) for r in rows[:2])
     assert any(r["advantages/zero_frac"] < 1.0 for r in rows[:2]), "the stand-in reward should give some signal"
-    assert 0.0 <= rows[-1]["eval/pass1"] <= 1.0
+    assert 0.0 <= rows[-1]["eval/pass1"] <= 1.0 and all("eval/val_pass1" in r for r in rows)
+    best = json.loads((tmp_path / "best" / "best.json").read_text())  # the first evaluation with the best val Pass@1
+    vals = [r["eval/val_pass1"] for r in rows]
+    assert best["eval/val_pass1"] == max(vals) and best["iteration"] == vals.index(max(vals))
+    AutoModelForCausalLM.from_pretrained(tmp_path / "best")
     init = AutoModelForCausalLM.from_pretrained(sft_model)
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
     assert not all(torch.equal(a, b) for a, b in zip(init.parameters(), trained.parameters())), "nothing was trained"
@@ -102,13 +114,19 @@ def test_lr_schedule_warms_up_log_shaped_then_decays_linearly_to_zero():
     assert lr(3) == 1.0 and lr(10) == 0.0 and lr(5) == pytest.approx(5 / 7)
 
 
-def test_refuses_a_run_dir_that_holds_another_runs_checkpoint(tmp_path, sft_model):
-    argv = TINY + ["--model", str(sft_model), "--num_iterations", "1", "--run_dir", str(tmp_path)]
-    train.main(argv)
-    with pytest.raises(SystemExit, match="another run's checkpoint"):
-        train.main(argv)
-    with pytest.raises(SystemExit, match="other settings.*num_mc_rollouts"):
-        train.main(argv + ["--resume", "--num_mc_rollouts", "3"])
+def test_arithmetic_defaults_are_the_measured_cpu_demo():
+    assert train.parse_args(["--dataset", "arithmetic"]) == train.parse_args(DEMO)
+
+
+def test_per_dataset_defaults_fill_only_what_the_command_line_leaves_out():
+    fields = {f.name: f for f in dataclasses.fields(train.Args)}
+    for name, values in train.DATASET_DEFAULTS.items():
+        assert fields[name].default is None, f"{name} has a per-dataset default, so its Args default must be None"
+        for dataset, value in zip(reward.DATASETS, values):
+            assert f"{value} ({dataset})" in fields[name].metadata["help"]  # --help lists it
+            assert getattr(train.parse_args(["--dataset", dataset]), name) == value
+    args = train.parse_args(["--dataset", "gsm8k", "--lr", "3e-6", "--eval-every", "0"])
+    assert (args.lr, args.eval_every, args.num_iterations, args.eval_problems) == (3e-6, 0, 650, 0)
 
 
 def run_cli(*argv, tmp_path) -> subprocess.CompletedProcess:
@@ -147,10 +165,10 @@ def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_that_resumes_where_the_policy_is(tmp_path, sft_model, monkeypatch, interrupt_at):
     """Ctrl-C in the evaluation before iteration 0 (no update yet) or in the final one (after iteration 0's update)."""
 
-    def evaluate(model, tokenizer, problems, args, iteration):
+    def evaluate(model, tokenizer, test_problems, val_problems, args, iteration):
         if iteration == interrupt_at:
             raise KeyboardInterrupt
-        return {}
+        return {"eval/val_pass1": 0.0}
 
     monkeypatch.setattr(train, "evaluate", evaluate)
     with pytest.raises(SystemExit) as stopped:
@@ -160,6 +178,23 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_where_the_policy_is(tmp_path, sf
     assert stopped.value.code == 130
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["next_iteration"] == interrupt_at
+
+
+def test_best_keeps_the_policy_with_the_highest_validation_pass1_across_resume(tmp_path, sft_model, monkeypatch):
+    val = {0: 0.2, 1: 0.5, 2: 0.3}  # iteration -> validation Pass@1; iteration 2 is the final evaluation
+    monkeypatch.setattr(train, "evaluate", lambda *a: {"eval/pass1": 0.0, "eval/val_pass1": val[a[-1]]})
+    argv = TINY + ["--model", str(sft_model), "--num_iterations", "2", "--eval_every", "1", "--run_dir", str(tmp_path)]
+    train.main(argv + ["--stop_after", "1"])
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["iteration"] == 0
+    train.main(argv + ["--resume"])
+    assert json.loads((tmp_path / "best" / "best.json").read_text()) == {
+        "iteration": 1,
+        "eval/pass1": 0.0,
+        "eval/val_pass1": 0.5,
+    }
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["best_val_pass1"] == 0.5
 
 
 def test_sft_answer_only_cuts_a_seeded_fraction_of_solutions_to_the_answer_line():
