@@ -14,17 +14,17 @@ Where this script departs from the paper's code:
    rollouts and the answers come from the same policy snapshot, as in the paper (pitfall 1).
 2. The ratio guard (skip a minibatch whose mean ratio exceeds 10) is applied to the whole minibatch after all its
    micro-batches, by skipping the optimizer step; the paper zeroes the loss of the (micro)batch.
-3. Warmup is DeepSpeed's log-shaped warmup followed by linear decay to 0 (PAPER_NOTES §3); we compute it with a
-   LambdaLR rather than DeepSpeed.
-4. Every sampled answer is an episode, so an iteration always has prompts x samples of them; the paper fills or
+3. Every sampled answer is an episode, so an iteration always has prompts x samples of them; the paper fills or
    subsamples to exactly 512 episodes when some fail to parse.
-5. `--sft-steps` (a supervised warm-up on the gold solutions) is ours: the paper starts from released SFT checkpoints.
+4. `--sft-steps` (a supervised warm-up on the gold solutions) is ours: the paper starts from released SFT checkpoints.
    So is `--sft-answer-only`, which cuts a fraction of those solutions to the bare answer line (the CPU demo).
-6. Mixed precision: float32 master weights with bf16 autocast on CUDA (the paper trains bf16 weights through DeepSpeed,
+5. Mixed precision: float32 master weights with bf16 autocast on CUDA (the paper trains bf16 weights through DeepSpeed,
    which also keeps float32 master weights); float32 everywhere on CPU.
-7. The arithmetic defaults (DATASET_DEFAULTS) are ours, sized for a CPU; gsm8k and math use the paper's.
+6. The arithmetic defaults (DATASET_DEFAULTS) are ours, sized for a CPU; gsm8k and math use the paper's.
 
 Details that follow the official code exactly and are easy to get wrong (each has a test):
+- The LR schedule is DeepSpeed 0.14.1's WarmupDecayLR as its engine drives it (lr_lambda): log(i + 1) / log(W), and
+  optimizer step s runs at the schedule's value for s - 1, the first step at the peak rate.
 - Validation Pass@1 is measured at every evaluation and the best policy kept in run_dir/best/ (PAPER_NOTES §4.5).
 """
 
@@ -558,10 +558,21 @@ def is_checkpoint_iteration(iteration: int, args: Args) -> bool:
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """DeepSpeed WarmupDecayLR as the paper uses it (PAPER_NOTES §3): log-shaped warmup, then linear decay to 0."""
-    if step < warmup_steps:
-        return math.log(step + 1) / math.log(warmup_steps + 1)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    """LR multiplier of optimizer step `step` (0-based) under DeepSpeed's WarmupDecayLR as the paper ran it
+    (PAPER_NOTES §3; deepspeed/runtime/lr_schedules.py of DeepSpeed 0.14.1, the official code's pin):
+
+        gamma(i) = log(i + 1) / log(W)                  for i < W, with W = max(2, warmup_steps)   (log warmup)
+        gamma(i) = max(0, (T - i) / max(1, T - W))      for i >= W, T = total_steps                (linear decay)
+
+    DeepSpeed's engine steps its scheduler after the optimizer, so optimizer step s runs at gamma(s - 1), and step 0
+    runs at the optimizer's own learning rate, which the official config sets to the peak (DeepSpeed only started
+    setting the first rate from the schedule in version 0.16)."""
+    if step == 0:
+        return 1.0
+    i, w = step - 1, max(2, warmup_steps)
+    if i < w:
+        return math.log(i + 1) / math.log(w)
+    return max(0.0, (total_steps - i) / max(1, total_steps - w))
 
 
 @contextlib.contextmanager

@@ -104,14 +104,18 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, sft_mod
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
-def test_lr_schedule_warms_up_log_shaped_then_decays_linearly_to_zero():
-    lr = lambda s: train.lr_lambda(s, warmup_steps=3, total_steps=10)  # noqa: E731
-    assert (
-        lr(0) == 0.0
-        and lr(1) == pytest.approx(math.log(2) / math.log(4))
-        and lr(2) == pytest.approx(math.log(3) / math.log(4))
-    )
-    assert lr(3) == 1.0 and lr(10) == 0.0 and lr(5) == pytest.approx(5 / 7)
+def test_lr_schedule_is_deepspeeds_warmup_decay_as_its_engine_steps_it():
+    """DeepSpeed 0.14.1 WarmupDecayLR, W = 4 warmup steps, T = 20: gamma(i) = log(i + 1) / log(4) for i < 4, then
+    (20 - i) / 16; optimizer step s runs at gamma(s - 1) and step 0 at the optimizer's own (peak) rate."""
+    lr = lambda s: train.lr_lambda(s, warmup_steps=4, total_steps=20)  # noqa: E731
+    assert lr(0) == 1.0  # before the engine's first scheduler step
+    assert lr(1) == 0.0  # gamma(0) = log(1) / log(4)
+    assert lr(2) == pytest.approx(0.5) and lr(3) == pytest.approx(math.log(3) / math.log(4))  # log(2) / log(4)
+    assert lr(4) == pytest.approx(1.0) and lr(5) == 1.0  # gamma(3) = log(4) / log(4); gamma(4) = 16 / 16
+    assert lr(6) == pytest.approx(15 / 16) and lr(20) == pytest.approx(1 / 16) and lr(21) == 0.0 and lr(30) == 0.0
+    # DeepSpeed raises W to 2 so that log(W) > 0: with W = 0 or 1 the second step runs at 0, the third at the peak
+    for w in (0, 1):
+        assert [train.lr_lambda(s, warmup_steps=w, total_steps=10) for s in range(4)] == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_arithmetic_defaults_are_the_measured_cpu_demo():
