@@ -26,9 +26,9 @@ Departures from the paper's code (ppo_trainer.py):
    lengths vary.
 2. Whitening is meant to be applied once over the whole minibatch (pitfall 6), which matches the paper's multi-GPU runs
    (statistics all-reduced over GPUs) and not its gradient-accumulation path (statistics per micro-batch).
-3. The ratio guard is judged on the mean ratio of the whole minibatch. The paper multiplies the loss by 0, which still
-   lets AdamW take a step on its momentum with a zero gradient; train.py skips the optimizer step instead. We have not
-   checked whether the paper's guard looks at a device's micro-batch or the global minibatch.
+3. The ratio guard is judged on the mean ratio of the whole minibatch. The paper judges each device's micro-batch
+   (PPOTrainer._compute_actor_loss) and multiplies its loss by 0, which still lets AdamW take a step on its momentum
+   with a zero gradient; train.py skips the optimizer step instead (train.py departure 2 says why).
 4. token_logprobs returns 0 at positions whose predicted token is padding, so an unmasked pad can never give a
    non-finite ratio. The paper masks them with labels -100 instead; the result under the response mask is the same.
 """

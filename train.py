@@ -12,8 +12,11 @@ One iteration (PAPER_NOTES.md §1.1, §8; DESIGN.md "one-way flow of data"), one
 Where this script departs from the paper's code:
 1. One process, one device, Hugging Face `generate`-free sampling (rollout.py) instead of vLLM servers. The MC
    rollouts and the answers come from the same policy snapshot, as in the paper (pitfall 1).
-2. The ratio guard (skip a minibatch whose mean ratio exceeds 10) is applied to the whole minibatch after all its
-   micro-batches, by skipping the optimizer step; the paper zeroes the loss of the (micro)batch.
+2. The ratio guard (mean ratio > 10) judges the whole minibatch after all its micro-batches and then skips the
+   optimizer step. The official code judges each device's micro-batch, multiplies its loss by 0 and still steps
+   AdamW, which then moves the weights on its momentum alone. Judging the whole minibatch keeps --micro-batch-size a
+   memory setting that never changes results, and a skipped step cannot move the weights. The LR schedule advances
+   either way, as in the official code.
 3. Every sampled answer is an episode, so an iteration always has prompts x samples of them; the paper fills or
    subsamples to exactly 512 episodes when some fail to parse.
 4. `--sft-steps` (a supervised warm-up on the gold solutions) is ours: the paper starts from released SFT checkpoints.
@@ -734,6 +737,7 @@ def ppo_update(policy, reference, optimizer, scheduler, episodes: list[Episode],
             )
             if ppo.ratio_guard_exceeded(stats):  # the paper's guard: skip a minibatch whose mean ratio > 10
                 optimizer.zero_grad(set_to_none=True)
+                scheduler.step()  # the schedule still advances, as in the paper (departure 2)
                 skipped += 1
                 continue
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))

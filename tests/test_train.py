@@ -14,8 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import ppo
 import reward
 import train
+from conftest import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,6 +133,31 @@ def test_per_dataset_defaults_fill_only_what_the_command_line_leaves_out():
             assert getattr(train.parse_args(["--dataset", dataset]), name) == value
     args = train.parse_args(["--dataset", "gsm8k", "--lr", "3e-6", "--eval-every", "0"])
     assert (args.lr, args.eval_every, args.num_iterations, args.eval_problems) == (3e-6, 0, 650, 0)
+
+
+def tiny_episodes(tokenizer, num: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    prompt = train.encode_prompt(tokenizer, "Tom has 3 pens.", "arithmetic")
+    episodes = []
+    for _ in range(num):
+        response = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randint(2, 6))]
+        advantages = [rng.uniform(-1, 1) for _ in response]
+        episodes.append(train.Episode(prompt, response, False, 0.0, advantages))
+    return episodes
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_a_minibatch_the_ratio_guard_skips_moves_no_weight_but_advances_the_schedule(tokenizer, monkeypatch):
+    args = train.parse_args(["--dataset", "arithmetic", "--minibatch_size", "2", "--micro_batch_size", "1"])
+    model = make_model("llama", len(tokenizer))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer, scheduler = train.make_optimizer(model, args)
+    monkeypatch.setattr(ppo, "ratio_guard_exceeded", lambda stats: True)
+    stats = train.ppo_update(model, None, optimizer, scheduler, tiny_episodes(tokenizer, 4), 0, torch.Generator(), args)
+    assert stats["ppo/skipped_minibatches"] == 4  # 2 epochs x 2 minibatches
+    assert scheduler.last_epoch == 4, "the schedule counts skipped minibatches, as the paper's engine does"
+    assert not optimizer.state, "AdamW never stepped"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def run_cli(*argv, tmp_path) -> subprocess.CompletedProcess:
