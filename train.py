@@ -28,6 +28,8 @@ Where this script departs from the paper's code:
 Details that follow the official code exactly and are easy to get wrong (each has a test):
 - The LR schedule is DeepSpeed 0.14.1's WarmupDecayLR as its engine drives it (lr_lambda): log(i + 1) / log(W), and
   optimizer step s runs at the schedule's value for s - 1, the first step at the peak rate.
+- An answer or MC continuation may have max_length - 1 - (prefix length) tokens, so that prefix + tokens + EOS fit
+  in max_length (the official 2047 for 2048).
 - Validation Pass@1 is measured at every evaluation and the best policy kept in run_dir/best/ (PAPER_NOTES §4.5).
 """
 
@@ -440,7 +442,7 @@ def sample_answers(
             generator=generator,
             stop_strings=reward.STOP_STRINGS,
             tokenizer=tokenizer,
-            max_length=args.max_length,
+            max_length=args.max_length - 1,  # room for the EOS of a finished answer: the official max_length - 1 - P
             show_progress=True,
             max_batch_tokens=args.max_batch_tokens,
         )
@@ -649,7 +651,7 @@ def vine_advantages(
             num_mc_rollouts=args.num_mc_rollouts,
             max_value_steps=args.max_value_steps or None,
             max_new_tokens=args.max_new_tokens,
-            max_length=args.max_length,
+            max_length=args.max_length - 1,  # the same budget as the answers (sample_answers)
             temperature=args.temperature,
             top_p=args.top_p,
             eos_token_id=tokenizer.eos_token_id,

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import ppo
 import reward
+import rollout
 import train
 from conftest import make_model
 
@@ -158,6 +159,30 @@ def test_a_minibatch_the_ratio_guard_skips_moves_no_weight_but_advances_the_sche
     assert scheduler.last_epoch == 4, "the schedule counts skipped minibatches, as the paper's engine does"
     assert not optimizer.state, "AdamW never stepped"
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_answers_and_continuations_leave_room_for_eos_within_max_length(tokenizer, monkeypatch):
+    """The official budget is max_length - 1 - prefix length tokens (2047 - P for max_length 2048), for the answers
+    and for the MC continuations of their step states."""
+    prompt = train.encode_prompt(tokenizer, "Natalia sold clips.", "gsm8k")
+    args = train.parse_args(["--dataset", "gsm8k", "--max_length", str(len(prompt) + 6), "--samples_per_prompt", "8"])
+    args.device, args.num_mc_rollouts = "cpu", 2
+    calls = []  # per rollout.sample call: (prefix length, response length) of every row
+    sample = rollout.sample
+
+    def recording_sample(model, prefixes, *, num_samples, **kwargs):
+        out = sample(model, prefixes, num_samples=num_samples, **kwargs)
+        calls.append([(len(prefixes[i // num_samples]), len(ids)) for i, ids in enumerate(out.response_ids)])
+        return out
+
+    monkeypatch.setattr(rollout, "sample", recording_sample)
+    model = make_model("llama", len(tokenizer))
+    problems, generator = [(prompt, "72")], torch.Generator().manual_seed(0)
+    rollouts, rewards = train.sample_and_grade(model, tokenizer, problems, generator, args)
+    train.vine_advantages(model, tokenizer, problems, rollouts, rewards, generator, args)
+    answers, continuations = calls  # a random model rarely stops: most rows of both calls use their whole budget
+    assert max(r for _, r in answers) == 5 == args.max_length - 1 - len(prompt)
+    assert max(p + r for p, r in continuations) == args.max_length - 1
 
 
 def run_cli(*argv, tmp_path) -> subprocess.CompletedProcess:
