@@ -276,6 +276,17 @@ def extract_answer(text: str, dataset: str) -> str | None:
     raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
 
 
+def counts_as_finished(response: str, dataset: str) -> bool:
+    """Does an answer that stopped by itself (EOS or stop string) count as finished? (PAPER_NOTES §4.3, pitfall 10)
+
+    The official code marks a GSM8K answer from which no final answer can be extracted (no "####") as unfinished:
+    reward 0 and no EOS token appended, like an answer cut by the length limit. Its MATH extractor always returns
+    something (it falls back to the last number), so there every answer that stopped by itself is finished.
+    """
+    check_dataset(dataset)
+    return dataset == "math" or extract_answer(response, dataset) is not None
+
+
 def last_boxed_content(text: str) -> str | None:
     """Contents of the last \\boxed{..} or \\fbox{..}, braces balanced; "\\boxed 5$" gives "5".
 

@@ -30,6 +30,7 @@ Details that follow the official code exactly and are easy to get wrong (each ha
   optimizer step s runs at the schedule's value for s - 1, the first step at the peak rate.
 - An answer or MC continuation may have max_length - 1 - (prefix length) tokens, so that prefix + tokens + EOS fit
   in max_length (the official 2047 for 2048).
+- A GSM8K answer with no final answer ("####") is unfinished: reward 0 and no EOS (reward.counts_as_finished).
 - Validation Pass@1 is measured at every evaluation and the best policy kept in run_dir/best/ (PAPER_NOTES §4.5).
 """
 
@@ -664,7 +665,8 @@ def vine_advantages(
     for i, ids in enumerate(rollouts.response_ids):
         step_advs = vine.step_advantages(values[i], rewards[i], len(steps[i]))
         advs = vine.token_advantages(step_advs, token_steps[i])
-        finished = rollouts.finished[i]
+        # a GSM8K answer with no "####" line is unfinished too, as in the official code (§4.3)
+        finished = rollouts.finished[i] and reward.counts_as_finished(texts[i], args.dataset)
         if finished:  # EOS only on finished answers, with the last token's advantage (§1.3, pitfall 10)
             ids, advs = ids + [tokenizer.eos_token_id], advs + [advs[-1] if advs else step_advs[-1]]
         episodes.append(Episode(prompts[i], ids, finished, rewards[i], advs))

@@ -371,3 +371,15 @@ def test_hub_rows_give_the_same_problems_as_local_files(monkeypatch, data_dir):
         local = reward.load_problems(dataset, "validation", data_dir)
         assert sorted(hub, key=str) == sorted(local, key=str)
 
+
+@pytest.mark.parametrize("response, dataset, finished", [
+    ("\nNatalia sold 24 clips.\n#### 72\n", "gsm8k", True),
+    ("\nNatalia sold 24 clips.\n####\n", "gsm8k", True),  # an answer line, empty: finished, graded 0
+    ("\nNatalia sold 24 clips.\nThe answer is 72.\n", "gsm8k", False),  # the official extractor finds nothing
+    ("", "arithmetic", False),
+    ("\n12 - 5 = 7\n#### 7\n", "arithmetic", True),
+    ("\nSo $x = 3$.\n", "math", True),  # the official MATH extractor falls back to the last number
+    ("", "math", True),
+])
+def test_counts_as_finished_follows_the_official_extractors(response, dataset, finished):
+    assert reward.counts_as_finished(response, dataset) is finished

@@ -185,6 +185,31 @@ def test_answers_and_continuations_leave_room_for_eos_within_max_length(tokenize
     assert max(p + r for p, r in continuations) == args.max_length - 1
 
 
+def test_a_gsm8k_answer_without_a_final_answer_is_unfinished_reward_0_and_no_eos(tokenizer):
+    prompt = train.encode_prompt(tokenizer, "Natalia sold clips.", "gsm8k")
+    texts = ["\nNatalia sold 48/2 = 24 clips in May.\n", "\nNatalia sold 48/2 = 24 clips in May.\n#### 72\n"]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rollouts = rollout.Rollouts(ids, [torch.zeros(len(i)) for i in ids], [True, True])  # both stopped on EOS
+    args = train.parse_args(["--dataset", "gsm8k", "--samples_per_prompt", "2", "--num_mc_rollouts", "2"])
+    args.device, args.max_new_tokens = "cpu", 8
+    rewards = train.grade_all(tokenizer, rollouts, ["72", "72"], "gsm8k")
+    model = make_model("llama", len(tokenizer))
+    episodes, _ = train.vine_advantages(model, tokenizer, [(prompt, "72")], rollouts, rewards, torch.Generator(), args)
+    assert rewards == [0.0, 1.0]
+    assert not episodes[0].finished and episodes[0].response_ids == ids[0], "no answer: unfinished, no EOS"
+    assert episodes[1].finished and episodes[1].response_ids == ids[1] + [tokenizer.eos_token_id]
+    assert [len(e.advantages) for e in episodes] == [len(ids[0]), len(ids[1]) + 1]
+
+
+def test_refuses_a_run_dir_that_holds_another_runs_checkpoint(tmp_path, sft_model):
+    argv = TINY + ["--model", str(sft_model), "--num_iterations", "1", "--run_dir", str(tmp_path)]
+    train.main(argv)
+    with pytest.raises(SystemExit, match="another run's checkpoint"):
+        train.main(argv)
+    with pytest.raises(SystemExit, match="other settings.*num_mc_rollouts"):
+        train.main(argv + ["--resume", "--num_mc_rollouts", "3"])
+
+
 def run_cli(*argv, tmp_path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.run(
