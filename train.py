@@ -75,7 +75,7 @@ DATASET_DEFAULTS = {
     "sft_batch_size":   (64,                              64,                             32),
     "sft_lr":           (1e-3,                            1e-3,                           2e-3),
     "sft_answer_only":  (0.0,                             0.0,                            0.5),
-    "eval_every":       (10,                              10,                             5),
+    "eval_every":       (10,                              10,                             2),
     "eval_samples":     (16,                              16,                             4),
 }
 # fmt: on

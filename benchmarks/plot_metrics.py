@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 
 PHASES = ("eval", "sample", "values", "train")  # train.py's time/<phase> keys
-# (panel title, y label, [(metrics.jsonl key, line style, legend suffix)]); every panel is drawn against iteration
+# (panel title, y label, y scale, [(metrics.jsonl key, line style, legend suffix)]), each drawn against iteration
 CURVES = [
-    ("validation Pass@1", "accuracy", [("eval/val_pass1", "-", "")]),
-    ("training reward (T = 0.6)", "mean reward", [("reward/mean", "-", "")]),
-    ("answer length", "tokens", [("response/length", "-", "")]),
-    ("KL", "nats", [("kl/ref", "-", " to reference"), ("loss/approx_kl", ":", " per update")]),
-    ("clip fraction", "fraction of tokens", [("loss/clipfrac", "-", "")]),
+    ("validation Pass@1", "accuracy", "linear", [("eval/val_pass1", "-", "")]),
+    ("training reward (T = 0.6)", "mean reward", "linear", [("reward/mean", "-", "")]),
+    ("answer length", "tokens", "linear", [("response/length", "-", "")]),
+    ("KL", "nats", "log", [("kl/ref", "-", " to reference"), ("loss/approx_kl", ":", " old to new, per update")]),
+    ("clip fraction", "fraction of tokens", "linear", [("loss/clipfrac", "-", "")]),
 ]
 
 
@@ -77,7 +77,7 @@ def draw(runs: dict[str, list[dict]], out: Path) -> None:
         for ax, x_key in ((axes[0], "iteration"), (axes[1], "seconds")):
             for key, style, label in (("eval/pass1", "-", "Pass@1"), ("eval/greedy", "--", "greedy")):
                 ax.plot(*series(rows, key, x_key), style, marker="o", color=color, label=f"{name} {label}")
-        for ax, (_, _, lines) in zip(axes[2:7], CURVES):
+        for ax, (_, _, _, lines) in zip(axes[2:7], CURVES):
             for key, style, suffix in lines:
                 xs, ys = series(rows, key)
                 if xs:
@@ -88,8 +88,8 @@ def draw(runs: dict[str, list[dict]], out: Path) -> None:
         axes[7].bar([i + k * width for i in range(len(PHASES))], means, width, color=color, label=name)
     axes[0].set(title="test accuracy", xlabel="iteration", ylabel="accuracy")
     axes[1].set(title="test accuracy", xlabel="seconds (sum of phase times)", ylabel="accuracy")
-    for ax, (title, ylabel, _) in zip(axes[2:7], CURVES):
-        ax.set(title=title, xlabel="iteration", ylabel=ylabel)
+    for ax, (title, ylabel, yscale, _) in zip(axes[2:7], CURVES):
+        ax.set(title=title, xlabel="iteration", ylabel=ylabel, yscale=yscale)
     axes[7].set(title="seconds per iteration, by phase", ylabel="seconds")
     axes[7].set_xticks([i + 0.4 - 0.4 / len(runs) for i in range(len(PHASES))], PHASES)
     for ax in axes:
