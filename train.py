@@ -487,7 +487,9 @@ def keep_best(metrics: dict, best_val: float, policy, tokenizer, iteration: int,
     return metrics["eval/val_pass1"]
 
 
-def evaluate_and_keep_best(policy, tokenizer, val_problems, test_problems, iteration, best_val, args) -> tuple:
+def evaluate_and_keep_best(
+    policy, tokenizer, test_problems, val_problems, iteration, best_val, args
+) -> tuple[dict, float]:
     """The evaluation phase: evaluate, keep the best policy, time it. Returns (metrics, best validation Pass@1)."""
     start = time.time()
     metrics = evaluate(policy, tokenizer, test_problems, val_problems, args, iteration)
@@ -903,7 +905,7 @@ def main(argv: list[str] | None = None) -> None:
             generator = torch.Generator().manual_seed(args.seed + iteration)
             if args.eval_every and iteration % args.eval_every == 0:  # before the update: iteration 0 is the start
                 metrics, best_val = evaluate_and_keep_best(
-                    policy, tokenizer, val_problems, test_problems, iteration, best_val, args
+                    policy, tokenizer, test_problems, val_problems, iteration, best_val, args
                 )
                 log.update(metrics)
             # -------- sample answers and grade them
@@ -933,7 +935,7 @@ def main(argv: list[str] | None = None) -> None:
                 return
         if args.eval_every:  # -------- evaluate the final policy
             final, best_val = evaluate_and_keep_best(
-                policy, tokenizer, val_problems, test_problems, args.num_iterations, best_val, args
+                policy, tokenizer, test_problems, val_problems, args.num_iterations, best_val, args
             )
             final = {"iteration": args.num_iterations, **final}
             print(format_log(final))
