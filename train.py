@@ -1,6 +1,6 @@
 """VinePPO training: the only script. Reads top to bottom as one iteration of the paper's loop.
 
-    python train.py --dataset arithmetic                  # the CPU demo: a tiny model, SFT then VinePPO, ~11 minutes
+    python train.py --dataset arithmetic                  # the CPU demo: a tiny model, SFT then VinePPO, ~12 minutes
     python train.py --dataset gsm8k                       # the paper's GSM8K + RhoMath-1.1B recipe (one GPU)
     python train.py --help                                # every option, with its default
 
@@ -58,7 +58,7 @@ import rollout
 import vine
 
 # Per-dataset defaults of the options whose default is None in Args: the paper's GSM8K and MATH recipes with
-# RhoMath-1.1B (PAPER_NOTES.md §3, §9) and, for arithmetic, the README's CPU demo (about 11 minutes on 2 cores).
+# RhoMath-1.1B (PAPER_NOTES.md §3, §9) and, for arithmetic, the README's CPU demo (about 12 minutes on 2 cores).
 # This table is the one place they live; an option given on the command line overrides it.
 # fmt: off
 DATASET_DEFAULTS = {
@@ -329,7 +329,7 @@ class Episode:
 
     prompt_ids: list[int]  # BOS + the prompt
     response_ids: list[int]  # the sampled tokens, then EOS if the answer finished (pitfall 10)
-    finished: bool  # stopped by EOS or the stop string; False: cut by the length limit (reward 0, no EOS)
+    finished: bool  # stopped by EOS or the stop string with an answer (reward.counts_as_finished); else no EOS
     reward: float  # R, the 0/1 grade of the answer
     advantages: list[float]  # one per response token, EOS included
     old_logprobs: torch.Tensor | None = None  # (P+R-1,) logprob of every next token under pi_old, set by ppo_update
