@@ -1,4 +1,5 @@
-"""The PPO half of VinePPO: token log-probabilities, advantage whitening, the clipped loss and the KL to the reference.
+"""The PPO half of VinePPO: token log-probabilities, advantage whitening, the clipped loss and the KL to the reference;
+and the baselines' advantages: the paper's PPO critic (value head, GAE, clipped value loss), GRPO and RLOO.
 
 VinePPO changes only where the advantages come from (vine.py); the policy update is ordinary PPO-clip, shared with the
 paper's PPO baseline (PAPER_NOTES.md §3, §1.3 "trainer side", §7 pitfalls 6-9, 13, 14, §8 pseudocode):
@@ -13,6 +14,15 @@ paper's PPO baseline (PAPER_NOTES.md §3, §1.3 "trainer side", §7 pitfalls 6-9
 
 There is no entropy bonus; entropy is computed for logging only. train.py owns the loop (epochs, minibatches,
 micro-batches, AdamW, grad clipping); this file holds the math and imports no project file.
+
+The baselines (train.py --advantage; DESIGN.md "Advantage estimators") give every response token an advantage that
+the same whitening and clipped loss then use:
+
+    critic     PPO (PAPER_NOTES §3 table, pitfall 16): ValueModel = a copy of the SFT model + a linear head;
+               reward R on the last response token, GAE with gamma = lambda = 1:  A_t = R - V_old(s_t), G_t = R
+               L_value = 0.5 * sum_tokens max((V - G)^2, (clip(V, V_old - 0.2, V_old + 0.2) - G)^2) / tokens
+    grpo       A = (R - mean of the prompt's group) / (std of the group + 1e-4)     (Shao et al. 2024, §4.1.2)
+    rloo       A = R - mean R of the other answers to the same prompt              (Ahmadian et al. 2024, §3)
 
 Test: python -m pytest tests/test_ppo.py -x -q
 
@@ -31,6 +41,9 @@ Departures from the paper's code (ppo_trainer.py):
    with a zero gradient; train.py skips the optimizer step instead (train.py departure 2 says why).
 4. token_logprobs returns 0 at positions whose predicted token is padding, so an unmasked pad can never give a
    non-finite ratio. The paper masks them with labels -100 instead; the result under the response mask is the same.
+5. The value loss is divided by the response tokens of the whole minibatch, like the policy loss (departure 1).
+6. GRPO's std is the sample std (Bessel), as torch.std and TRL; the paper that names it does not say. Whitening per
+   minibatch rescales all advantages together afterwards, so the choice cannot change the update's direction.
 """
 
 import torch
@@ -225,3 +238,100 @@ def ratio_guard_exceeded(stats: dict[str, float], threshold: float = RATIO_THRES
     garbage; train.py then zeroes the gradients and does not step the optimizer.
     """
     return stats["ratio/mean"] > threshold
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Baselines' advantages (train.py --advantage critic | grpo | rloo): everything above is shared by all estimators
+
+
+class ValueModel(torch.nn.Module):
+    """The PPO baseline's critic (PAPER_NOTES §3 "Critic"; official models/pretrained_with_value_head.py): the
+    transformer of a copy of the SFT policy (its LM head dropped) and a linear head hidden -> 1 on the last hidden
+    state, weight ~ N(0, 1/sqrt(hidden + 1)), bias 0. forward(ids, mask)[b, t] = V(prompt + tokens 0..t of row b),
+    the value of the state after reading token t, in float32."""
+
+    def __init__(self, causal_lm: torch.nn.Module, generator: torch.Generator | None = None):
+        super().__init__()
+        self.body = causal_lm.base_model  # the transformer without the LM head (LlamaModel for a Llama)
+        hidden_size = causal_lm.config.hidden_size
+        self.head = torch.nn.Linear(hidden_size, 1)
+        with torch.no_grad():
+            weight = torch.randn(self.head.weight.shape, generator=generator) / (hidden_size + 1) ** 0.5
+            self.head.weight.copy_(weight)
+            self.head.bias.zero_()
+        self.head.to(next(self.body.parameters()).device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()  # (B, T)
+
+
+def gae(rewards: list[float], values: list[float], *, gamma: float = 1.0, lam: float = 1.0) -> tuple[list, list]:
+    """Generalised advantage estimation over one answer's response tokens (Schulman et al. 2016, eq. 16; PAPER_NOTES
+    §3 "PPO reward / returns"). values[t] = V_old(s_t), the state before token t; the state after the last token is
+    terminal (value 0, finished or not).
+
+        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);   A_t = delta_t + gamma * lam * A_{t+1};   G_t = A_t + V(s_t)
+
+    The paper's PPO runs gamma = lam = 1 with the 0/1 reward on the last token only, so A_t = R - V_old(s_t) and
+    G_t = R. Returns (advantages, returns), one per token."""
+    assert len(rewards) == len(values), f"{len(rewards)=} != {len(values)=}"
+    advantages, next_value, next_advantage = [0.0] * len(values), 0.0, 0.0
+    for t in reversed(range(len(values))):
+        delta = rewards[t] + gamma * next_value - values[t]
+        next_advantage = advantages[t] = delta + gamma * lam * next_advantage
+        next_value = values[t]
+    return advantages, [a + v for a, v in zip(advantages, values)]
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_range: float = 0.2,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The critic's clipped value loss (PAPER_NOTES §3 "Value loss"; official _compute_critics_loss), all (B, T-1):
+
+        V_clipped = V_old + clamp(V - V_old, -clip_range, clip_range)
+        L_value   = 0.5 * sum(max((V - G)^2, (V_clipped - G)^2) * mask) / num_tokens
+
+    Gradient flows through `values` only, and not at all where the clipped branch is the larger. num_tokens as in
+    ppo_loss (the whole minibatch's response tokens). stats: critic/loss, critic/clipfrac, critic/abs_error (|V - G|),
+    already divided by num_tokens so that accumulate_stats sums micro-batches into minibatch means."""
+    assert values.shape == old_values.shape == returns.shape == mask.shape, "all inputs must share one shape"
+    mask = mask.bool()
+    num_tokens = float(mask.sum()) if num_tokens is None else float(num_tokens)
+    old_values, returns = old_values.detach(), returns.detach()
+    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * torch.where(mask, torch.maximum(unclipped_error, clipped_error), 0.0).sum() / num_tokens
+    with torch.no_grad():
+        stats = {
+            "critic/loss": loss.detach(),
+            "critic/clipfrac": ((clipped_error > unclipped_error) & mask).sum() / num_tokens,
+            "critic/abs_error": torch.where(mask, (values - returns).abs(), 0.0).sum() / num_tokens,
+        }
+        values_list = torch.stack(list(stats.values())).tolist()
+    return loss, dict(zip(stats, values_list))
+
+
+def group_advantages(rewards: list[float], group_size: int, method: str) -> list[float]:
+    """One advantage per answer from the rewards of its prompt's group (answers i*group_size .. (i+1)*group_size-1):
+
+        grpo:  (R - mean(group)) / (std(group) + 1e-4)      std with Bessel's correction (departure 6)
+        rloo:  R - mean of the OTHER answers of the group  =  group_size / (group_size - 1) * (R - mean(group))
+
+    A group whose rewards are all equal gets 0 everywhere. No values, no extra samples: outcome-only credit, the same
+    for every token of an answer."""
+    assert group_size >= 2 and len(rewards) % group_size == 0, f"{len(rewards)} rewards in groups of {group_size}"
+    assert method in ("grpo", "rloo"), f"unknown method {method!r}"
+    groups = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)  # (prompts, group_size)
+    mean = groups.mean(dim=1, keepdim=True)
+    if method == "grpo":
+        advantages = (groups - mean) / (groups.std(dim=1, keepdim=True) + 1e-4)
+    else:
+        advantages = groups - (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return advantages.flatten().tolist()

@@ -261,6 +261,32 @@ def answer_only_solution(answer: str, dataset: str) -> str:
     return f"\n$\\boxed{{{answer}}}$\n" if dataset == "math" else f"\n#### {answer}\n"
 
 
+ARITHMETIC_LINE_RE = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
+
+
+def slipped_solution(solution: str) -> str:
+    """An arithmetic solution whose first multiplication is written as an addition of the same number and carried
+    through: "\n...\n14 * 2 = 28\n28 - 3 = 25\n#### 25\n" becomes "...\n14 + 2 = 16\n16 - 3 = 13\n#### 13\n".
+
+    train.py --sft-slip mixes these into the supervised warm-up: the model learns to make one systematic slip in one
+    kind of step, which RL has to unlearn while the steps around it stay right (the README's head-to-head).
+    A solution without a multiplication comes back unchanged.
+    """
+    lines, value, slipped = solution.split("\n"), None, False
+    for i, line in enumerate(lines):
+        match = ARITHMETIC_LINE_RE.fullmatch(line)
+        if match:
+            left = int(match[1]) if value is None else value  # the first line starts from the question's number
+            op, n = match[2], int(match[3])
+            if op == "*" and not slipped:
+                op, slipped = "+", True
+            value = left + n if op == "+" else left - n if op == "-" else left * n
+            lines[i] = f"{left} {op} {n} = {value}"
+        elif line.startswith("#### ") and slipped:
+            lines[i] = f"#### {value}"
+    return "\n".join(lines)
+
+
 def extract_answer(text: str, dataset: str) -> str | None:
     """The final answer in a response, or None when it has none.
 

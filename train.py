@@ -5,9 +5,14 @@
     python train.py --help                                # every option, with its default
 
 One iteration (PAPER_NOTES.md §1.1, §8; DESIGN.md "one-way flow of data"), one function per phase:
-    sample_problems -> sample_and_grade (rollout.sample, reward.grade) -> vine_advantages (vine.split_steps,
-    vine.estimate_values, vine.step_advantages) -> ppo_update (ppo.ppo_loss) -> write_log -> evaluate, keep_best
-    -> save_checkpoint. main() at the bottom strings them together.
+    sample_problems -> sample_and_grade (rollout.sample, reward.grade) -> make_episodes -> vine_advantages
+    (vine.split_steps, vine.estimate_values, vine.step_advantages) -> ppo_update (ppo.ppo_loss) -> write_log
+    -> evaluate, keep_best -> save_checkpoint. main() at the bottom strings them together.
+
+--advantage swaps vine_advantages for a baseline's and changes nothing else (DESIGN.md "Advantage estimators"):
+critic_advantages (the paper's PPO: ppo.ValueModel, ppo.gae, and ppo.value_loss in the same minibatches) or
+outcome_advantages (GRPO, RLOO: ppo.group_advantages). --value-diagnostic measures the value estimates against many
+MC rollouts (paper §5.3). --rl-seed separates RL's randomness from the starting model's (--seed), for comparisons.
 
 Where this script departs from the paper's code:
 1. One process, one device, Hugging Face `generate`-free sampling (rollout.py) instead of vLLM servers. The MC
@@ -24,6 +29,13 @@ Where this script departs from the paper's code:
 5. Mixed precision: float32 master weights with bf16 autocast on CUDA (the paper trains bf16 weights through DeepSpeed,
    which also keeps float32 master weights); float32 everywhere on CPU.
 6. The arithmetic defaults (DATASET_DEFAULTS) are ours, sized for a CPU; gsm8k and math use the paper's.
+7. GRPO and RLOO are not in the official code; we take only their advantages (Shao et al. 2024; Ahmadian et al.
+   2024) and keep everything else of this loop (token-level whitening, PPO-clip, the k3 KL term normalised as above,
+   two epochs), so that only the estimator differs. Their own papers normalise the loss per sequence, and RLOO
+   uses no clipping.
+8. The critic takes its AdamW step on every minibatch, also when the ratio guard skips the policy's (the official
+   code computes its loss separately from the guarded actor loss); --value-diagnostic is ours (the paper's analysis
+   runs offline on saved checkpoints with 256 rollouts per state).
 
 Details that follow the official code exactly and are easy to get wrong (each has a test):
 - The LR schedule is DeepSpeed 0.14.1's WarmupDecayLR as its engine drives it (lr_lambda): log(i + 1) / log(W), and
@@ -56,6 +68,8 @@ import ppo
 import reward
 import rollout
 import vine
+
+ADVANTAGES = ("vine", "critic", "grpo", "rloo")  # --advantage: the four estimators (DESIGN.md)
 
 # Per-dataset defaults of the options whose default is None in Args: the paper's GSM8K and MATH recipes with
 # RhoMath-1.1B (PAPER_NOTES.md §3, §9) and, for arithmetic, the README's CPU demo (about 12 minutes on 2 cores).
@@ -111,7 +125,27 @@ class Args:
     resume: bool = field(
         default=False, metadata={"help": "Continue the run saved in --run-dir exactly where it stopped."}
     )
-    seed: int = field(default=2746318213, metadata={"help": "Seed of every random choice (the paper's APP_SEED)."})
+    seed: int = field(
+        default=2746318213,
+        metadata={"help": "Seed of the starting model (tiny model, SFT) and of evaluation (the paper's APP_SEED)."},
+    )
+    rl_seed: int = field(
+        default=None,
+        metadata={
+            "help": "Seed of RL's random choices (problems, answers, MC rollouts, minibatches, critic head), so that "
+            "runs from one starting model differ only in RL noise. Default: --seed."
+        },
+    )
+    advantage: str = field(
+        default="vine",
+        metadata={
+            "help": "Where each token's advantage comes from; everything else is the same loop. vine: Monte Carlo "
+            "values of step states (VinePPO). critic: the paper's PPO, a learned value model with GAE (lambda = 1). "
+            "grpo: (R - group mean) / group std over the answers to one problem. rloo: R - mean R of the other answers "
+            "to the problem.",
+            "choices": ADVANTAGES,
+        },
+    )
     # the VinePPO iteration (PAPER_NOTES §9)
     num_iterations: int = field(default=None, metadata={"help": "RL iterations." + per_dataset("num_iterations")})
     prompts_per_iteration: int = field(default=64, metadata={"help": "Problems sampled per iteration."})
@@ -161,6 +195,9 @@ class Args:
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range epsilon."})
+    value_clip: float = field(
+        default=0.2, metadata={"help": "Value clip range of the critic's loss (--advantage critic)."}
+    )
     kl_coef: float = field(
         default=1e-4, metadata={"help": "Beta of the k3 KL-to-reference loss term (0: no reference model)."}
     )
@@ -185,6 +222,13 @@ class Args:
             "(a mixed SFT set)." + per_dataset("sft_answer_only")
         },
     )
+    sft_slip: float = field(
+        default=0.0,
+        metadata={
+            "help": "Arithmetic only: fraction of supervised solutions whose first multiplication is written as an "
+            "addition ('14 * 2 = 28' as '14 + 2 = 16') and carried through, a systematic slip in one kind of step."
+        },
+    )
     # evaluation, logging, checkpoints
     eval_every: int = field(
         default=None,
@@ -202,6 +246,17 @@ class Args:
         metadata={"help": "Samples per problem for Pass@1 (the paper: 16)." + per_dataset("eval_samples")},
     )
     eval_temperature: float = field(default=0.35, metadata={"help": "Sampling temperature of the Pass@1 evaluation."})
+    value_diagnostic: int = field(
+        default=0,
+        metadata={
+            "help": "Every iteration, compare the value estimates of this many sampled answers' step states with a "
+            "reference of --diagnostic-rollouts MC rollouts each: the K-rollout MC estimate and, with --advantage "
+            "critic, the critic (paper §5.3). Costs extra sampling; changes no training number (0: off)."
+        },
+    )
+    diagnostic_rollouts: int = field(
+        default=64, metadata={"help": "MC rollouts per state of the value diagnostic's reference values."}
+    )
     save_every: int = field(
         default=10, metadata={"help": "Checkpoint every this many iterations (and at the end, and on Ctrl-C)."}
     )
@@ -245,8 +300,15 @@ def parse_args(argv: list[str] | None = None) -> Args:
             setattr(args, name, values[column])
     args.run_dir = args.run_dir or os.path.join("runs", args.dataset)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.rl_seed = args.seed if args.rl_seed is None else args.rl_seed
     if not 0.0 <= args.sft_answer_only <= 1.0:
         raise SystemExit(f"error: --sft-answer-only is a fraction in [0, 1], got {args.sft_answer_only}")
+    if not 0.0 <= args.sft_slip <= 1.0 or (args.sft_slip and args.dataset != "arithmetic"):
+        raise SystemExit(f"error: --sft-slip is a fraction in [0, 1] for --dataset arithmetic, got {args.sft_slip}")
+    if args.advantage in ("grpo", "rloo") and args.samples_per_prompt < 2:
+        raise SystemExit(
+            f"error: --advantage {args.advantage} compares answers to one problem: needs --samples-per-prompt >= 2"
+        )
     assert args.minibatch_size % args.micro_batch_size == 0, "--minibatch-size must be a multiple of --micro-batch-size"
     return args
 
@@ -331,9 +393,11 @@ class Episode:
     response_ids: list[int]  # the sampled tokens, then EOS if the answer finished (pitfall 10)
     finished: bool  # stopped by EOS or the stop string with an answer (reward.counts_as_finished); else no EOS
     reward: float  # R, the 0/1 grade of the answer
-    advantages: list[float]  # one per response token, EOS included
+    advantages: list[float]  # one per response token, EOS included; set by the advantage phase
     old_logprobs: torch.Tensor | None = None  # (P+R-1,) logprob of every next token under pi_old, set by ppo_update
     ref_logprobs: torch.Tensor | None = None  # (P+R-1,) the same under the reference model; None when kl_coef = 0
+    old_values: torch.Tensor | None = None  # (P+R-1,) V_old of the state before every next token (critic only)
+    returns: list[float] | None = None  # G_t, one per response token (critic only)
 
 
 def encode_prompt(tokenizer, question: str, dataset: str) -> list[int]:
@@ -373,12 +437,16 @@ def make_batch(episodes: list[Episode], pad_id: int, device: str) -> dict:
 def sft_examples(tokenizer, problems: list[dict], args: Args, rng: random.Random) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids + EOS) per problem: the gold solution, or with probability --sft-answer-only the
     bare answer line (reward.answer_only_solution), so that the model learns to answer both with and without working
-    and RL has to learn which pays (the CPU demo)."""
+    and RL has to learn which pays (the CPU demo); or, with probability --sft-slip, the solution with its first
+    multiplication slipped into an addition (reward.slipped_solution), a mistake in one kind of step for RL to
+    unlearn (the head-to-head)."""
     examples = []
     for p in problems:
         solution = p["solution"]
         if args.sft_answer_only and rng.random() < args.sft_answer_only:  # no draw at 0: the same run as without
             solution = reward.answer_only_solution(p["answer"], args.dataset)
+        elif args.sft_slip and rng.random() < args.sft_slip:
+            solution = reward.slipped_solution(solution)
         response_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         examples.append((encode_prompt(tokenizer, p["question"], args.dataset), response_ids))
     return examples
@@ -521,9 +589,12 @@ def save_folder(path: str, model, tokenizer, files: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, args, next_iteration: int, best_val: float):
+def save_checkpoint(
+    path: str, model, tokenizer, optimizer, scheduler, critic, args, next_iteration: int, best_val: float
+):
     """A checkpoint that --resume continues exactly: the model, optimizer, scheduler and RNG states, the iteration to
-    continue at and the best validation Pass@1 so far. run_args.json is small: check_run_dir reads only it."""
+    continue at and the best validation Pass@1 so far; with a critic, its weights (critic.pt), optimizer and
+    scheduler too. run_args.json is small: check_run_dir reads only it."""
     state = dict(
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
@@ -531,7 +602,12 @@ def save_checkpoint(path: str, model, tokenizer, optimizer, scheduler, args, nex
         next_iteration=next_iteration,
         best_val_pass1=best_val,
     )
-    save_folder(path, model, tokenizer, {"trainer_state.pt": state, "run_args.json": dataclasses.asdict(args)})
+    files = {"trainer_state.pt": state, "run_args.json": dataclasses.asdict(args)}
+    if critic is not None:
+        state["critic_optimizer"] = critic.optimizer.state_dict()
+        state["critic_scheduler"] = critic.scheduler.state_dict()
+        files["critic.pt"] = critic.model.state_dict()
+    save_folder(path, model, tokenizer, files)
     print(f"saved {path} (next iteration {next_iteration})")
 
 
@@ -599,9 +675,9 @@ def deferred_interrupt():
 
 
 def sample_problems(train_problems: list[dict], tokenizer, iteration: int, args: Args) -> list[tuple[list[int], str]]:
-    """The iteration's (prompt ids, gold answer) pairs: the train split reshuffled with seed + iteration, the first
+    """The iteration's (prompt ids, gold answer) pairs: the train split reshuffled with rl_seed + iteration, the first
     prompts_per_iteration whose prompt has at most max_prompt_length tokens (§1.1 step 1; §3 prompt filter)."""
-    order = random.Random(args.seed + iteration).sample(range(len(train_problems)), len(train_problems))
+    order = random.Random(args.rl_seed + iteration).sample(range(len(train_problems)), len(train_problems))
     problems = []
     for i in order:
         prompt_ids = encode_prompt(tokenizer, train_problems[i]["question"], args.dataset)
@@ -631,27 +707,52 @@ def sample_and_grade(
     return rollouts, grade_all(tokenizer, rollouts, golds, args.dataset)
 
 
-def vine_advantages(
-    policy, tokenizer, problems, rollouts: rollout.Rollouts, rewards: list[float], generator, args: Args
-) -> tuple[list[Episode], dict]:
+def make_episodes(tokenizer, problems, rollouts: rollout.Rollouts, rewards: list[float], args: Args) -> list[Episode]:
+    """One Episode per answer, its advantages still empty. A GSM8K answer with no "####" line is unfinished, as in the
+    official code (§4.3); EOS is appended to finished answers only (§1.3, pitfall 10)."""
+    episodes = []
+    for i, ids in enumerate(rollouts.response_ids):
+        prompt_ids = problems[i // args.samples_per_prompt][0]
+        text = tokenizer.decode(ids, **rollout.DECODE_KWARGS)
+        finished = rollouts.finished[i] and reward.counts_as_finished(text, args.dataset)
+        response_ids = ids + [tokenizer.eos_token_id] if finished else list(ids)
+        episodes.append(Episode(prompt_ids, response_ids, finished, rewards[i], advantages=[]))
+    return episodes
+
+
+def vine_advantages(policy, tokenizer, problems, rollouts: rollout.Rollouts, episodes, generator, args: Args) -> dict:
     """VinePPO's credit assignment for every answer (§1.2, §1.3): split into steps, MC values of the step states
     from the same policy snapshot and sampling settings (pitfall 1), A_i = r_i + V(s_{i+1}) - V(s_i) per step, each
-    token carrying its step's A_i, EOS appended to finished answers with the last token's advantage (pitfall 10)."""
+    token carrying its step's A_i and the EOS of a finished answer the last token's (pitfall 10)."""
     prompts = [prompt_ids for prompt_ids, _ in problems for _ in range(args.samples_per_prompt)]
     golds = [gold for _, gold in problems for _ in range(args.samples_per_prompt)]
     texts = [tokenizer.decode(ids, **rollout.DECODE_KWARGS) for ids in rollouts.response_ids]
     steps = [vine.split_steps(text, args.dataset) for text in texts]
     token_steps = [vine.token_steps(ids, s, tokenizer) for ids, s in zip(rollouts.response_ids, steps)]
+    values, stats = estimate_values(
+        policy, tokenizer, prompts, rollouts.response_ids, token_steps, golds, args.num_mc_rollouts, generator, args
+    )
+    for i, e in enumerate(episodes):
+        step_advs = vine.step_advantages(values[i], e.reward, len(steps[i]))
+        advs = vine.token_advantages(step_advs, token_steps[i])
+        if e.finished:  # the EOS takes the last token's advantage (the last step's for an empty answer)
+            advs = advs + [advs[-1] if advs else step_advs[-1]]
+        e.advantages = advs
+    return stats
+
+
+def estimate_values(policy, tokenizer, prompts, responses, token_steps, golds, num_mc_rollouts, generator, args):
+    """vine.estimate_values with the answers' own sampling settings and length budget (§1.2, pitfall 1)."""
     with autocast(args):
-        values, stats = vine.estimate_values(
+        return vine.estimate_values(
             policy,
             tokenizer,
             prompts,
-            rollouts.response_ids,
+            responses,
             token_steps,
             golds,
             args.dataset,
-            num_mc_rollouts=args.num_mc_rollouts,
+            num_mc_rollouts=num_mc_rollouts,
             max_value_steps=args.max_value_steps or None,
             max_new_tokens=args.max_new_tokens,
             max_length=args.max_length - 1,  # the same budget as the answers (sample_answers)
@@ -663,16 +764,92 @@ def vine_advantages(
             show_progress=True,
             max_batch_tokens=args.max_batch_tokens,
         )
-    episodes = []
-    for i, ids in enumerate(rollouts.response_ids):
-        step_advs = vine.step_advantages(values[i], rewards[i], len(steps[i]))
-        advs = vine.token_advantages(step_advs, token_steps[i])
-        # a GSM8K answer with no "####" line is unfinished too, as in the official code (§4.3)
-        finished = rollouts.finished[i] and reward.counts_as_finished(texts[i], args.dataset)
-        if finished:  # EOS only on finished answers, with the last token's advantage (§1.3, pitfall 10)
-            ids, advs = ids + [tokenizer.eos_token_id], advs + [advs[-1] if advs else step_advs[-1]]
-        episodes.append(Episode(prompts[i], ids, finished, rewards[i], advs))
-    return episodes, stats
+
+
+def critic_advantages(critic: "Critic", episodes: list[Episode], pad_id: int, args: Args) -> dict:
+    """The paper's PPO (§3 "PPO reward / returns", pitfall 16): V_old of every state from the critic, once per
+    iteration before the update; the reward R on the last response token (EOS if present); GAE with gamma = lambda =
+    1 (ppo.gae), so every token gets A_t = R - V_old(s_t) and the return G_t = R."""
+    critic.model.eval()
+    with torch.no_grad(), autocast(args):
+        for start in range(0, len(episodes), args.micro_batch_size):
+            chunk = episodes[start : start + args.micro_batch_size]
+            ids, attention_mask = pad_right([e.prompt_ids + e.response_ids for e in chunk], pad_id, args.device)
+            values = critic.model(ids, attention_mask)  # (B, T) V(state after token t)
+            for j, e in enumerate(chunk):
+                p, r = len(e.prompt_ids), len(e.response_ids)
+                e.old_values = values[j, : p + r - 1].cpu()  # value t: the state before token t + 1 (as logprobs)
+                rewards = [0.0] * (r - 1) + [e.reward] if r else []
+                e.advantages, e.returns = ppo.gae(rewards, e.old_values[p - 1 : p - 1 + r].tolist())
+    first_values = [float(e.old_values[len(e.prompt_ids) - 1]) for e in episodes]  # V_old(s_0) of every answer
+    return {"critic/value_s0": float(np.mean(first_values))}
+
+
+def outcome_advantages(episodes: list[Episode], args: Args) -> dict:
+    """GRPO or RLOO (ppo.group_advantages): one advantage per answer from its problem's group of samples_per_prompt
+    answers, the same on every token, EOS included; no values and no extra sampling."""
+    per_answer = ppo.group_advantages([e.reward for e in episodes], args.samples_per_prompt, args.advantage)
+    for e, a in zip(episodes, per_answer):
+        e.advantages = [a] * len(e.response_ids)
+    return {}
+
+
+def value_diagnostic(policy, critic, tokenizer, prompts, responses, steps, golds, generator, args) -> tuple[dict, dict]:
+    """How well the value estimates match the truth on sampled answers' step states (paper §5.3 "why the critic
+    fails", PAPER_NOTES §5.3): the reference V(s) is the mean reward of --diagnostic-rollouts MC rollouts from s (the
+    paper: 256), compared with a fresh K-rollout MC estimate (what VinePPO uses) and, if there is one, the critic's
+    prediction before this iteration's update. Logged per estimator: the mean absolute error over (answer, state)
+    pairs, and the ranking accuracy over pairs of states of one answer whose reference values differ (1 when the
+    estimate orders them as the reference does, 1/2 for a tie, else 0). Runs from its own generator: training draws
+    nothing less or more. Returns (stats, per-answer values by name) for tests."""
+    per_answer = {}
+    for name, k in (("reference", args.diagnostic_rollouts), ("mc", args.num_mc_rollouts)):
+        per_answer[name], _ = estimate_values(policy, tokenizer, prompts, responses, steps, golds, k, generator, args)
+    if critic is not None:  # V(s) is the critic's value at the last token of s (§3: V(s_0) at the last prompt token)
+        states, state_index, _ = vine.value_states(prompts, responses, steps, golds, args.max_value_steps or None)
+        seqs = [list(prompt) + list(prefix) for prompt, prefix, _ in states]
+        unique = []
+        with torch.no_grad(), autocast(args):
+            for start in range(0, len(seqs), args.micro_batch_size):
+                chunk = seqs[start : start + args.micro_batch_size]
+                ids, attention_mask = pad_right(chunk, tokenizer.pad_token_id, args.device)
+                values = critic.model(ids, attention_mask)  # (B, T)
+                unique += [float(values[j, len(s) - 1]) for j, s in enumerate(chunk)]
+        per_answer["critic"] = [[unique[u] for u in indices] for indices in state_index]
+    reference = per_answer["reference"]
+    stats = {"diag/states": sum(len(v) for v in reference)}
+    for name in ("mc", "critic"):
+        if name in per_answer:
+            stats.update(value_errors(per_answer[name], reference, prefix=f"diag/{name}"))
+    return stats, per_answer
+
+
+def run_value_diagnostic(policy, critic, tokenizer, problems, rollouts, iteration: int, args: Args) -> dict:
+    """value_diagnostic on --value-diagnostic answers of this iteration, drawn with their own seeded generator."""
+    generator = torch.Generator().manual_seed(args.rl_seed + 7_000_003 * (iteration + 1))
+    picked = torch.randperm(len(rollouts.response_ids), generator=generator)[: args.value_diagnostic].tolist()
+    prompts = [problems[i // args.samples_per_prompt][0] for i in picked]
+    golds = [problems[i // args.samples_per_prompt][1] for i in picked]
+    responses = [rollouts.response_ids[i] for i in picked]
+    texts = [tokenizer.decode(ids, **rollout.DECODE_KWARGS) for ids in responses]
+    steps = [vine.token_steps(ids, vine.split_steps(t, args.dataset), tokenizer) for ids, t in zip(responses, texts)]
+    return value_diagnostic(policy, critic, tokenizer, prompts, responses, steps, golds, generator, args)[0]
+
+
+def value_errors(estimates: list[list[float]], reference: list[list[float]], prefix: str) -> dict:
+    """Mean absolute error and pairwise ranking accuracy of per-answer state values against reference values."""
+    errors, agreements = [], []
+    for est, ref in zip(estimates, reference, strict=True):
+        errors += [abs(e - r) for e, r in zip(est, ref, strict=True)]
+        for i in range(len(ref)):
+            for j in range(i + 1, len(ref)):
+                if ref[i] != ref[j]:
+                    agree = (est[i] - est[j]) * (ref[i] - ref[j])
+                    agreements.append(1.0 if agree > 0 else 0.5 if est[i] == est[j] else 0.0)
+    stats = {f"{prefix}_mae": float(np.mean(errors))}
+    if agreements:
+        stats[f"{prefix}_rank_acc"] = float(np.mean(agreements))
+    return stats
 
 
 def old_and_ref_logprobs(policy, reference, episodes: list[Episode], pad_id: int, args: Args) -> None:
@@ -691,10 +868,11 @@ def old_and_ref_logprobs(policy, reference, episodes: list[Episode], pad_id: int
                 e.ref_logprobs = ref[j, :n].cpu() if ref is not None else None
 
 
-def minibatch_backward(policy, minibatch: list[Episode], pad_id: int, args: Args) -> dict:
+def minibatch_backward(policy, critic, minibatch: list[Episode], pad_id: int, args: Args) -> dict:
     """Gradient of the clipped PPO loss + KL over one minibatch, accumulated over micro-batches (memory only: the
-    advantages are whitened and the losses normalised over the whole minibatch, pitfalls 6 and 7). Returns its
-    ppo_loss stats, summed over the micro-batches into minibatch means (ppo.accumulate_stats)."""
+    advantages are whitened and the losses normalised over the whole minibatch, pitfalls 6 and 7); with a critic,
+    also the gradient of its clipped value loss on the same micro-batches. Returns the ppo_loss (and value_loss)
+    stats, summed over the micro-batches into minibatch means (ppo.accumulate_stats)."""
     full = make_batch(minibatch, pad_id, "cpu")
     whitened = ppo.masked_whiten(full["advantages"], full["mask"])  # (B, T-1) once over the whole minibatch
     num_tokens, num_seqs = float(full["mask"].sum()), float(len(minibatch))
@@ -725,22 +903,47 @@ def minibatch_backward(policy, minibatch: list[Episode], pad_id: int, args: Args
         )
         loss.backward()
         s["policy/entropy"] = float((entropy * batch["mask"]).sum()) / num_tokens
+        if critic is not None:  # the paper's PPO: the critic learns from the same micro-batch (§3 "Value loss")
+            old_values = pad_logprobs([e.old_values for e in chunk], width).to(args.device)
+            returns = torch.zeros_like(batch["mask"])  # (B, T-1) G_t at the position that predicts token t
+            for j, e in enumerate(chunk):
+                p = len(e.prompt_ids)
+                returns[j, p - 1 : p - 1 + len(e.returns)] = torch.tensor(e.returns)
+            with autocast(args):
+                values = critic.model(batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, T-1)
+            v_loss, v_stats = ppo.value_loss(
+                values, old_values, returns, batch["mask"], clip_range=args.value_clip, num_tokens=num_tokens
+            )
+            v_loss.backward()
+            s.update(v_stats)
         stats = ppo.accumulate_stats(stats, s)
     return stats
 
 
-def ppo_update(policy, reference, optimizer, scheduler, episodes: list[Episode], pad_id: int, generator, args) -> dict:
+def ppo_update(
+    policy, reference, critic, optimizer, scheduler, episodes: list[Episode], pad_id: int, generator, args
+) -> dict:
     """num_epochs passes over the episodes in shuffled minibatches of minibatch_size, one AdamW step each with the
-    gradient norm clipped (§3, §8). Returns the PPO stats averaged over the optimizer steps."""
+    gradient norm clipped (§3, §8); the critic, if any, takes a step of its own AdamW on every minibatch (the ratio
+    guard is the policy's alone, as in the official code). Returns the stats averaged over the optimizer steps."""
     old_and_ref_logprobs(policy, reference, episodes, pad_id, args)
     totals, num_steps, skipped = {}, 0, 0
     policy.train()  # dropout is off (disable_dropout); train mode turns on gradient checkpointing
+    if critic is not None:
+        critic.model.train()
     for _ in range(args.num_epochs):
         perm = torch.randperm(len(episodes), generator=generator).tolist()
         for start in range(0, len(perm), args.minibatch_size):
             stats = minibatch_backward(
-                policy, [episodes[i] for i in perm[start : start + args.minibatch_size]], pad_id, args
+                policy, critic, [episodes[i] for i in perm[start : start + args.minibatch_size]], pad_id, args
             )
+            if critic is not None:
+                stats["critic/grad_norm"] = float(
+                    torch.nn.utils.clip_grad_norm_(critic.model.parameters(), args.max_grad_norm)
+                )
+                critic.optimizer.step()
+                critic.scheduler.step()
+                critic.optimizer.zero_grad(set_to_none=True)
             if ppo.ratio_guard_exceeded(stats):  # the paper's guard: skip a minibatch whose mean ratio > 10
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()  # the schedule still advances, as in the paper (departure 2)
@@ -754,6 +957,8 @@ def ppo_update(policy, reference, optimizer, scheduler, episodes: list[Episode],
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
     policy.eval()
+    if critic is not None:
+        critic.model.eval()
     out = {k: v / max(1, num_steps) for k, v in totals.items()}
     out["ppo/skipped_minibatches"] = skipped
     return out
@@ -807,14 +1012,20 @@ def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
     return splits[0], splits[1][: args.eval_problems or None], splits[2][: args.eval_problems or None]
 
 
+def start_model(args: Args) -> str:
+    """Where the initial (SFT) policy lives: run_dir/init/ when this run makes it (a tiny model, or --sft-steps),
+    else --model itself."""
+    made_here = args.model == "tiny" or args.sft_steps > 0
+    return os.path.join(args.run_dir, "init") if made_here else args.model
+
+
 def load_models(args: Args, train_problems: list[dict]):
     """The policy to train and the frozen reference, the initial (SFT) policy (PAPER_NOTES §3; pitfall 13).
 
     A tiny model, or any model given --sft-steps, is made here once and kept in run_dir/init/: the RL start and the
     reference. With --resume the policy comes from run_dir/checkpoint/. No reference is loaded when kl_coef = 0."""
-    init_dir = os.path.join(args.run_dir, "init")
-    made_here = args.model == "tiny" or args.sft_steps > 0
-    if made_here and not os.path.exists(os.path.join(init_dir, "config.json")):
+    start = start_model(args)
+    if start != args.model and not os.path.exists(os.path.join(start, "config.json")):
         if args.model == "tiny":
             tokenizer = build_tiny_tokenizer([p["question"] + p["solution"] for p in train_problems[:20000]])
             policy = build_tiny_model(tokenizer, max_length=args.max_length).to(args.device)
@@ -822,8 +1033,7 @@ def load_models(args: Args, train_problems: list[dict]):
             policy, tokenizer = load_model(args.model, args.device)
         if args.sft_steps:
             sft(policy, tokenizer, train_problems, args)
-        save_folder(init_dir, policy, tokenizer, {})
-    start = init_dir if made_here else args.model
+        save_folder(start, policy, tokenizer, {})
     policy, tokenizer = load_model(os.path.join(args.run_dir, "checkpoint") if args.resume else start, args.device)
     if args.device.startswith("cuda") and args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -834,6 +1044,28 @@ def load_models(args: Args, train_problems: list[dict]):
         if args.device.startswith("cuda") and args.bf16:
             reference.to(torch.bfloat16)
     return policy, reference, tokenizer
+
+
+@dataclass
+class Critic:
+    """The PPO baseline's value model with its own AdamW and schedule (--advantage critic; PAPER_NOTES §3)."""
+
+    model: ppo.ValueModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def load_critic(args: Args) -> Critic | None:
+    """With --advantage critic: a full copy of the initial (SFT) policy with a fresh value head (head seeded by
+    rl_seed), and an AdamW at the policy's learning rate and schedule (§3 "Critic", pitfall 16); else None.
+    --resume then loads its saved weights and optimizer (restore_trainer_state)."""
+    if args.advantage != "critic":
+        return None
+    body, _ = load_model(start_model(args), args.device)
+    model = ppo.ValueModel(body, generator=torch.Generator().manual_seed(args.rl_seed))
+    if args.device.startswith("cuda") and args.gradient_checkpointing:
+        model.body.gradient_checkpointing_enable()
+    return Critic(model, *make_optimizer(model, args))
 
 
 def make_optimizer(policy, args: Args):
@@ -849,12 +1081,18 @@ def make_optimizer(policy, args: Args):
     return optimizer, scheduler
 
 
-def restore_trainer_state(path: str, optimizer, scheduler) -> tuple[int, float]:
-    """Load optimizer, scheduler and RNG states from a checkpoint; returns the iteration to continue at and the best
-    validation Pass@1 so far."""
+def restore_trainer_state(path: str, optimizer, scheduler, critic: Critic | None) -> tuple[int, float]:
+    """Load optimizer, scheduler and RNG states (and the critic's weights, optimizer and scheduler) from a checkpoint;
+    returns the iteration to continue at and the best validation Pass@1 so far."""
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if critic is not None:
+        critic.model.load_state_dict(
+            torch.load(os.path.join(path, "critic.pt"), map_location=next(critic.model.parameters()).device)
+        )
+        critic.optimizer.load_state_dict(state["critic_optimizer"])
+        critic.scheduler.load_state_dict(state["critic_scheduler"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -888,9 +1126,12 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(dataclasses.asdict(args), indent=1))
     train_problems, val_problems, test_problems = load_data(args)
     policy, reference, tokenizer = load_models(args, train_problems)
+    critic = load_critic(args)
     optimizer, scheduler = make_optimizer(policy, args)
     checkpoint = os.path.join(args.run_dir, "checkpoint")
-    start_iteration, best_val = restore_trainer_state(checkpoint, optimizer, scheduler) if args.resume else (0, -1.0)
+    start_iteration, best_val = 0, -1.0
+    if args.resume:
+        start_iteration, best_val = restore_trainer_state(checkpoint, optimizer, scheduler, critic)
     if args.wandb:
         import wandb
 
@@ -902,7 +1143,7 @@ def main(argv: list[str] | None = None) -> None:
         for iteration in range(start_iteration, args.num_iterations):
             log = {"iteration": iteration}
             # one generator per iteration, so that a resumed run draws exactly what an uninterrupted one does
-            generator = torch.Generator().manual_seed(args.seed + iteration)
+            generator = torch.Generator().manual_seed(args.rl_seed + iteration)
             if args.eval_every and iteration % args.eval_every == 0:  # before the update: iteration 0 is the start
                 metrics, best_val = evaluate_and_keep_best(
                     policy, tokenizer, test_problems, val_problems, iteration, best_val, args
@@ -912,21 +1153,34 @@ def main(argv: list[str] | None = None) -> None:
             timer = time.time()
             problems = sample_problems(train_problems, tokenizer, iteration, args)
             rollouts, rewards = sample_and_grade(policy, tokenizer, problems, generator, args)
+            episodes = make_episodes(tokenizer, problems, rollouts, rewards, args)
             log["time/sample"], timer = time.time() - timer, time.time()
-            # -------- Monte Carlo values of the step states, step and token advantages
-            episodes, vine_stats = vine_advantages(policy, tokenizer, problems, rollouts, rewards, generator, args)
-            log.update(vine_stats)
+            # -------- advantages: MC values of the step states (VinePPO), or a baseline's (--advantage)
+            pad_id = tokenizer.pad_token_id
+            if args.advantage == "vine":
+                log.update(vine_advantages(policy, tokenizer, problems, rollouts, episodes, generator, args))
+            elif args.advantage == "critic":
+                log.update(critic_advantages(critic, episodes, pad_id, args))
+            else:
+                log.update(outcome_advantages(episodes, args))
             log["time/values"], timer = time.time() - timer, time.time()
+            if args.value_diagnostic:  # -------- optional: how good are the values? (not part of the method)
+                log.update(run_value_diagnostic(policy, critic, tokenizer, problems, rollouts, iteration, args))
+                log["time/diagnostic"], timer = time.time() - timer, time.time()
+            log["tokens/answers"] = sum(len(ids) for ids in rollouts.response_ids)
             # -------- PPO update, log, checkpoint; Ctrl-C waits until the block ends (no checkpoint of half an update)
             with deferred_interrupt() as interrupted:
-                pad_id = tokenizer.pad_token_id
-                log.update(ppo_update(policy, reference, optimizer, scheduler, episodes, pad_id, generator, args))
+                log.update(
+                    ppo_update(policy, reference, critic, optimizer, scheduler, episodes, pad_id, generator, args)
+                )
                 resume_at = iteration + 1
                 log["time/train"] = time.time() - timer
                 write_log(log, episodes, rollouts, scheduler, metrics_file, args)
                 done = iteration + 1 - start_iteration
                 if interrupted or done == args.stop_after or is_checkpoint_iteration(iteration, args):
-                    save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, args, resume_at, best_val)
+                    save_checkpoint(
+                        checkpoint, policy, tokenizer, optimizer, scheduler, critic, args, resume_at, best_val
+                    )
                     saved_at = resume_at
             if interrupted:
                 print("interrupted; continue with --resume")
@@ -945,7 +1199,7 @@ def main(argv: list[str] | None = None) -> None:
         # Ctrl-C outside an update (evaluating, sampling, estimating values): the policy holds exactly the updates of
         # the iterations before resume_at, so this checkpoint resumes there
         if saved_at != resume_at:
-            save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, args, resume_at, best_val)
+            save_checkpoint(checkpoint, policy, tokenizer, optimizer, scheduler, critic, args, resume_at, best_val)
         print("interrupted; continue with --resume")
         sys.exit(130)
     finally:

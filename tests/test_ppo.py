@@ -1,5 +1,6 @@
 """Tests for ppo.py: logprobs against a slow per-prefix loop, whitening, the clipped loss and KL against hand-computed
-numbers, micro-batching == one pass, and the ratio guard. CPU only, a few seconds."""
+numbers, micro-batching == one pass, and the ratio guard; the baselines' pieces (GAE, the clipped value loss, the value
+head, GRPO and RLOO advantages) against hand-computed numbers. CPU only, a few seconds."""
 
 import math
 
@@ -7,14 +8,20 @@ import pytest
 import torch
 from conftest import make_model
 
+from transformers import AutoModelForCausalLM, LlamaConfig
+
 from ppo import (
     RATIO_THRESHOLD,
+    ValueModel,
     accumulate_stats,
+    gae,
+    group_advantages,
     masked_mean,
     masked_whiten,
     ppo_loss,
     ratio_guard_exceeded,
     token_logprobs,
+    value_loss,
 )
 
 VOCAB = 50
@@ -299,3 +306,82 @@ def test_ratio_guard_over_micro_batches(mean_ratio, exceeded):
     assert RATIO_THRESHOLD == 10.0
     assert not ratio_guard_exceeded({"ratio/mean": 10.0}), "the paper skips only above 10"
     assert ratio_guard_exceeded({"ratio/mean": 10.001})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The baselines: the paper's PPO critic (GAE, value loss, value head), GRPO, RLOO
+
+
+def test_gae_with_lambda_1_is_reward_minus_value_and_the_return_is_the_reward():
+    values = [0.2, 0.5, 0.9, 0.4]
+    advantages, returns = gae([0.0, 0.0, 0.0, 1.0], values)  # gamma = lambda = 1, reward on the last token only
+    assert advantages == pytest.approx([0.8, 0.5, 0.1, 0.6]) and returns == pytest.approx([1.0] * 4)
+    advantages, returns = gae([0.0, 0.0, 0.0, 0.0], values)  # an unfinished or wrong answer: R = 0
+    assert advantages == pytest.approx([-0.2, -0.5, -0.9, -0.4]) and returns == pytest.approx([0.0] * 4)
+    assert gae([], []) == ([], [])
+
+
+def test_gae_general_gamma_lambda_by_hand():
+    # delta = r_t + g V_{t+1} - V_t: d1 = 1 + 0 - 0.5 = 0.5; d0 = 0 + 0.9 * 0.5 - 0.2 = 0.25
+    # A1 = 0.5; A0 = 0.25 + 0.9 * 0.8 * 0.5 = 0.61; G = A + V
+    advantages, returns = gae([0.0, 1.0], [0.2, 0.5], gamma=0.9, lam=0.8)
+    assert advantages == pytest.approx([0.61, 0.5]) and returns == pytest.approx([0.81, 1.0])
+
+
+def test_value_loss_against_the_formula_clip_inactive_and_active():
+    old = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    new = torch.tensor([[0.6, 0.9, 0.1, 0.0]], requires_grad=True)  # moves of +0.1 (inside 0.2), +0.4, -0.4, -0.5
+    returns = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is padding
+    loss, stats = value_loss(new, old, returns, mask, clip_range=0.2)
+    # token 0: max(0.4^2, 0.4^2) = 0.16 (clip inactive); token 1: max(0.1^2, (0.7 - 1)^2 = 0.09) = 0.09 (clipped wins);
+    # token 2: max(0.1^2, (0.3 - 0)^2) = 0.09 (clipped wins); loss = 0.5 * (0.16 + 0.09 + 0.09) / 3
+    assert loss.item() == pytest.approx(0.5 * 0.34 / 3)
+    assert stats["critic/clipfrac"] == pytest.approx(2 / 3) and stats["critic/loss"] == pytest.approx(loss.item())
+    assert stats["critic/abs_error"] == pytest.approx((0.4 + 0.1 + 0.1) / 3)
+    loss.backward()
+    # d/dV of 0.5 (V - G)^2 / 3 = (V - G) / 3 where the unclipped branch wins; 0 where the clipped one does or masked
+    assert new.grad[0].tolist() == pytest.approx([(0.6 - 1.0) / 3, 0.0, 0.0, 0.0])
+
+
+def test_value_loss_without_clipping_is_half_mean_squared_error_and_counts_override():
+    new = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+    returns = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    mask = torch.ones(2, 2)
+    loss, _ = value_loss(new, new, returns, mask)  # V = V_old: the clip is inactive
+    assert loss.item() == pytest.approx(0.5 * ((0.9**2) + 0.2**2 + 0.7**2 + 0.6**2) / 4)
+    half, _ = value_loss(new, new, returns, mask, num_tokens=8)  # the whole minibatch's count, as in ppo_loss
+    assert half.item() == pytest.approx(loss.item() / 2)
+
+
+def test_value_head_initialisation_and_output():
+    hidden = 1024
+    config = LlamaConfig(vocab_size=32, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    critic = ValueModel(AutoModelForCausalLM.from_config(config), generator=torch.Generator().manual_seed(0))
+    weight = critic.head.weight.detach().flatten()  # (hidden,) ~ N(0, 1 / sqrt(hidden + 1))
+    sigma = 1 / math.sqrt(hidden + 1)
+    assert abs(weight.mean().item()) < 4 * sigma / math.sqrt(hidden)
+    assert weight.std().item() == pytest.approx(sigma, rel=0.1)
+    assert torch.equal(critic.head.bias, torch.zeros(1))
+    assert not any(name.startswith("lm_head") for name, _ in critic.named_parameters()), "the LM head is dropped"
+    ids, mask = right_padded_batch([5, 3])
+    values = critic(ids % 32, mask)
+    assert values.shape == (2, 5) and values.dtype == torch.float32
+    # causal: a row's values do not depend on what follows, so the padded row agrees with itself unpadded
+    assert torch.allclose(values[1, :3], critic(ids[1:, :3] % 32, mask[1:, :3])[0], atol=1e-5)
+
+
+def test_group_advantages_by_hand():
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # three prompts, three answers each; the last all right
+    rloo = group_advantages(rewards, 3, "rloo")  # R - mean of the other two
+    assert rloo == pytest.approx([1.0, -0.5, -0.5, -1.0, 0.5, 0.5, 0.0, 0.0, 0.0])
+    grpo = group_advantages(rewards, 3, "grpo")  # group 1: mean 1/3, sample std sqrt(1/3)
+    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
+    assert grpo[:3] == pytest.approx([(2 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4)])
+    assert grpo[3:6] == pytest.approx([-x for x in grpo[:3]])
+    assert grpo[6:] == [0.0, 0.0, 0.0] and all(math.isfinite(a) for a in grpo)  # equal rewards: 0, no division by 0
+    assert group_advantages([0.0, 0.0], 2, "grpo") == [0.0, 0.0]
+    with pytest.raises(AssertionError):
+        group_advantages([1.0, 0.0, 1.0], 2, "rloo")  # not whole groups

@@ -256,6 +256,21 @@ def test_arithmetic_problems_are_true_and_gradable():
     assert sum(lengths) / len(lengths) < 210 and max(lengths) < 240, "short enough for a tiny byte-level model"
 
 
+def test_slipped_solution_writes_the_first_multiplication_as_an_addition_and_carries_it():
+    solution = "\nTom has 12 apples.\n12 + 7 = 19\n19 * 2 = 38\n38 - 5 = 33\n33 * 3 = 99\n#### 99\n"
+    slipped = "\nTom has 12 apples.\n12 + 7 = 19\n19 + 2 = 21\n21 - 5 = 16\n16 * 3 = 48\n#### 48\n"
+    assert reward.slipped_solution(solution) == slipped
+    assert reward.grade(slipped, "99", "arithmetic") == 0.0
+    plain = "\nAnn has 3 pens.\n3 + 4 = 7\n7 - 1 = 6\n#### 6\n"
+    assert reward.slipped_solution(plain) == plain  # nothing to slip
+    carried = reward.slipped_solution("\nA.\n2 * 3 = 6\n6 - 6 = 0\n#### 0\n")  # may go below zero
+    assert carried == "\nA.\n2 + 3 = 5\n5 - 6 = -1\n#### -1\n"
+    for p in reward.load_problems("arithmetic", "validation"):  # every slip changes the answer of its problem
+        s = reward.slipped_solution(p["solution"])
+        assert (s == p["solution"]) == (" * " not in p["solution"])
+        assert reward.grade(s, p["answer"], "arithmetic") == float(s == p["solution"]) or "* 2 = 4\n" in p["solution"]
+
+
 def test_arithmetic_difficulty_knobs():
     for p in reward.make_arithmetic_problems(200, seed=5, num_steps=2, max_number=9):
         check_arithmetic_problem(p, num_steps=2, max_number=9)

@@ -155,7 +155,8 @@ def test_a_minibatch_the_ratio_guard_skips_moves_no_weight_but_advances_the_sche
     before = [p.detach().clone() for p in model.parameters()]
     optimizer, scheduler = train.make_optimizer(model, args)
     monkeypatch.setattr(ppo, "ratio_guard_exceeded", lambda stats: True)
-    stats = train.ppo_update(model, None, optimizer, scheduler, tiny_episodes(tokenizer, 4), 0, torch.Generator(), args)
+    episodes = tiny_episodes(tokenizer, 4)
+    stats = train.ppo_update(model, None, None, optimizer, scheduler, episodes, 0, torch.Generator(), args)
     assert stats["ppo/skipped_minibatches"] == 4  # 2 epochs x 2 minibatches
     assert scheduler.last_epoch == 4, "the schedule counts skipped minibatches, as the paper's engine does"
     assert not optimizer.state, "AdamW never stepped"
@@ -180,7 +181,8 @@ def test_answers_and_continuations_leave_room_for_eos_within_max_length(tokenize
     model = make_model("llama", len(tokenizer))
     problems, generator = [(prompt, "72")], torch.Generator().manual_seed(0)
     rollouts, rewards = train.sample_and_grade(model, tokenizer, problems, generator, args)
-    train.vine_advantages(model, tokenizer, problems, rollouts, rewards, generator, args)
+    episodes = train.make_episodes(tokenizer, problems, rollouts, rewards, args)
+    train.vine_advantages(model, tokenizer, problems, rollouts, episodes, generator, args)
     answers, continuations = calls  # a random model rarely stops: most rows of both calls use their whole budget
     assert max(r for _, r in answers) == 5 == args.max_length - 1 - len(prompt)
     assert max(p + r for p, r in continuations) == args.max_length - 1
@@ -195,7 +197,8 @@ def test_a_gsm8k_answer_without_a_final_answer_is_unfinished_reward_0_and_no_eos
     args.device, args.max_new_tokens = "cpu", 8
     rewards = train.grade_all(tokenizer, rollouts, ["72", "72"], "gsm8k")
     model = make_model("llama", len(tokenizer))
-    episodes, _ = train.vine_advantages(model, tokenizer, [(prompt, "72")], rollouts, rewards, torch.Generator(), args)
+    episodes = train.make_episodes(tokenizer, [(prompt, "72")], rollouts, rewards, args)
+    train.vine_advantages(model, tokenizer, [(prompt, "72")], rollouts, episodes, torch.Generator(), args)
     assert rewards == [0.0, 1.0]
     assert not episodes[0].finished and episodes[0].response_ids == ids[0], "no answer: unfinished, no EOS"
     assert episodes[1].finished and episodes[1].response_ids == ids[1] + [tokenizer.eos_token_id]
@@ -303,3 +306,162 @@ def test_sft_answer_only_cuts_a_seeded_fraction_of_solutions_to_the_answer_line(
     assert all(r == g or r == b for (_, r), g, b in zip(half, gold, bare))
     num_bare = sum(r == b for (_, r), b in zip(half, bare))
     assert abs(num_bare - 250) < 4 * math.sqrt(500 * 0.25), num_bare  # Binomial(500, 0.5): within 4 sigma
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The baselines (--advantage critic | grpo | rloo), the value diagnostic, the RL seed, the slipped SFT set
+
+
+@pytest.mark.parametrize("advantage", ["critic", "grpo", "rloo"])
+def test_each_baseline_trains_through_the_cli(tmp_path, sft_model, parity_reward, advantage):
+    argv = TINY + ["--model", str(sft_model), "--num_iterations", "2", "--run_dir", str(tmp_path)]
+    train.main(argv + ["--advantage", advantage, "--samples_per_prompt", "4", "--minibatch_size", "4"])
+    rows = read_metrics(tmp_path)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r["loss/policy"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert any(r["advantages/zero_frac"] < 1.0 for r in rows), "the stand-in reward should give some signal"
+    assert not any(key.startswith("vine/") for r in rows for key in r), "no Monte Carlo rollouts"
+    init = AutoModelForCausalLM.from_pretrained(sft_model)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
+    assert not all(torch.equal(a, b) for a, b in zip(init.parameters(), trained.parameters())), "nothing was trained"
+    critic_file = tmp_path / "checkpoint" / "critic.pt"
+    assert critic_file.exists() == (advantage == "critic")
+    if advantage == "critic":
+        assert all(math.isfinite(r["critic/loss"]) and r["critic/grad_norm"] > 0 for r in rows)
+        saved = torch.load(critic_file)
+        body = init.model.state_dict()  # the critic started as a copy of the SFT model's transformer
+        assert not all(torch.equal(saved[f"body.{k}"], v) for k, v in body.items()), "the critic was not trained"
+
+
+def test_resume_restores_the_critic_exactly(tmp_path, sft_model, parity_reward):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    argv = TINY + ["--model", str(sft_model), "--num_iterations", "3", "--advantage", "critic"]
+    train.main(argv + ["--run_dir", str(whole)])
+    train.main(argv + ["--run_dir", str(parts), "--stop_after", "1"])
+    train.main(argv + ["--run_dir", str(parts), "--resume"])
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(parts)) == strip(read_metrics(whole))
+    a, b = torch.load(whole / "checkpoint" / "critic.pt"), torch.load(parts / "checkpoint" / "critic.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def critic_for(tokenizer, args, seed: int = 1) -> train.Critic:
+    model = ppo.ValueModel(make_model("llama", len(tokenizer), seed=seed), generator=torch.Generator().manual_seed(0))
+    return train.Critic(model, *train.make_optimizer(model, args))
+
+
+def test_critic_advantages_are_reward_minus_old_value_with_the_reward_on_the_last_token(tokenizer):
+    args = train.parse_args(["--dataset", "arithmetic", "--advantage", "critic", "--micro_batch_size", "2"])
+    critic = critic_for(tokenizer, args)
+    episodes = tiny_episodes(tokenizer, 3)  # unfinished, reward 0: no EOS
+    episodes[0].response_ids.append(tokenizer.eos_token_id)  # a finished, right answer: R = 1 on its EOS
+    episodes[0].finished, episodes[0].reward = True, 1.0
+    train.critic_advantages(critic, episodes, tokenizer.pad_token_id, args)
+    for e in episodes:
+        p, r = len(e.prompt_ids), len(e.response_ids)
+        with torch.no_grad():
+            values = critic.model(torch.tensor([e.prompt_ids + e.response_ids]), torch.ones(1, p + r, dtype=torch.long))
+        v_old = values[0, p - 1 : p - 1 + r]  # V(state before response token t) is read at position p - 1 + t
+        assert e.advantages == pytest.approx((e.reward - v_old).tolist(), abs=1e-5)  # GAE, lambda = 1: R - V_old
+        assert e.returns == pytest.approx([e.reward] * r)
+        assert torch.allclose(e.old_values, values[0, :-1], atol=1e-6)
+
+
+def test_critic_values_are_computed_once_before_the_update(tokenizer, monkeypatch):
+    """With learning rate 0 nothing moves, so if V_old were recomputed during the update (or the update ran before
+    it) nothing would show; instead check that every minibatch's value loss equals the one computed from V_old and
+    the returns, in both epochs, and that the clip never fires."""
+    args = train.parse_args(["--dataset", "arithmetic", "--advantage", "critic", "--lr", "0"])
+    args.minibatch_size, args.micro_batch_size = 4, 2
+    critic = critic_for(tokenizer, args)
+    model = make_model("llama", len(tokenizer))
+    optimizer, scheduler = train.make_optimizer(model, args)
+    episodes = tiny_episodes(tokenizer, 4)
+    episodes[1].reward = 1.0
+    train.critic_advantages(critic, episodes, tokenizer.pad_token_id, args)
+    losses = []
+    value_loss = ppo.value_loss
+    monkeypatch.setattr(ppo, "value_loss", lambda *a, **k: (out := value_loss(*a, **k), losses.append(out[1]))[0])
+    stats = train.ppo_update(model, None, critic, optimizer, scheduler, episodes, 0, torch.Generator(), args)
+    errors = [(float(v) - e.reward) ** 2 for e in episodes for v in e.old_values[len(e.prompt_ids) - 1 :]]
+    expected = 0.5 * sum(errors) / len(errors)  # one minibatch of all 4 episodes
+    per_epoch = [sum(s["critic/loss"] for s in losses[i : i + 2]) for i in (0, 2)]  # 2 micro-batches per minibatch
+    assert len(losses) == 4 and per_epoch == pytest.approx([expected, expected], rel=1e-5)
+    assert all(s["critic/clipfrac"] == 0.0 for s in losses)
+    assert stats["critic/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_value_diagnostic_reference_converges_to_the_true_values(tokenizer):
+    """The unbiasedness toy of test_vine.py: V(s_0) = 0, V(s_1) = p7 * p_eos, V(s_2) = p_eos. The reference (2000
+    rollouts) is within 3 sigma of them; the critic's predictions are its values at the last token of each state."""
+    from test_vine import context_free_model, next_token_probs, toy_answer
+
+    logits = {"7": 0.6 * math.log(0.5), "8": 0.6 * math.log(0.1), "<eos>": 0.6 * math.log(0.4)}
+    model = context_free_model(tokenizer, logits)
+    probs = next_token_probs(model, temperature=0.6, top_p=0.8)
+    p7, p_eos = probs[tokenizer.convert_tokens_to_ids("7")].item(), probs[2].item()
+    args = train.parse_args(["--dataset", "gsm8k", "--top_p", "0.8", "--max_new_tokens", "3", "--num_mc_rollouts", "3"])
+    args.device, args.diagnostic_rollouts, args.max_batch_tokens = "cpu", 2000, 1 << 20
+    prompt, response, steps = toy_answer(tokenizer)
+    critic = critic_for(tokenizer, args)
+    stats, values = train.value_diagnostic(
+        model, critic, tokenizer, [prompt], [response], [steps], ["7"], torch.Generator().manual_seed(0), args
+    )
+    truth = [0.0, p7 * p_eos, p_eos]
+    for estimate, v in zip(values["reference"][0], truth):
+        assert abs(estimate - v) <= 3 * math.sqrt(v * (1 - v) / 2000), (values["reference"], truth)
+    assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in values["mc"][0])  # K = 3 rollouts per state
+    ends = [len(prompt) + sum(s < k for s in steps) for k in range(3)]  # s_k: the prompt and the tokens of steps < k
+    with torch.no_grad():
+        full = critic.model(torch.tensor([prompt + response]), torch.ones(1, len(prompt + response), dtype=torch.long))
+    assert values["critic"][0] == pytest.approx([float(full[0, end - 1]) for end in ends], abs=1e-5)
+    mae = sum(abs(c - r) for c, r in zip(values["critic"][0], values["reference"][0])) / 3
+    assert stats["diag/critic_mae"] == pytest.approx(mae) and stats["diag/states"] == 3
+    assert 0.0 <= stats["diag/mc_rank_acc"] <= 1.0 and 0.0 <= stats["diag/critic_rank_acc"] <= 1.0
+
+
+def test_value_errors_by_hand():
+    reference = [[0.2, 0.6, 1.0], [0.5]]
+    estimate = [[0.4, 0.4, 0.9], [0.0]]
+    stats = train.value_errors(estimate, reference, prefix="x")
+    assert stats["x_mae"] == pytest.approx((0.2 + 0.2 + 0.1 + 0.5) / 4)
+    # pairs of answer 0: (0.2, 0.6) tie in the estimate: 1/2; (0.2, 1.0) right; (0.6, 1.0) right; answer 1 has none
+    assert stats["x_rank_acc"] == pytest.approx((0.5 + 1 + 1) / 3)
+
+
+def test_rl_seed_changes_rl_and_keeps_the_starting_model(tmp_path, parity_reward):
+    argv = TINY + ["--model", "tiny", "--num_iterations", "1", "--sft_steps", "2", "--sft_batch_size", "4"]
+    for name, extra in [("a", []), ("b", ["--rl_seed", "5"]), ("c", ["--rl_seed", "5"])]:
+        train.main(argv + ["--run_dir", str(tmp_path / name)] + extra)
+    init = {n: AutoModelForCausalLM.from_pretrained(tmp_path / n / "init") for n in "abc"}
+    assert all(torch.equal(x, y) for x, y in zip(init["a"].parameters(), init["b"].parameters()))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    a, b, c = (strip(read_metrics(tmp_path / n)) for n in "abc")
+    assert b == c and a != b
+    assert train.parse_args(["--dataset", "gsm8k", "--seed", "3"]).rl_seed == 3  # the default: --seed
+
+
+def test_baseline_options_are_checked(tmp_path):
+    cases = [
+        (["--dataset", "arithmetic", "--advantage", "grpo", "--samples_per_prompt", "1"], "samples-per-prompt >= 2"),
+        (["--dataset", "gsm8k", "--sft_slip", "0.5"], "--sft-slip"),
+        (["--dataset", "arithmetic", "--advantage", "ppo"], "invalid choice"),
+    ]
+    for argv, message in cases:
+        result = run_cli(*argv, tmp_path=tmp_path)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (argv, result.stderr[-2000:])
+        assert message in result.stderr, (argv, result.stderr)
+
+
+def test_sft_slip_slips_a_seeded_fraction_of_the_solutions_with_a_multiplication():
+    problems = reward.load_problems("arithmetic", "validation")
+    tokenizer = train.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
+    args = train.parse_args(["--dataset", "arithmetic", "--sft_answer_only", "0", "--sft_slip", "0.5"])
+    examples = train.sft_examples(tokenizer, problems, args, random.Random(0))
+    texts = [tokenizer.decode(r[:-1]) for _, r in examples]
+    slipped = [t != p["solution"] for t, p in zip(texts, problems)]
+    with_mult = [" * " in p["solution"] for p in problems]
+    assert all(t in (p["solution"], reward.slipped_solution(p["solution"])) for t, p in zip(texts, problems))
+    assert not any(s and not m for s, m in zip(slipped, with_mult)), "only solutions with a multiplication change"
+    n, k = sum(with_mult), sum(slipped)
+    assert abs(k - n / 2) < 4 * math.sqrt(n / 4), (k, n)
