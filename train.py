@@ -527,9 +527,11 @@ def grade_all(tokenizer, rollouts: rollout.Rollouts, answers: list[str], dataset
 
 def evaluate(model, tokenizer, test_problems: list[dict], val_problems: list[dict], args: Args, iteration: int) -> dict:
     """Pass@1 as the paper measures it (§4.5): the mean accuracy of eval_samples answers per problem at T = 0.35, on
-    the test and the validation problems; and the accuracy of the greedy answer to each test problem."""
+    the test and the validation problems; and the accuracy of the greedy answer to each test problem. The draws
+    depend on --seed and the iteration only, so runs from one starting model are evaluated on the same problems with
+    the same random numbers (paired). metrics["per_problem"] holds each problem's score, for comparisons."""
     generator = torch.Generator().manual_seed(args.seed + 1_000_003 * (iteration + 1))
-    metrics = {}
+    metrics, per_problem = {}, {}
     for name, problems, num_samples, temperature in [
         ("eval/pass1", test_problems, args.eval_samples, args.eval_temperature),
         ("eval/greedy", test_problems, 1, 0.0),
@@ -540,8 +542,9 @@ def evaluate(model, tokenizer, test_problems: list[dict], val_problems: list[dic
             model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, generator=generator, args=args
         )
         golds = [p["answer"] for p in problems for _ in range(num_samples)]
-        metrics[name] = float(np.mean(grade_all(tokenizer, outs, golds, args.dataset)))
-    return metrics
+        scores = np.array(grade_all(tokenizer, outs, golds, args.dataset)).reshape(len(problems), num_samples)
+        metrics[name], per_problem[name] = float(scores.mean()), scores.mean(axis=1).tolist()
+    return {**metrics, "per_problem": per_problem}
 
 
 def keep_best(metrics: dict, best_val: float, policy, tokenizer, iteration: int, args: Args) -> float:
@@ -558,9 +561,16 @@ def keep_best(metrics: dict, best_val: float, policy, tokenizer, iteration: int,
 def evaluate_and_keep_best(
     policy, tokenizer, test_problems, val_problems, iteration, best_val, args
 ) -> tuple[dict, float]:
-    """The evaluation phase: evaluate, keep the best policy, time it. Returns (metrics, best validation Pass@1)."""
+    """The evaluation phase: evaluate, keep the best policy, time it, and write each problem's scores to
+    run_dir/evals/<iteration>.json (benchmarks/compare_runs.py pairs runs with them). Returns (metrics, best
+    validation Pass@1)."""
     start = time.time()
     metrics = evaluate(policy, tokenizer, test_problems, val_problems, args, iteration)
+    per_problem = metrics.pop("per_problem", None)
+    if per_problem is not None:
+        os.makedirs(os.path.join(args.run_dir, "evals"), exist_ok=True)
+        with open(os.path.join(args.run_dir, "evals", f"{iteration}.json"), "w") as f:
+            json.dump(per_problem, f)
     best_val = keep_best(metrics, best_val, policy, tokenizer, iteration, args)
     metrics["time/eval"] = time.time() - start
     return metrics, best_val
@@ -628,6 +638,7 @@ def check_run_dir(args: Args) -> None:
     with open(os.path.join(args.run_dir, "checkpoint", "run_args.json")) as f:
         saved = json.load(f)
     keep = {"resume", "stop_after", "device", "threads", "wandb", "max_batch_tokens", "eval_problems"}
+    keep |= {"value_diagnostic", "diagnostic_rollouts"}  # measurements from their own generator: training is the same
     changed = [k for k, v in dataclasses.asdict(args).items() if k not in keep and saved.get(k) != v]
     if changed:
         raise SystemExit(

@@ -82,6 +82,11 @@ def test_smoke_run_trains_and_saves_a_loadable_checkpoint(tmp_path, sft_model, p
     assert all(math.isfinite(r["loss/policy"]) and math.isfinite(r["grad_norm"]) for r in rows[:2])
     assert any(r["advantages/zero_frac"] < 1.0 for r in rows[:2]), "the stand-in reward should give some signal"
     assert 0.0 <= rows[-1]["eval/pass1"] <= 1.0 and all("eval/val_pass1" in r for r in rows)
+    for r in rows:  # every evaluation's per-problem scores (2 problems, 2 samples: 0, 1/2 or 1), for paired comparisons
+        scores = json.loads((tmp_path / "evals" / f"{r['iteration']}.json").read_text())
+        assert set(scores) == {"eval/pass1", "eval/greedy", "eval/val_pass1"}
+        assert len(scores["eval/pass1"]) == 2 and sum(scores["eval/pass1"]) / 2 == r["eval/pass1"]
+        assert all(s in (0.0, 0.5, 1.0) for s in scores["eval/pass1"])
     best = json.loads((tmp_path / "best" / "best.json").read_text())  # the first evaluation with the best val Pass@1
     vals = [r["eval/val_pass1"] for r in rows]
     assert best["eval/val_pass1"] == max(vals) and best["iteration"] == vals.index(max(vals))

@@ -1,0 +1,256 @@
+"""Head-to-head of advantage estimators from train.py runs that share a starting model: per-arm test Pass@1 with paired
+bootstrap confidence intervals at chosen iterations, the cost of each arm, the value-diagnostic figures, and the
+learning curves against iteration and against seconds.
+
+    python benchmarks/compare_runs.py runs/h2h/*_s* --out runs/h2h/report --at 1 2 10 --slip
+
+A run folder's arm is its name without the "_s<seed>" suffix (vine_s1, vine_s2 -> vine); its RL seed is in its
+run_args.json. benchmarks/head_to_head.sh makes such runs; the README reads its output.
+
+Statistics: train.py writes each problem's score (the mean reward of --eval-samples answers at T = 0.35: the paper's
+Pass@1) to run_dir/evals/<iteration>.json at every evaluation. Its draws depend on --seed and the iteration only, so
+runs from one starting model are scored on the same problems with the same random numbers: a paired comparison. The
+difference of two arms is the mean over their seeds and the test problems; its 95% interval is a bootstrap that
+resamples the problems (one draw for both arms) and, independently, each arm's seeds, so it carries the problem noise
+and the RL-seed noise. With 3 seeds the seed part is coarse. "start" is the iteration-0 evaluation (before any update).
+
+Cost: generated tokens (answers plus MC rollouts) and seconds per iteration by phase, from metrics.jsonl, leaving
+out evaluation and the value diagnostic, which are measurements and not part of any method.
+--slip (arithmetic, train.py --sft-slip): re-samples each final policy and the starting model on the test problems
+with a multiplication, and reports how often the first multiplication line is written as an addition, among the
+answers that reach it (cached in OUT/slips/).
+
+Writes OUT/summary.md, OUT/summary.json, and OUT/curves.png when matplotlib is installed.
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import reward  # noqa: E402
+import rollout  # noqa: E402
+import train  # noqa: E402
+
+PHASES = ("sample", "values", "train")  # the method's phases; eval and diagnostic are measurements
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="train.py run folders (their --run-dir), named <arm>_s<seed>"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for the summary and the plot")
+    parser.add_argument("--at", type=int, nargs="*", help="iterations to compare (default: the last evaluated)")
+    parser.add_argument("--bootstrap", type=int, default=4000, help="bootstrap replicates (default: 4000)")
+    parser.add_argument("--slip", action="store_true", help="measure the slip rate of the final policies (arithmetic)")
+    parser.add_argument("--samples", type=int, default=8, help="answers per problem for --slip (default: 8)")
+    return parser.parse_args()
+
+
+def arm_of(run: Path) -> str:
+    return re.sub(r"_s\d+$", "", run.name)
+
+
+def read_run(run: Path) -> dict:
+    """metrics.jsonl rows, run_args.json and the per-problem evaluations {iteration: {name: scores}} of a run."""
+    metrics, args_file = run / "metrics.jsonl", run / "checkpoint" / "run_args.json"
+    if not metrics.is_file() or not args_file.is_file():
+        raise SystemExit(f"error: {run} is not a finished train.py run (no metrics.jsonl or checkpoint/run_args.json)")
+    evals = {int(f.stem): json.loads(f.read_text()) for f in (run / "evals").glob("*.json")}
+    if not evals:
+        raise SystemExit(f"error: {run}/evals/ is empty; run train.py with --eval-every > 0")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {"rows": rows, "args": json.loads(args_file.read_text()), "evals": evals}
+
+
+def bootstrap_diff(a: np.ndarray, b: np.ndarray, replicates: int, rng: np.random.Generator) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b) for (seeds x problems) score matrices over the same problems: the problems
+    are resampled together (paired), each arm's seeds separately."""
+    num_problems = a.shape[1]
+    diffs = np.empty(replicates)
+    for r in range(replicates):
+        problems = rng.integers(num_problems, size=num_problems)
+        seeds_a, seeds_b = rng.integers(len(a), size=len(a)), rng.integers(len(b), size=len(b))
+        diffs[r] = a[seeds_a][:, problems].mean() - b[seeds_b][:, problems].mean()
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def cost(rows: list[dict]) -> dict:
+    """Means per training iteration: seconds of each phase, generated tokens (answers + MC rollouts), and the value
+    diagnostic's figures when it ran."""
+    steps = [r for r in rows if "time/train" in r]
+    out = {f"s_{phase}": float(np.mean([r.get(f"time/{phase}", 0.0) for r in steps])) for phase in PHASES}
+    out["s_iteration"] = sum(out[f"s_{phase}"] for phase in PHASES)
+    out["tokens"] = float(np.mean([r.get("tokens/answers", 0) + r.get("vine/mc_tokens", 0) for r in steps]))
+    for key in ("diag/mc_mae", "diag/critic_mae", "diag/mc_rank_acc", "diag/critic_rank_acc"):
+        values = [r[key] for r in steps if key in r]
+        if values:
+            out[key] = float(np.mean(values))
+    return out
+
+
+def first_multiplication(solution: str) -> tuple[int, int] | None:
+    """(left operand, factor) of a gold arithmetic solution's first multiplication line, or None."""
+    for line in solution.split("\n"):
+        match = reward.ARITHMETIC_LINE_RE.fullmatch(line)
+        if match and match[2] == "*":
+            return int(match[1]), int(match[3])
+    return None
+
+
+def slip_rate(path: Path, cache: Path, samples: int) -> float:
+    """Share of answers (T = 0.35) to test problems with a multiplication that write its first one as an addition,
+    among the answers that write either."""
+    if cache.is_file():
+        return json.loads(cache.read_text())["slip"]
+    test = [p for p in reward.load_problems("arithmetic", "test") if first_multiplication(p["solution"])]
+    train_args = train.parse_args(["--dataset", "arithmetic", "--device", "cpu"])
+    model, tokenizer = train.load_model(str(path), "cpu")
+    prompts = [train.encode_prompt(tokenizer, p["question"], "arithmetic") for p in test]
+    outs = train.sample_answers(
+        model,
+        tokenizer,
+        prompts,
+        num_samples=samples,
+        temperature=train_args.eval_temperature,
+        generator=torch.Generator().manual_seed(12345),
+        args=train_args,
+    )
+    slips = []
+    for i, ids in enumerate(outs.response_ids):
+        a, n = first_multiplication(test[i // samples]["solution"])
+        text = tokenizer.decode(ids, **rollout.DECODE_KWARGS)
+        if f"\n{a} + {n} = " in text or f"\n{a} * {n} = " in text:
+            slips.append(f"\n{a} + {n} = " in text)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"slip": float(np.mean(slips)), "answers": len(slips)}))
+    return float(np.mean(slips))
+
+
+def curves(runs_by_arm: dict, out: Path) -> None:
+    """Test Pass@1 against iteration, seconds of the method's phases and generated tokens (answers and MC rollouts,
+    the compute-matched view): one thin line per seed, one thick line for the mean over seeds (at the seeds' mean
+    seconds and tokens)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("(no curves: pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for color, (arm, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs_by_arm.items()):
+        per_seed = []
+        for run in runs:
+            points, seconds, tokens = [], 0.0, 0
+            for r in run["rows"]:
+                if "eval/pass1" in r:
+                    points.append((r["iteration"], seconds, tokens, r["eval/pass1"]))
+                seconds += sum(r.get(f"time/{phase}", 0.0) for phase in PHASES)
+                tokens += r.get("tokens/answers", 0) + r.get("vine/mc_tokens", 0)
+            per_seed.append(points)
+            xs = list(zip(*points))
+            for ax, x in zip(axes, xs[:3]):
+                ax.plot(x, xs[3], "-", color=color, alpha=0.25, linewidth=1)
+        n = min(len(p) for p in per_seed)
+        mean = np.array([[p[i] for i in range(n)] for p in per_seed]).mean(axis=0)  # (n, 4)
+        for k, ax in enumerate(axes):
+            ax.plot(mean[:, k], mean[:, 3], "-o", color=color, markersize=3, label=f"{arm} ({len(runs)} seeds)")
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("seconds of sampling, values and updates")
+    axes[2].set_xlabel("generated tokens (answers + MC rollouts)")
+    for ax in axes:
+        ax.set_ylabel("test Pass@1 (T = 0.35)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle("advantage estimators from one starting model: thin lines are RL seeds, thick their mean")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    print(f"wrote {out / 'curves.png'}")
+
+
+def main() -> None:
+    args = parse_args()
+    runs_by_arm = {}
+    for path in sorted(args.runs):
+        runs_by_arm.setdefault(arm_of(path), []).append({"path": path, **read_run(path)})
+    all_runs = [run for runs in runs_by_arm.values() for run in runs]
+    common = set.intersection(*(set(run["evals"]) for run in all_runs))
+    at = args.at or [max(common)]
+    if 0 not in common or not set(at) <= common:
+        raise SystemExit(f"error: every run must be evaluated at iteration 0 and at {at}; all have {sorted(common)}")
+    start = np.array([all_runs[0]["evals"][0]["eval/pass1"]])
+    if any(run["evals"][0]["eval/pass1"] != start[0].tolist() for run in all_runs):
+        raise SystemExit(
+            "error: the runs' iteration-0 evaluations differ: they do not share a starting model and --seed"
+        )
+    rng = np.random.default_rng(0)
+    summary = {"start_pass1": float(start.mean()), "arms": {}}
+    lines = [f"start model (iteration 0): test Pass@1 {start.mean():.3f} on {start.shape[1]} problems", ""]
+    scores = {}
+    for iteration in at:
+        lines += [
+            f"after iteration {iteration}:",
+            "",
+            "| arm | test Pass@1, mean of seeds | per seed | gain over start, 95% CI |",
+            "|---|---|---|---|",
+        ]
+        for arm, runs in runs_by_arm.items():
+            scores[arm] = np.array([run["evals"][iteration]["eval/pass1"] for run in runs])  # (seeds, problems)
+            low, high = bootstrap_diff(scores[arm], start, args.bootstrap, rng)
+            mean, per_seed = float(scores[arm].mean()), scores[arm].mean(axis=1).tolist()
+            summary["arms"].setdefault(arm, {})[iteration] = {"pass1": mean, "per_seed": per_seed, "gain": [low, high]}
+            seeds = " / ".join(f"{p:.3f}" for p in per_seed)
+            lines.append(f"| {arm} | {mean:.3f} | {seeds} | {mean - start.mean():+.3f} [{low:+.3f}, {high:+.3f}] |")
+        lines += ["", "| difference | test Pass@1 points, 95% CI |", "|---|---|"]
+        arms = list(runs_by_arm)
+        for i, a in enumerate(arms):
+            for b in arms[i + 1 :]:
+                low, high = bootstrap_diff(scores[a], scores[b], args.bootstrap, rng)
+                diff = scores[a].mean() - scores[b].mean()
+                summary["arms"][a][iteration][f"minus {b}"] = [float(diff), low, high]
+                lines.append(f"| {a} - {b} | {100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |")
+        lines.append("")
+    lines += [
+        "| arm | tokens generated / iteration | seconds / iteration (sample + values + update) | MC value MAE "
+        "| critic MAE | MC rank acc. | critic rank acc. |" + (" slip rate, final |" if args.slip else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if args.slip else ""),
+    ]
+    if args.slip:
+        start_path = Path(all_runs[0]["args"]["model"])
+        summary["start_slip"] = slip_rate(start_path, args.out / "slips" / "start.json", args.samples)
+        lines.insert(1, f"start model slip rate: {summary['start_slip']:.3f}")
+    for arm, runs in runs_by_arm.items():
+        costs = [cost(run["rows"]) for run in runs]
+        c = {k: float(np.mean([x[k] for x in costs])) for k in costs[0]}
+        summary["arms"][arm]["cost"] = c
+        diag = [f"{c[k]:.3f}" if k in c else "" for k in ("diag/mc_mae", "diag/critic_mae")]
+        diag += [f"{c[k]:.2f}" if k in c else "" for k in ("diag/mc_rank_acc", "diag/critic_rank_acc")]
+        seconds = f"{c['s_iteration']:.1f} ({c['s_sample']:.1f} + {c['s_values']:.1f} + {c['s_train']:.1f})"
+        row = f"| {arm} | {c['tokens']:.0f} | {seconds} | " + " | ".join(diag) + " |"
+        if args.slip:
+            slips = [
+                slip_rate(run["path"] / "checkpoint", args.out / "slips" / f"{run['path'].name}.json", args.samples)
+                for run in runs
+            ]
+            summary["arms"][arm]["slip"] = slips
+            row += " " + " / ".join(f"{s:.3f}" for s in slips) + " |"
+        lines.append(row)
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.md").write_text(text + "\n")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    curves(runs_by_arm, args.out)
+
+
+if __name__ == "__main__":
+    main()
