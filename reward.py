@@ -18,9 +18,11 @@ Departures from the paper (numbered):
 2. MATH answers are compared with the `math-verify` package instead of the paper's Minerva/DeepSeekMath normaliser
    plus sympy grader, and only a \boxed{..} (or \fbox{..}) answer counts: the paper's extractor falls back to
    "The answer is ..." and then to the last number in the text; we return None (reward 0) instead.
-3. A MATH comparison gets a wall-clock budget of MATH_VERIFY_SECONDS and answers longer than MAX_ANSWER_CHARS count
-   as wrong, so that grade() returns within about a second for any input. The budget is enforced with a SIGALRM
-   timer, which only the main thread can set; from other threads math-verify runs without a budget.
+3. A MATH comparison gets a wall-clock budget of MATH_VERIFY_SECONDS, and answers longer than MAX_ANSWER_CHARS or
+   too big to compute (too_big_to_verify: a tower of powers such as 10^{10^{10}}, an exponent of 5 or more digits,
+   the factorial of a 5-digit number) count as wrong, so that grade() returns within about a second for any input.
+   In the main thread the budget is a SIGALRM timer; other threads cannot set one, so there math-verify runs in a
+   worker process that is killed and restarted when it overruns (VerifyWorker).
 4. grade() cuts the response at the first stop string ("\n\n\nProblem:"), as vLLM's `stop` does in the paper, so a
    sampler that keeps the stop string in its output grades the same.
 5. The validation subsets (GSM8K: 373 of train, MATH: 500 of the PRM800K train split) are our own seeded draws; the
@@ -31,6 +33,7 @@ Departures from the paper (numbered):
 import gzip
 import json
 import logging
+import multiprocessing
 import random
 import re
 import signal
@@ -129,15 +132,15 @@ def read_jsonl_problems(path: Path, dataset: str) -> list[dict]:
     problems = []
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
+        with opener(path, "rb") as f:
+            for line_number, raw in enumerate(f, start=1):
                 try:
-                    problems.append(row_to_problem(json.loads(line), dataset))
-                except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                    line = raw.decode("utf-8")  # per line, so that a bad byte is reported with its line
+                    if line.strip():
+                        problems.append(row_to_problem(json.loads(line), dataset))
+                except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
                     raise ValueError(f"{path}, line {line_number}: {e}") from e
-    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:  # a damaged or cut-off file, or not text
+    except (gzip.BadGzipFile, EOFError) as e:  # a damaged or cut-off gzip file
         raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
     return problems
 
@@ -187,7 +190,8 @@ def split_validation(problems: list[dict], *, num_validation: int, seed: int) ->
     The draw is over the problems sorted by (question, solution), so it depends on the set of problems only, not
     on the row order of the file or hub copy they came from.
     """
-    assert num_validation < len(problems), f"cannot hold out {num_validation} of {len(problems)} problems"
+    if num_validation >= len(problems):
+        raise ValueError(f"cannot hold out {num_validation} validation problems from {len(problems)} training problems")
     by_content = sorted(range(len(problems)), key=lambda i: (problems[i]["question"], problems[i]["solution"]))
     held_out = {by_content[k] for k in random.Random(seed).sample(range(len(problems)), num_validation)}
     train = [p for i, p in enumerate(problems) if i not in held_out]
@@ -368,20 +372,95 @@ def raise_deadline(signum: int, frame) -> None:
     raise MathVerifyDeadline()
 
 
+def exponent_groups(text: str) -> list[str]:
+    r"""What follows each "^": a balanced {..} group, or else one character or \command."""
+    groups = []
+    for match in re.finditer(r"\^\s*", text):
+        start = match.end()
+        if text.startswith("{", start):
+            depth = 0
+            for end in range(start, len(text)):
+                depth += (text[end] == "{") - (text[end] == "}")
+                if depth == 0:
+                    break
+            groups.append(text[start : end + 1])
+        else:
+            command = re.match(r"\\[A-Za-z]+|.", text[start:], re.DOTALL)
+            groups.append(command.group(0) if command else "")
+    return groups
+
+
+def too_big_to_verify(answer: str) -> bool:
+    """Would a computer algebra system try to build an astronomically large number from this answer? A power whose
+    exponent holds another power (10^{10^{10}}: sympy works out the integer, GIL held, no signal can stop it), an
+    exponent with a number of 5 or more digits, the factorial of such a number or of a power. No MATH gold answer
+    comes close: their largest exponent has 4 digits (2^{2005}-style) and no tower."""
+    if re.search(r"\d{5,}\s*!", answer) or re.search(r"\^\s*(\{[^{}]*\}|\d+)\s*\)?\s*!", answer):
+        return True
+    for group in exponent_groups(answer):
+        if "^" in group or re.search(r"\d{5,}", group) or "\\uparrow" in group:
+            return True
+    return bool(re.search(r"\d\s*\^\s*\d+\s*\^", answer))  # 9^9^9 without braces
+
+
+class VerifyWorker:
+    """math-verify in a child process, for callers outside the main thread (which cannot set SIGALRM): each call
+    waits at most MATH_VERIFY_SECONDS + a margin, and a child that overruns is killed and replaced. Started on first
+    use, with spawn (safe after CUDA or threads); the child bounds each call with its own SIGALRM timer too."""
+
+    def __init__(self):
+        self.lock, self.process, self.connection = threading.Lock(), None, None
+
+    def equal(self, pred: str, gold: str) -> bool:
+        with self.lock:
+            if self.process is None or not self.process.is_alive():
+                self.start()
+            self.connection.send((pred, gold))
+            if self.connection.poll(MATH_VERIFY_SECONDS + 1.0):
+                return self.connection.recv()
+            self.process.kill()  # stuck in one long C computation: only killing it frees the GIL it holds
+            self.process.join()
+            self.process = None
+            return False
+
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=verify_worker_loop, args=(child,), daemon=True)
+        self.process.start()
+        if not self.connection.poll(60):  # imports sympy and math-verify: a second or two
+            raise RuntimeError("the math-verify worker process did not start")
+        self.connection.recv()
+
+
+def verify_worker_loop(connection) -> None:
+    """The child of VerifyWorker: answer (pred, gold) requests with math_answers_equal, in its own main thread."""
+    connection.send("ready")
+    while True:
+        pred, gold = connection.recv()
+        connection.send(math_answers_equal(pred, gold))
+
+
+VERIFY_WORKER = VerifyWorker()
+
+
 def math_answers_equal(pred: str, gold: str) -> bool:
     """Is the predicted MATH answer equivalent to the gold one? Identical strings are; else ask math-verify.
 
     math-verify's own timeouts use signal.alarm (whole seconds, main thread only, and a timed-out stage returns
     "no match" before the next stage starts afresh), so we turn them off and bound the whole parse + verify by one
-    SIGALRM timer of MATH_VERIFY_SECONDS instead. Outside the main thread no timer can be set: math-verify then runs
-    unbounded except for MAX_ANSWER_CHARS. Like math-verify's, our timer replaces any SIGALRM timer set by the caller.
+    SIGALRM timer of MATH_VERIFY_SECONDS instead. Outside the main thread no timer can be set: the comparison then
+    runs in VERIFY_WORKER, a child process killed when it overruns. Like math-verify's, our timer replaces any
+    SIGALRM timer set by the caller. Answers too big to compute (too_big_to_verify) never reach math-verify.
     """
     if pred.strip() == gold.strip():  # includes two MATH train problems whose gold box is empty ("\\boxed{}")
         return True
-    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS or too_big_to_verify(pred):
         return False
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        return verify_boxed(pred, gold)
+    if not hasattr(signal, "setitimer"):  # no SIGALRM timers on this platform (Windows)
+        return VERIFY_WORKER.equal(pred, gold) if multiprocessing.parent_process() is None else verify_boxed(pred, gold)
+    if threading.current_thread() is not threading.main_thread():
+        return VERIFY_WORKER.equal(pred, gold)
     old_handler = signal.signal(signal.SIGALRM, raise_deadline)
     try:
         signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_SECONDS)

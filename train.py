@@ -62,6 +62,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from tqdm import tqdm
+
+try:
+    import fcntl  # the run-folder lock (Linux, macOS); without it (Windows) runs are not locked
+except ImportError:
+    fcntl = None
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig, PreTrainedTokenizerFast
 
 import ppo
@@ -301,16 +306,64 @@ def parse_args(argv: list[str] | None = None) -> Args:
     args.run_dir = args.run_dir or os.path.join("runs", args.dataset)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.rl_seed = args.seed if args.rl_seed is None else args.rl_seed
-    if not 0.0 <= args.sft_answer_only <= 1.0:
-        raise SystemExit(f"error: --sft-answer-only is a fraction in [0, 1], got {args.sft_answer_only}")
-    if not 0.0 <= args.sft_slip <= 1.0 or (args.sft_slip and args.dataset != "arithmetic"):
-        raise SystemExit(f"error: --sft-slip is a fraction in [0, 1] for --dataset arithmetic, got {args.sft_slip}")
-    if args.advantage in ("grpo", "rloo") and args.samples_per_prompt < 2:
-        raise SystemExit(
-            f"error: --advantage {args.advantage} compares answers to one problem: needs --samples-per-prompt >= 2"
-        )
-    assert args.minibatch_size % args.micro_batch_size == 0, "--minibatch-size must be a multiple of --micro-batch-size"
+    errors = check_args(args)
+    if errors:
+        raise SystemExit("\n".join(f"error: {e}" for e in errors))
     return args
+
+
+def check_args(a: Args) -> list[str]:
+    """Every option's allowed values, checked in one place before any work: one line per bad option."""
+    finite = math.isfinite
+    rules = [
+        (a.num_iterations >= 0, f"--num-iterations must be >= 0, got {a.num_iterations}"),
+        (a.prompts_per_iteration >= 1, f"--prompts-per-iteration must be >= 1, got {a.prompts_per_iteration}"),
+        (a.samples_per_prompt >= 1, f"--samples-per-prompt must be >= 1, got {a.samples_per_prompt}"),
+        (a.num_mc_rollouts >= 1, f"--num-mc-rollouts must be >= 1, got {a.num_mc_rollouts}"),
+        (a.max_value_steps >= 0, f"--max-value-steps must be >= 0 (0: all), got {a.max_value_steps}"),
+        (a.temperature > 0 and finite(a.temperature), f"--temperature must be > 0, got {a.temperature}"),
+        (0 < a.top_p <= 1, f"--top-p is a probability mass in (0, 1], got {a.top_p}"),
+        (a.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {a.max_new_tokens}"),
+        (a.max_prompt_length >= 1, f"--max-prompt-length must be >= 1, got {a.max_prompt_length}"),
+        (a.max_length >= 3, f"--max-length must leave room for a prompt, an answer and EOS, got {a.max_length}"),
+        (a.num_epochs >= 1, f"--num-epochs must be >= 1, got {a.num_epochs}"),
+        (a.minibatch_size >= 1, f"--minibatch-size must be >= 1, got {a.minibatch_size}"),
+        (a.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {a.micro_batch_size}"),
+        (
+            a.micro_batch_size < 1 or a.minibatch_size % a.micro_batch_size == 0,
+            f"--minibatch-size ({a.minibatch_size}) must be a multiple of --micro-batch-size ({a.micro_batch_size})",
+        ),
+        (a.lr >= 0 and finite(a.lr), f"--lr must be a finite number >= 0, got {a.lr}"),
+        (0 <= a.warmup_ratio <= 1, f"--warmup-ratio is a fraction in [0, 1], got {a.warmup_ratio}"),
+        (a.max_grad_norm > 0 and finite(a.max_grad_norm), f"--max-grad-norm must be > 0, got {a.max_grad_norm}"),
+        (a.clip_eps > 0 and finite(a.clip_eps), f"--clip-eps must be > 0, got {a.clip_eps}"),
+        (a.value_clip > 0 and finite(a.value_clip), f"--value-clip must be > 0, got {a.value_clip}"),
+        (a.kl_coef >= 0 and finite(a.kl_coef), f"--kl-coef must be a finite number >= 0, got {a.kl_coef}"),
+        (a.sft_steps >= 0, f"--sft-steps must be >= 0, got {a.sft_steps}"),
+        (a.sft_lr > 0 and finite(a.sft_lr), f"--sft-lr must be > 0, got {a.sft_lr}"),
+        (a.sft_batch_size >= 1, f"--sft-batch-size must be >= 1, got {a.sft_batch_size}"),
+        (0 <= a.sft_answer_only <= 1, f"--sft-answer-only is a fraction in [0, 1], got {a.sft_answer_only}"),
+        (
+            0 <= a.sft_slip <= 1 and (not a.sft_slip or a.dataset == "arithmetic"),
+            f"--sft-slip is a fraction in [0, 1] for --dataset arithmetic, got {a.sft_slip}",
+        ),
+        (
+            a.advantage not in ("grpo", "rloo") or a.samples_per_prompt >= 2,
+            f"--advantage {a.advantage} compares answers to one problem: needs --samples-per-prompt >= 2",
+        ),
+        (a.eval_every >= 0, f"--eval-every must be >= 0 (0: never), got {a.eval_every}"),
+        (a.eval_problems >= 0, f"--eval-problems must be >= 0 (0: all), got {a.eval_problems}"),
+        (a.eval_samples >= 1, f"--eval-samples must be >= 1, got {a.eval_samples}"),
+        (0 <= a.eval_temperature < math.inf, f"--eval-temperature must be >= 0 (0: greedy), got {a.eval_temperature}"),
+        (a.value_diagnostic >= 0, f"--value-diagnostic must be >= 0 (0: off), got {a.value_diagnostic}"),
+        (a.diagnostic_rollouts >= 1, f"--diagnostic-rollouts must be >= 1, got {a.diagnostic_rollouts}"),
+        (a.save_every >= 0, f"--save-every must be >= 0, got {a.save_every}"),
+        (a.stop_after >= 0, f"--stop-after must be >= 0 (0: run on), got {a.stop_after}"),
+        (a.max_batch_tokens >= 1, f"--max-batch-tokens must be >= 1, got {a.max_batch_tokens}"),
+        (a.threads >= 0, f"--threads must be >= 0 (0: torch's default), got {a.threads}"),
+        (a.device in ("cpu",) or a.device.startswith("cuda"), f"--device is cuda, cuda:N or cpu, got {a.device!r}"),
+    ]
+    return [message for ok, message in rules if not ok]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -585,17 +638,32 @@ def save_folder(path: str, model, tokenizer, files: dict) -> None:
     torch.save otherwise) go to path.tmp, which then replaces path by renames: a crash never leaves half a folder."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for name, obj in files.items():
-        if name.endswith(".json"):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=1)
-        else:
-            torch.save(obj, os.path.join(tmp, name))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in files.items():
+            if name.endswith(".json"):
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=1)
+            else:
+                torch.save(obj, os.path.join(tmp, name))
+    except (OSError, RuntimeError) as e:  # a full disk or a read-only folder (torch.save raises RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"{path} still holds the previous save" if os.path.exists(path) else f"nothing was written to {path}"
+        raise SystemExit(f"error: could not write {path} ({type(e).__name__}: {str(e).splitlines()[0]}); {kept}")
     if os.path.exists(path):
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # a crash between the two renames leaves old and a complete tmp: recover_folder finishes
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(path: str) -> None:
+    """Finish a save_folder cut between its two renames: path.old exists only once path.tmp was complete, so the
+    save is path.tmp (or path.old if that was renamed too). Any other leftover .tmp is half-written and ignored."""
+    tmp, old = path + ".tmp", path + ".old"
+    if not os.path.exists(path) and os.path.exists(old):
+        os.replace(tmp if os.path.exists(tmp) else old, path)
+        print(f"recovered {path} from an interrupted save")
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -622,13 +690,20 @@ def save_checkpoint(
 
 
 def check_run_dir(args: Args) -> None:
-    """Refuse to overwrite another run, and refuse to resume a run that was started with other settings."""
+    """Refuse to overwrite another run, and refuse to resume a run that was started with other settings. First
+    finish any save that a crash cut between its two renames (recover_folder)."""
+    for name in ("checkpoint", "best", "init"):
+        recover_folder(os.path.join(args.run_dir, name))
     state_file = os.path.join(args.run_dir, "checkpoint", "trainer_state.pt")
     if not os.path.exists(state_file):
         if args.resume:
             raise SystemExit(f"error: --resume given but {args.run_dir} holds no checkpoint")
-        if os.path.exists(os.path.join(args.run_dir, "metrics.jsonl")):
-            raise SystemExit(f"error: {args.run_dir} holds another run's metrics; choose another --run-dir")
+        metrics = os.path.join(args.run_dir, "metrics.jsonl")
+        if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+            raise SystemExit(
+                f"error: {args.run_dir} holds the metrics of a run that saved no checkpoint; delete {metrics} to "
+                "start over there, or choose another --run-dir"
+            )
         return
     if not args.resume:
         raise SystemExit(
@@ -637,14 +712,65 @@ def check_run_dir(args: Args) -> None:
         )
     with open(os.path.join(args.run_dir, "checkpoint", "run_args.json")) as f:
         saved = json.load(f)
-    keep = {"resume", "stop_after", "device", "threads", "wandb", "max_batch_tokens", "eval_problems"}
+    keep = {"resume", "stop_after", "device", "threads", "wandb", "max_batch_tokens", "eval_problems", "run_dir"}
     keep |= {"value_diagnostic", "diagnostic_rollouts"}  # measurements from their own generator: training is the same
     changed = [k for k, v in dataclasses.asdict(args).items() if k not in keep and saved.get(k) != v]
+    if changed == ["num_iterations"]:
+        raise SystemExit(
+            f"error: {args.run_dir} was started with --num-iterations {saved['num_iterations']}; a run cannot be "
+            "extended, because its LR schedule decays to 0 over the run's total steps. To train on, start a new run "
+            f"from its policy: --model {os.path.join(args.run_dir, 'checkpoint')} --sft-steps 0 --run-dir NEW"
+        )
     if changed:
         raise SystemExit(
             f"error: {args.run_dir} was started with other settings ({', '.join(changed)}); "
             "resume with the same options or choose another --run-dir"
         )
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str):
+    """Hold an exclusive lock on run_dir/train.lock while this process trains there: a second train.py on the same
+    folder stops with the first one's process id. The kernel releases the lock when its process dies, so a killed
+    run never blocks the next one. Also the first check that run_dir is writable."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(os.path.join(run_dir, "train.lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to {run_dir} ({e.strerror}); choose a writable --run-dir") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "unknown"
+                raise SystemExit(
+                    f"error: {run_dir} is in use by another train.py (process {holder}); wait for it to end or "
+                    "choose another --run-dir"
+                ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+    finally:
+        lock.close()  # releases the flock
+
+
+def trim_metrics(path: str, next_iteration: int) -> None:
+    """Drop the metrics.jsonl lines of iterations the checkpoint does not hold (written after it, before a crash),
+    so that a resumed run logs each iteration exactly once. The file is rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["iteration"] < next_iteration]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        print(f"dropped {len(lines) - len(kept)} line(s) of {path} past the checkpoint; they will be redone")
 
 
 def is_checkpoint_iteration(iteration: int, args: Args) -> bool:
@@ -692,11 +818,32 @@ def sample_problems(train_problems: list[dict], tokenizer, iteration: int, args:
     problems = []
     for i in order:
         prompt_ids = encode_prompt(tokenizer, train_problems[i]["question"], args.dataset)
-        if len(prompt_ids) <= args.max_prompt_length:
+        if len(prompt_ids) <= longest_prompt(args):
             problems.append((prompt_ids, train_problems[i]["answer"]))
         if len(problems) == args.prompts_per_iteration:
             break
     return problems
+
+
+def longest_prompt(args: Args) -> int:
+    """Prompts longer than this are dropped: --max-prompt-length, and room for one answer token and EOS."""
+    return min(args.max_prompt_length, args.max_length - 2)
+
+
+def check_prompts_fit(train_problems: list[dict], tokenizer, args: Args) -> None:
+    """Stop before training if fewer than prompts_per_iteration training prompts fit (sample_problems)."""
+    texts = [reward.format_prompt(p["question"], args.dataset) for p in train_problems]
+    lengths = [
+        len(ids) + (tokenizer.bos_token_id is not None)
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
+    fit = sum(n <= longest_prompt(args) for n in lengths)
+    if fit < args.prompts_per_iteration:
+        raise SystemExit(
+            f"error: only {fit} of {len(lengths)} training prompts are at most {longest_prompt(args)} tokens "
+            f"(--max-prompt-length {args.max_prompt_length}, --max-length {args.max_length}), fewer than "
+            f"--prompts-per-iteration {args.prompts_per_iteration}; raise the limits or lower that option"
+        )
 
 
 def sample_and_grade(
@@ -936,9 +1083,10 @@ def ppo_update(
 ) -> dict:
     """num_epochs passes over the episodes in shuffled minibatches of minibatch_size, one AdamW step each with the
     gradient norm clipped (§3, §8); the critic, if any, takes a step of its own AdamW on every minibatch (the ratio
-    guard is the policy's alone, as in the official code). Returns the stats averaged over the optimizer steps."""
+    guard is the policy's alone, as in the official code). A minibatch whose loss or gradient is not finite moves
+    no weight (clipped_step). Returns the stats averaged over the optimizer steps, and the skip counts."""
     old_and_ref_logprobs(policy, reference, episodes, pad_id, args)
-    totals, num_steps, skipped = {}, 0, 0
+    totals, num_steps, skipped, nonfinite = {}, 0, 0, 0
     policy.train()  # dropout is off (disable_dropout); train mode turns on gradient checkpointing
     if critic is not None:
         critic.model.train()
@@ -949,21 +1097,16 @@ def ppo_update(
                 policy, critic, [episodes[i] for i in perm[start : start + args.minibatch_size]], pad_id, args
             )
             if critic is not None:
-                stats["critic/grad_norm"] = float(
-                    torch.nn.utils.clip_grad_norm_(critic.model.parameters(), args.max_grad_norm)
-                )
-                critic.optimizer.step()
-                critic.scheduler.step()
-                critic.optimizer.zero_grad(set_to_none=True)
+                stats["critic/grad_norm"] = clipped_step(critic.model, critic.optimizer, critic.scheduler, stats, args)
             if ppo.ratio_guard_exceeded(stats):  # the paper's guard: skip a minibatch whose mean ratio > 10
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()  # the schedule still advances, as in the paper (departure 2)
                 skipped += 1
                 continue
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats["grad_norm"] = clipped_step(policy, optimizer, scheduler, stats, args)
+            if not math.isfinite(stats["grad_norm"]) or not math.isfinite(stats["loss/total"]):
+                nonfinite += 1
+                continue
             num_steps += 1
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -971,8 +1114,31 @@ def ppo_update(
     if critic is not None:
         critic.model.eval()
     out = {k: v / max(1, num_steps) for k, v in totals.items()}
-    out["ppo/skipped_minibatches"] = skipped
+    out["ppo/skipped_minibatches"], out["ppo/nonfinite_minibatches"] = skipped, nonfinite
     return out
+
+
+def clipped_step(model, optimizer, scheduler, stats: dict, args: Args) -> float:
+    """Clip the gradient norm to max_grad_norm and take the optimizer step, unless the loss (stats["loss/total"], or
+    "critic/loss" for the critic) or the gradient norm is not finite: one NaN would otherwise spread to every weight
+    through AdamW's moments. The LR schedule advances either way. Returns the gradient norm before clipping."""
+    loss = stats["critic/loss" if isinstance(model, ppo.ValueModel) else "loss/total"]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+    if math.isfinite(grad_norm) and math.isfinite(loss):
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def check_finite_weights(policy, critic, iteration: int) -> None:
+    """Stop, saving nothing, if an update left a non-finite weight (clipped_step makes that all but impossible)."""
+    for name, model in (("policy", policy), ("critic", critic.model if critic else None)):
+        if model is not None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise SystemExit(
+                f"error: the {name}'s weights are not finite after the update of iteration {iteration}; stopped "
+                "without saving them, so the last checkpoint is intact. Lower --lr, or check the data"
+            )
 
 
 def pad_logprobs(rows: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -1020,7 +1186,16 @@ def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
         splits = [reward.load_problems(args.dataset, split, args.data_dir) for split in ("train", "validation", "test")]
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    for name, problems in zip(("train", "validation", "test"), splits):
+        if not problems and (name == "train" or args.eval_every):
+            raise SystemExit(f"error: the {args.dataset} {name} split is empty; check --data-dir")
     return splits[0], splits[1][: args.eval_problems or None], splits[2][: args.eval_problems or None]
+
+
+# The options that make run_dir/init (a tiny model and its SFT): init_args.json records them, and a later run that
+# would reuse init/ with other values is refused (a stale init/ must not pass for the one these options make).
+INIT_OPTIONS = ("dataset", "model", "data_dir", "seed", "max_length", "sft_steps", "sft_lr", "sft_batch_size")
+INIT_OPTIONS += ("sft_answer_only", "sft_slip", "max_grad_norm")
 
 
 def start_model(args: Args) -> str:
@@ -1036,6 +1211,16 @@ def load_models(args: Args, train_problems: list[dict]):
     A tiny model, or any model given --sft-steps, is made here once and kept in run_dir/init/: the RL start and the
     reference. With --resume the policy comes from run_dir/checkpoint/. No reference is loaded when kl_coef = 0."""
     start = start_model(args)
+    made_with = {name: getattr(args, name) for name in INIT_OPTIONS}
+    if start != args.model and os.path.exists(os.path.join(start, "init_args.json")):
+        with open(os.path.join(start, "init_args.json")) as f:
+            saved = json.load(f)
+        changed = [k for k, v in made_with.items() if k in saved and saved[k] != v]
+        if changed:
+            raise SystemExit(
+                f"error: {start} was made with other options ({', '.join(f'{k} {saved[k]}' for k in changed)}); "
+                f"delete {start} to make it again, or choose another --run-dir"
+            )
     if start != args.model and not os.path.exists(os.path.join(start, "config.json")):
         if args.model == "tiny":
             tokenizer = build_tiny_tokenizer([p["question"] + p["solution"] for p in train_problems[:20000]])
@@ -1044,7 +1229,7 @@ def load_models(args: Args, train_problems: list[dict]):
             policy, tokenizer = load_model(args.model, args.device)
         if args.sft_steps:
             sft(policy, tokenizer, train_problems, args)
-        save_folder(start, policy, tokenizer, {})
+        save_folder(start, policy, tokenizer, {"init_args.json": made_with})
     policy, tokenizer = load_model(os.path.join(args.run_dir, "checkpoint") if args.resume else start, args.device)
     if args.device.startswith("cuda") and args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -1126,23 +1311,34 @@ def print_where_results_went(args: Args, best_val: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # seeding (cleanrl): every random choice below flows from args.seed
+    # seeding (cleanrl): every random choice below flows from args.seed (the starting model) or args.rl_seed (RL)
     random.seed(args.seed)
     np.random.seed(args.seed % 2**32)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    with run_dir_lock(args.run_dir):  # one train.py per run folder
+        run(args)
+
+
+def run(args: Args) -> None:
+    """Set up (data, models, optimizers, resume), then iterate: sample, advantages, update, log, evaluate, save."""
     check_run_dir(args)
-    os.makedirs(args.run_dir, exist_ok=True)
     print(json.dumps(dataclasses.asdict(args), indent=1))
-    train_problems, val_problems, test_problems = load_data(args)
-    policy, reference, tokenizer = load_models(args, train_problems)
-    critic = load_critic(args)
-    optimizer, scheduler = make_optimizer(policy, args)
     checkpoint = os.path.join(args.run_dir, "checkpoint")
-    start_iteration, best_val = 0, -1.0
-    if args.resume:
-        start_iteration, best_val = restore_trainer_state(checkpoint, optimizer, scheduler, critic)
+    try:
+        train_problems, val_problems, test_problems = load_data(args)
+        policy, reference, tokenizer = load_models(args, train_problems)
+        check_prompts_fit(train_problems, tokenizer, args)
+        critic = load_critic(args)
+        optimizer, scheduler = make_optimizer(policy, args)
+        start_iteration, best_val = 0, -1.0
+        if args.resume:
+            start_iteration, best_val = restore_trainer_state(checkpoint, optimizer, scheduler, critic)
+            trim_metrics(os.path.join(args.run_dir, "metrics.jsonl"), start_iteration)
+    except KeyboardInterrupt:
+        print("interrupted while setting up (loading, SFT): no training had started; run the same command again")
+        sys.exit(130)
     if args.wandb:
         import wandb
 
@@ -1184,6 +1380,7 @@ def main(argv: list[str] | None = None) -> None:
                 log.update(
                     ppo_update(policy, reference, critic, optimizer, scheduler, episodes, pad_id, generator, args)
                 )
+                check_finite_weights(policy, critic, iteration)
                 resume_at = iteration + 1
                 log["time/train"] = time.time() - timer
                 write_log(log, episodes, rollouts, scheduler, metrics_file, args)
