@@ -1337,7 +1337,7 @@ def run(args: Args) -> None:
             start_iteration, best_val = restore_trainer_state(checkpoint, optimizer, scheduler, critic)
             trim_metrics(os.path.join(args.run_dir, "metrics.jsonl"), start_iteration)
     except KeyboardInterrupt:
-        print("interrupted while setting up (loading, SFT): no training had started; run the same command again")
+        print("interrupted while setting up (loading, SFT): nothing was saved or changed; run the same command again")
         sys.exit(130)
     if args.wandb:
         import wandb
