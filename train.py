@@ -455,8 +455,14 @@ class Episode:
 
 def encode_prompt(tokenizer, question: str, dataset: str) -> list[int]:
     """Prompt ids: BOS + the paper's zero-shot template (PAPER_NOTES §4.1); the response starts with "\\n"."""
-    ids = tokenizer(reward.format_prompt(question, dataset), add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    return encode_prompts(tokenizer, [question], dataset)[0]
+
+
+def encode_prompts(tokenizer, questions: list[str], dataset: str) -> list[list[int]]:
+    """encode_prompt of many questions in one tokenizer call."""
+    texts = [reward.format_prompt(question, dataset) for question in questions]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -813,7 +819,7 @@ def deferred_interrupt():
 
 def sample_problems(train_problems: list[dict], tokenizer, iteration: int, args: Args) -> list[tuple[list[int], str]]:
     """The iteration's (prompt ids, gold answer) pairs: the train split reshuffled with rl_seed + iteration, the first
-    prompts_per_iteration whose prompt has at most max_prompt_length tokens (§1.1 step 1; §3 prompt filter)."""
+    prompts_per_iteration whose prompt has at most longest_prompt(args) tokens (§1.1 step 1; §3 prompt filter)."""
     order = random.Random(args.rl_seed + iteration).sample(range(len(train_problems)), len(train_problems))
     problems = []
     for i in order:
@@ -832,11 +838,7 @@ def longest_prompt(args: Args) -> int:
 
 def check_prompts_fit(train_problems: list[dict], tokenizer, args: Args) -> None:
     """Stop before training if fewer than prompts_per_iteration training prompts fit (sample_problems)."""
-    texts = [reward.format_prompt(p["question"], args.dataset) for p in train_problems]
-    lengths = [
-        len(ids) + (tokenizer.bos_token_id is not None)
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
-    ]
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, [p["question"] for p in train_problems], args.dataset)]
     fit = sum(n <= longest_prompt(args) for n in lengths)
     if fit < args.prompts_per_iteration:
         raise SystemExit(
@@ -884,9 +886,7 @@ def vine_advantages(policy, tokenizer, problems, rollouts: rollout.Rollouts, epi
     token carrying its step's A_i and the EOS of a finished answer the last token's (pitfall 10)."""
     prompts = [prompt_ids for prompt_ids, _ in problems for _ in range(args.samples_per_prompt)]
     golds = [gold for _, gold in problems for _ in range(args.samples_per_prompt)]
-    texts = [tokenizer.decode(ids, **rollout.DECODE_KWARGS) for ids in rollouts.response_ids]
-    steps = [vine.split_steps(text, args.dataset) for text in texts]
-    token_steps = [vine.token_steps(ids, s, tokenizer) for ids, s in zip(rollouts.response_ids, steps)]
+    steps, token_steps = answer_steps(tokenizer, rollouts.response_ids, args.dataset)
     values, stats = estimate_values(
         policy, tokenizer, prompts, rollouts.response_ids, token_steps, golds, args.num_mc_rollouts, generator, args
     )
@@ -897,6 +897,13 @@ def vine_advantages(policy, tokenizer, problems, rollouts: rollout.Rollouts, epi
             advs = advs + [advs[-1] if advs else step_advs[-1]]
         e.advantages = advs
     return stats
+
+
+def answer_steps(tokenizer, responses: list[list[int]], dataset: str) -> tuple[list[list[int]], list[list[int]]]:
+    """Each answer's steps (vine.split_steps of its text) and the step of each of its tokens (vine.token_steps)."""
+    texts = [tokenizer.decode(ids, **rollout.DECODE_KWARGS) for ids in responses]
+    steps = [vine.split_steps(text, dataset) for text in texts]
+    return steps, [vine.token_steps(ids, s, tokenizer) for ids, s in zip(responses, steps)]
 
 
 def estimate_values(policy, tokenizer, prompts, responses, token_steps, golds, num_mc_rollouts, generator, args):
@@ -928,19 +935,28 @@ def critic_advantages(critic: "Critic", episodes: list[Episode], pad_id: int, ar
     """The paper's PPO (§3 "PPO reward / returns", pitfall 16): V_old of every state from the critic, once per
     iteration before the update; the reward R on the last response token (EOS if present); GAE with gamma = lambda =
     1 (ppo.gae), so every token gets A_t = R - V_old(s_t) and the return G_t = R."""
-    critic.model.eval()
-    with torch.no_grad(), autocast(args):
-        for start in range(0, len(episodes), args.micro_batch_size):
-            chunk = episodes[start : start + args.micro_batch_size]
-            ids, attention_mask = pad_right([e.prompt_ids + e.response_ids for e in chunk], pad_id, args.device)
-            values = critic.model(ids, attention_mask)  # (B, T) V(state after token t)
-            for j, e in enumerate(chunk):
-                p, r = len(e.prompt_ids), len(e.response_ids)
-                e.old_values = values[j, : p + r - 1].cpu()  # value t: the state before token t + 1 (as logprobs)
-                rewards = [0.0] * (r - 1) + [e.reward] if r else []
-                e.advantages, e.returns = ppo.gae(rewards, e.old_values[p - 1 : p - 1 + r].tolist())
+    values = critic_values(critic, [e.prompt_ids + e.response_ids for e in episodes], pad_id, args)
+    for e, v in zip(episodes, values):
+        p, r = len(e.prompt_ids), len(e.response_ids)
+        e.old_values = v[:-1]  # value t: the state before token t + 1 (aligned as the logprobs)
+        rewards = [0.0] * (r - 1) + [e.reward] if r else []
+        e.advantages, e.returns = ppo.gae(rewards, e.old_values[p - 1 : p - 1 + r].tolist())
     first_values = [float(e.old_values[len(e.prompt_ids) - 1]) for e in episodes]  # V_old(s_0) of every answer
     return {"critic/value_s0": float(np.mean(first_values))}
+
+
+def critic_values(critic: "Critic", seqs: list[list[int]], pad_id: int, args: Args) -> list[torch.Tensor]:
+    """The critic's V of the state after each token of every sequence, one (len,) float32 CPU tensor per sequence,
+    in eval mode without gradients, micro_batch_size sequences per forward pass."""
+    critic.model.eval()
+    out = []
+    with torch.no_grad(), autocast(args):
+        for start in range(0, len(seqs), args.micro_batch_size):
+            chunk = seqs[start : start + args.micro_batch_size]
+            ids, attention_mask = pad_right(chunk, pad_id, args.device)
+            values = critic.model(ids, attention_mask)  # (B, T)
+            out += [values[j, : len(s)].cpu() for j, s in enumerate(chunk)]
+    return out
 
 
 def outcome_advantages(episodes: list[Episode], args: Args) -> dict:
@@ -966,13 +982,7 @@ def value_diagnostic(policy, critic, tokenizer, prompts, responses, steps, golds
     if critic is not None:  # V(s) is the critic's value at the last token of s (§3: V(s_0) at the last prompt token)
         states, state_index, _ = vine.value_states(prompts, responses, steps, golds, args.max_value_steps or None)
         seqs = [list(prompt) + list(prefix) for prompt, prefix, _ in states]
-        unique = []
-        with torch.no_grad(), autocast(args):
-            for start in range(0, len(seqs), args.micro_batch_size):
-                chunk = seqs[start : start + args.micro_batch_size]
-                ids, attention_mask = pad_right(chunk, tokenizer.pad_token_id, args.device)
-                values = critic.model(ids, attention_mask)  # (B, T)
-                unique += [float(values[j, len(s) - 1]) for j, s in enumerate(chunk)]
+        unique = [float(v[-1]) for v in critic_values(critic, seqs, tokenizer.pad_token_id, args)]
         per_answer["critic"] = [[unique[u] for u in indices] for indices in state_index]
     reference = per_answer["reference"]
     stats = {"diag/states": sum(len(v) for v in reference)}
@@ -989,8 +999,7 @@ def run_value_diagnostic(policy, critic, tokenizer, problems, rollouts, iteratio
     prompts = [problems[i // args.samples_per_prompt][0] for i in picked]
     golds = [problems[i // args.samples_per_prompt][1] for i in picked]
     responses = [rollouts.response_ids[i] for i in picked]
-    texts = [tokenizer.decode(ids, **rollout.DECODE_KWARGS) for ids in responses]
-    steps = [vine.token_steps(ids, vine.split_steps(t, args.dataset), tokenizer) for ids, t in zip(responses, texts)]
+    _, steps = answer_steps(tokenizer, responses, args.dataset)
     return value_diagnostic(policy, critic, tokenizer, prompts, responses, steps, golds, generator, args)[0]
 
 
@@ -1097,14 +1106,16 @@ def ppo_update(
                 policy, critic, [episodes[i] for i in perm[start : start + args.minibatch_size]], pad_id, args
             )
             if critic is not None:
-                stats["critic/grad_norm"] = clipped_step(critic.model, critic.optimizer, critic.scheduler, stats, args)
+                stats["critic/grad_norm"], _ = clipped_step(
+                    critic.model, critic.optimizer, critic.scheduler, stats["critic/loss"], args
+                )
             if ppo.ratio_guard_exceeded(stats):  # the paper's guard: skip a minibatch whose mean ratio > 10
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()  # the schedule still advances, as in the paper (departure 2)
                 skipped += 1
                 continue
-            stats["grad_norm"] = clipped_step(policy, optimizer, scheduler, stats, args)
-            if not math.isfinite(stats["grad_norm"]) or not math.isfinite(stats["loss/total"]):
+            stats["grad_norm"], stepped = clipped_step(policy, optimizer, scheduler, stats["loss/total"], args)
+            if not stepped:
                 nonfinite += 1
                 continue
             num_steps += 1
@@ -1118,17 +1129,17 @@ def ppo_update(
     return out
 
 
-def clipped_step(model, optimizer, scheduler, stats: dict, args: Args) -> float:
-    """Clip the gradient norm to max_grad_norm and take the optimizer step, unless the loss (stats["loss/total"], or
-    "critic/loss" for the critic) or the gradient norm is not finite: one NaN would otherwise spread to every weight
-    through AdamW's moments. The LR schedule advances either way. Returns the gradient norm before clipping."""
-    loss = stats["critic/loss" if isinstance(model, ppo.ValueModel) else "loss/total"]
+def clipped_step(model, optimizer, scheduler, loss: float, args: Args) -> tuple[float, bool]:
+    """Clip the gradient norm to max_grad_norm and take the optimizer step, unless the loss or the gradient norm is
+    not finite: one NaN would otherwise spread to every weight through AdamW's moments. The LR schedule advances
+    either way. Returns the gradient norm before clipping and whether the step was taken."""
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-    if math.isfinite(grad_norm) and math.isfinite(loss):
+    stepped = math.isfinite(grad_norm) and math.isfinite(loss)
+    if stepped:
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, stepped
 
 
 def check_finite_weights(policy, critic, iteration: int) -> None:

@@ -10,6 +10,14 @@ import train
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the gzip-compressed JSONL shipped in the repository
 
+# train.py options for end-to-end tests, a few seconds per iteration on 2 CPU cores: 2 prompts x 2 answers, K = 2,
+# short answers, no SFT (add --model: a folder, or tiny for a random model)
+TINY = (
+    "--dataset arithmetic --prompts_per_iteration 2 --samples_per_prompt 2 --num_mc_rollouts 2 --max_new_tokens 48 "
+    "--max_length 160 --minibatch_size 2 --micro_batch_size 1 --lr 1e-3 --eval_every 0 --eval_problems 2 "
+    "--eval_samples 2 --sft_steps 0 --threads 2"
+).split()
+
 CORPUS = [
     "[MATH_TASK] Problem:\nNatalia sold clips to 48 of her friends in April.\n\nSolution:",
     "\nNatalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72\n",

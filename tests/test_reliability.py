@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import TINY, make_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,12 +22,7 @@ import reward
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-# a random tiny model: two iterations of 2 x 2 answers take a few seconds on 2 CPU cores
-QUICK = (
-    "--dataset arithmetic --model tiny --sft_steps 0 --prompts_per_iteration 2 --samples_per_prompt 2 "
-    "--num_mc_rollouts 2 --max_new_tokens 24 --minibatch_size 2 --micro_batch_size 1 --eval_every 0 "
-    "--eval_problems 2 --eval_samples 2 --threads 2"
-).split()
+QUICK = TINY + ["--model", "tiny", "--max_new_tokens", "24"]  # a random tiny model: a few seconds per run
 
 
 def read_iterations(run_dir: Path) -> list[int]:

@@ -18,16 +18,10 @@ import ppo
 import reward
 import rollout
 import train
-from conftest import make_model
+from conftest import TINY, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# a few seconds per iteration on 2 CPU cores: 2 prompts x 2 answers, K = 2, short answers, tiny model
-TINY = (
-    "--dataset arithmetic --prompts_per_iteration 2 --samples_per_prompt 2 --num_mc_rollouts 2 --max_new_tokens 48 "
-    "--max_length 160 --minibatch_size 2 --micro_batch_size 1 --lr 1e-3 --eval_every 0 --eval_problems 2 "
-    "--eval_samples 2 --sft_steps 0 --threads 2"
-).split()
 # The README's CPU demo spelled out, as measured before it became the arithmetic defaults; it evaluated every 5
 # iterations then (evaluation draws from its own generator, so the frequency changes no training number), and its
 # --eval-problems 500 was all of the arithmetic test and validation splits, which the default 0 also means.
