@@ -547,6 +547,14 @@ def autocast(args: Args):
     return contextlib.nullcontext()
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The token ids that end an answer: the tokenizer's EOS and every id in the model's generation_config
+    eos_token_id (an int or a list: chat models often list several end tokens, e.g. an end-of-turn token)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
+
+
 def sample_answers(
     model,
     tokenizer,
@@ -566,7 +574,7 @@ def sample_answers(
             max_new_tokens=args.max_new_tokens,
             temperature=temperature,
             top_p=args.top_p,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids(model, tokenizer),
             generator=generator,
             stop_strings=reward.STOP_STRINGS,
             tokenizer=tokenizer,
@@ -867,6 +875,32 @@ def sample_and_grade(
     return rollouts, grade_all(tokenizer, rollouts, golds, args.dataset)
 
 
+# What a right answer ends with, per data set: named by the warning when no answer of an iteration is right.
+ANSWER_FORMATS = {"gsm8k": 'a final line "#### N"', "arithmetic": 'a final line "#### N"', "math": "\\boxed{...}"}
+
+
+def reward_signal(rewards: list[float], iteration: int, args: Args) -> dict:
+    """The fraction of prompts whose answers all got the same reward: their advantages carry no outcome signal
+    (GRPO/RLOO give them 0; VinePPO's MC values can still rank their steps). When every answer of the iteration got
+    0 (or all got 1) nothing can be learned from it: say so once per iteration, with the likely cause."""
+    groups = np.array(rewards).reshape(-1, args.samples_per_prompt)  # (prompts, samples)
+    no_signal = float(np.mean(groups.min(axis=1) == groups.max(axis=1)))
+    if groups.max() == 0:
+        print(
+            f"warning: iteration {iteration}: every one of the {groups.size} answers got reward 0, so there is "
+            f"nothing to learn from. A {args.dataset} answer is right only if it ends with "
+            f"{ANSWER_FORMATS[args.dataset]}: a model that never writes that format always scores 0 (teach it with "
+            "--sft-steps N, or start from an SFT model); answers cut at --max-new-tokens also score 0 "
+            "(see response/unfinished)"
+        )
+    elif groups.min() == 1:
+        print(
+            f"warning: iteration {iteration}: every one of the {groups.size} answers got reward 1, so there is "
+            "nothing to learn from; the problems are too easy for this policy"
+        )
+    return {"reward/no_signal_groups": no_signal}
+
+
 def make_episodes(tokenizer, problems, rollouts: rollout.Rollouts, rewards: list[float], args: Args) -> list[Episode]:
     """One Episode per answer, its advantages still empty. A GSM8K answer with no "####" line is unfinished, as in the
     official code (§4.3); EOS is appended to finished answers only (§1.3, pitfall 10)."""
@@ -923,7 +957,7 @@ def estimate_values(policy, tokenizer, prompts, responses, token_steps, golds, n
             max_length=args.max_length - 1,  # the same budget as the answers (sample_answers)
             temperature=args.temperature,
             top_p=args.top_p,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids(policy, tokenizer),
             stop_strings=reward.STOP_STRINGS,
             generator=generator,
             show_progress=True,
@@ -1371,6 +1405,7 @@ def run(args: Args) -> None:
             timer = time.time()
             problems = sample_problems(train_problems, tokenizer, iteration, args)
             rollouts, rewards = sample_and_grade(policy, tokenizer, problems, generator, args)
+            log.update(reward_signal(rewards, iteration, args))
             episodes = make_episodes(tokenizer, problems, rollouts, rewards, args)
             log["time/sample"], timer = time.time() - timer, time.time()
             # -------- advantages: MC values of the step states (VinePPO), or a baseline's (--advantage)

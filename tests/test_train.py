@@ -464,3 +464,39 @@ def test_sft_slip_slips_a_seeded_fraction_of_the_solutions_with_a_multiplication
     assert not any(s and not m for s, m in zip(slipped, with_mult)), "only solutions with a multiplication change"
     n, k = sum(with_mult), sum(slipped)
     assert abs(k - n / 2) < 4 * math.sqrt(n / 4), (k, n)
+
+
+def test_every_end_token_of_the_generation_config_stops_an_answer(tokenizer):
+    """Chat models list several end tokens in generation_config.eos_token_id; sampling stops on each of them."""
+    model = make_model("llama", len(tokenizer))
+    prompt = train.encode_prompt(tokenizer, "Natalia sold clips.", "gsm8k")
+    args = train.parse_args(["--dataset", "gsm8k", "--max_new_tokens", "6"])
+    args.device = "cpu"
+
+    def greedy():
+        return train.sample_answers(
+            model, tokenizer, [prompt], num_samples=1, temperature=0.0, generator=torch.Generator(), args=args
+        )
+
+    first = greedy().response_ids[0][0]  # the token a random model writes first
+    assert first != tokenizer.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]
+    assert train.stop_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, first})
+    out = greedy()
+    assert out.response_ids == [[]] and out.finished == [True]
+    model.generation_config.eos_token_id = None
+    assert train.stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
+
+
+def test_an_iteration_with_no_reward_signal_says_why(capsys):
+    args = train.parse_args(["--dataset", "gsm8k", "--samples_per_prompt", "4"])
+    assert train.reward_signal([0, 0, 1, 0] + [0, 0, 0, 0] + [1, 1, 1, 1], 3, args) == {
+        "reward/no_signal_groups": 2 / 3
+    }
+    assert capsys.readouterr().out == "", "some answers are right: no warning"
+    assert train.reward_signal([0.0] * 8, 3, args) == {"reward/no_signal_groups": 1.0}
+    warning = capsys.readouterr().out
+    assert warning.startswith("warning: iteration 3: every one of the 8 answers got reward 0")
+    assert '"#### N"' in warning and "--sft-steps" in warning
+    train.reward_signal([1.0] * 8, 4, args)
+    assert "every one of the 8 answers got reward 1" in capsys.readouterr().out
