@@ -3,6 +3,7 @@
     python train.py --dataset arithmetic                  # the CPU demo: a tiny model, SFT then VinePPO, ~12 minutes
     python train.py --dataset gsm8k                       # the paper's GSM8K + RhoMath-1.1B recipe (one GPU)
     python train.py --help                                # every option, with its default
+    torchrun --nproc_per_node 4 train.py --dataset gsm8k  # the same loop, data-parallel over 4 GPUs
 
 One iteration (PAPER_NOTES.md §1.1, §8; DESIGN.md "one-way flow of data"), one function per phase:
     sample_problems -> sample_and_grade (rollout.sample, reward.grade) -> make_episodes -> vine_advantages
@@ -15,8 +16,12 @@ outcome_advantages (GRPO, RLOO: ppo.group_advantages). --value-diagnostic measur
 MC rollouts (paper §5.3). --rl-seed separates RL's randomness from the starting model's (--seed), for comparisons.
 
 Where this script departs from the paper's code:
-1. One process, one device, Hugging Face `generate`-free sampling (rollout.py) instead of vLLM servers. The MC
-   rollouts and the answers come from the same policy snapshot, as in the paper (pitfall 1).
+1. Hugging Face `generate`-free sampling (rollout.py) in the training process instead of vLLM servers. The MC
+   rollouts and the answers come from the same policy snapshot, as in the paper (pitfall 1). Under torchrun each
+   rank takes a contiguous share of the prompts, as the official code does, and values the states of its own
+   answers; the official code also deduplicates the MC requests of all ranks, shuffles and re-shards them for
+   balance (PAPER_NOTES §1.2, §6), which we do not. The update sums gradients with one all-reduce per parameter
+   after the backward passes (sum_gradients) instead of DeepSpeed's bucketed, overlapped reduction.
 2. The ratio guard (mean ratio > 10) judges the whole minibatch after all its micro-batches and then skips the
    optimizer step. The official code judges each device's micro-batch, multiplies its loss by 0 and still steps
    AdamW, which then moves the weights on its momentum alone. Judging the whole minibatch keeps --micro-batch-size a
@@ -49,6 +54,8 @@ Details that follow the official code exactly and are easy to get wrong (each ha
 import argparse
 import contextlib
 import dataclasses
+import datetime
+import functools
 import json
 import math
 import os
@@ -61,6 +68,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 try:
@@ -352,6 +360,11 @@ def check_args(a: Args) -> list[str]:
             f"--advantage {a.advantage} compares answers to one problem: needs --samples-per-prompt >= 2",
         ),
         (a.eval_every >= 0, f"--eval-every must be >= 0 (0: never), got {a.eval_every}"),
+        (
+            a.prompts_per_iteration % int(os.environ.get("WORLD_SIZE", "1")) == 0,
+            f"--prompts-per-iteration {a.prompts_per_iteration} must divide by the number of processes "
+            f"({os.environ.get('WORLD_SIZE')}): each takes an equal share of the prompts",
+        ),
         (a.eval_problems >= 0, f"--eval-problems must be >= 0 (0: all), got {a.eval_problems}"),
         (a.eval_samples >= 1, f"--eval-samples must be >= 1, got {a.eval_samples}"),
         (0 <= a.eval_temperature < math.inf, f"--eval-temperature must be >= 0 (0: greedy), got {a.eval_temperature}"),
@@ -579,7 +592,7 @@ def sample_answers(
             stop_strings=reward.STOP_STRINGS,
             tokenizer=tokenizer,
             max_length=args.max_length - 1,  # room for the EOS of a finished answer: the official max_length - 1 - P
-            show_progress=True,
+            show_progress=is_main(),
             max_batch_tokens=args.max_batch_tokens,
         )
 
@@ -596,20 +609,25 @@ def evaluate(model, tokenizer, test_problems: list[dict], val_problems: list[dic
     """Pass@1 as the paper measures it (§4.5): the mean accuracy of eval_samples answers per problem at T = 0.35, on
     the test and the validation problems; and the accuracy of the greedy answer to each test problem. The draws
     depend on --seed and the iteration only, so runs from one starting model are evaluated on the same problems with
-    the same random numbers (paired). metrics["per_problem"] holds each problem's score, for comparisons."""
-    generator = torch.Generator().manual_seed(args.seed + 1_000_003 * (iteration + 1))
+    the same random numbers (paired). metrics["per_problem"] holds each problem's score, for comparisons. With
+    several ranks each evaluates its share of the problems from a generator of its own (runs are paired with runs of
+    the same number of ranks) and every rank gets all the scores."""
+    rank = world()[0]
+    generator = torch.Generator().manual_seed(args.seed + 1_000_003 * (iteration + 1) + 1_000_000_007 * rank)
     metrics, per_problem = {}, {}
     for name, problems, num_samples, temperature in [
         ("eval/pass1", test_problems, args.eval_samples, args.eval_temperature),
         ("eval/greedy", test_problems, 1, 0.0),
         ("eval/val_pass1", val_problems, args.eval_samples, args.eval_temperature),
     ]:
-        prompts = [encode_prompt(tokenizer, p["question"], args.dataset) for p in problems]
+        mine = shard(problems)
+        prompts = [encode_prompt(tokenizer, p["question"], args.dataset) for p in mine]
         outs = sample_answers(
             model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, generator=generator, args=args
         )
-        golds = [p["answer"] for p in problems for _ in range(num_samples)]
-        scores = np.array(grade_all(tokenizer, outs, golds, args.dataset)).reshape(len(problems), num_samples)
+        golds = [p["answer"] for p in mine for _ in range(num_samples)]
+        rewards = grade_all(tokenizer, outs, golds, args.dataset)
+        scores = np.array(gather_list(rewards)).reshape(len(problems), num_samples)
         metrics[name], per_problem[name] = float(scores.mean()), scores.mean(axis=1).tolist()
     return {**metrics, "per_problem": per_problem}
 
@@ -619,6 +637,8 @@ def keep_best(metrics: dict, best_val: float, policy, tokenizer, iteration: int,
     paper reports the checkpoint with the best validation accuracy, §4.5); returns the best value so far."""
     if metrics["eval/val_pass1"] <= best_val:
         return best_val
+    if not is_main():  # every rank has the same metrics and weights: one saves
+        return metrics["eval/val_pass1"]
     best_dir = os.path.join(args.run_dir, "best")
     save_folder(best_dir, policy, tokenizer, {"best.json": {"iteration": iteration, **metrics}})
     print(f"saved {best_dir} (validation Pass@1 {metrics['eval/val_pass1']:.4f}, iteration {iteration})")
@@ -634,7 +654,7 @@ def evaluate_and_keep_best(
     start = time.time()
     metrics = evaluate(policy, tokenizer, test_problems, val_problems, args, iteration)
     per_problem = metrics.pop("per_problem", None)
-    if per_problem is not None:
+    if per_problem is not None and is_main():
         os.makedirs(os.path.join(args.run_dir, "evals"), exist_ok=True)
         with open(os.path.join(args.run_dir, "evals", f"{iteration}.json"), "w") as f:
             json.dump(per_problem, f)
@@ -686,13 +706,17 @@ def save_checkpoint(
 ):
     """A checkpoint that --resume continues exactly: the model, optimizer, scheduler and RNG states, the iteration to
     continue at and the best validation Pass@1 so far; with a critic, its weights (critic.pt), optimizer and
-    scheduler too. run_args.json is small: check_run_dir reads only it."""
+    scheduler too. run_args.json is small: check_run_dir reads only it. With several ranks rank 0 saves (the
+    ranks' weights and optimizer states are the same) and records their number, which --resume must match."""
+    if not is_main():
+        return
     state = dict(
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
         rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
         next_iteration=next_iteration,
         best_val_pass1=best_val,
+        world_size=world()[1],
     )
     files = {"trainer_state.pt": state, "run_args.json": dataclasses.asdict(args)}
     if critic is not None:
@@ -822,6 +846,111 @@ def deferred_interrupt():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Data parallelism (torchrun --nproc_per_node N train.py ...): every rank samples the answers of its share of the
+# prompts and values their states on its own device; the update is the one-process update spread over the ranks.
+# In one process (python train.py) every function here is the identity or does nothing.
+
+# Ranks wait for rank 0 while it makes run_dir/init (SFT can take hours), so collectives wait long before failing.
+DIST_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def init_distributed(args: Args) -> None:
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1): NCCL on CUDA with one GPU per rank
+    (LOCAL_RANK), gloo on CPU. Only rank 0 prints (the others' stdout goes to /dev/null; errors still show)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) unless launched by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    """Rank 0: the process that prints, logs and saves."""
+    return world()[0] == 0
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """[first, last) of this rank's contiguous share of n items; shares differ in length by at most one and, in
+    rank order, make up all n (so gather_list(shard(items)) == items)."""
+    rank, size = world()
+    return rank * n // size, (rank + 1) * n // size
+
+
+def shard(items: list) -> list:
+    first, last = shard_bounds(len(items))
+    return items[first:last]
+
+
+def gather_list(items: list) -> list:
+    """The concatenation of every rank's items, in rank order (pickled: token ids, rewards, small tensors)."""
+    rank, size = world()
+    if size == 1:
+        return list(items)
+    everyone = [None] * size
+    dist.all_gather_object(everyone, list(items))
+    return [item for part in everyone for item in part]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sum_gradients(model) -> None:
+    """Sum every gradient over the ranks (a parameter that got none on a rank counts as 0). Each rank's loss is
+    already divided by the WHOLE minibatch's token and sequence counts, so the sum is exactly the gradient one
+    process computes on the whole minibatch. One all-reduce per parameter tensor: simple, not the fastest (DDP
+    buckets them and overlaps them with the backward pass)."""
+    if world()[1] == 1:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def same_generator(generator: torch.Generator) -> None:
+    """Give every rank rank 0's generator state, so the update's shuffles agree everywhere."""
+    if world()[1] > 1:
+        generator.set_state(gather_list([generator.get_state()])[0])
+
+
+# Log keys that are counts: the ranks' values add up. Other keys differing across ranks are per-rank means of equal
+# shares (their mean is the mean over all answers), or times (the slowest rank's).
+SUMMED_KEYS = {"tokens/answers", "vine/states_total", "vine/states_unique", "vine/mc_rollouts", "vine/mc_tokens"}
+SUMMED_KEYS |= {"diag/states"}
+
+
+def combine_logs(log: dict) -> dict:
+    """One log for the iteration from every rank's: equal values are kept, counts summed, times maxed, the rest
+    averaged (every rank has the same number of answers)."""
+    if world()[1] == 1:
+        return log
+    logs = gather_list([log])
+    combined = {}
+    for key in log:
+        values = [one[key] for one in logs]
+        if all(v == values[0] for v in values):
+            combined[key] = values[0]
+        elif key in SUMMED_KEYS:
+            combined[key] = sum(values)
+        elif key.startswith("time/"):
+            combined[key] = max(values)
+        else:
+            combined[key] = float(np.mean(values))
+    return combined
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # One iteration, phase by phase (PAPER_NOTES §1.1, §8): sample answers, estimate values and advantages, update, log
 
 
@@ -888,7 +1017,7 @@ def reward_signal(rewards: list[float], iteration: int, args: Args) -> dict:
     if groups.max() == 0:
         print(
             f"warning: iteration {iteration}: every one of the {groups.size} answers got reward 0, so there is "
-            f"nothing to learn from. A {args.dataset} answer is right only if it ends with "
+            f"nothing to learn from. On {args.dataset} an answer is right only if it ends with "
             f"{ANSWER_FORMATS[args.dataset]}: a model that never writes that format always scores 0 (teach it with "
             "--sft-steps N, or start from an SFT model); answers cut at --max-new-tokens also score 0 "
             "(see response/unfinished)"
@@ -960,7 +1089,7 @@ def estimate_values(policy, tokenizer, prompts, responses, token_steps, golds, n
             eos_token_id=stop_token_ids(policy, tokenizer),
             stop_strings=reward.STOP_STRINGS,
             generator=generator,
-            show_progress=True,
+            show_progress=is_main(),
             max_batch_tokens=args.max_batch_tokens,
         )
 
@@ -1054,10 +1183,12 @@ def value_errors(estimates: list[list[float]], reference: list[list[float]], pre
 
 
 def old_and_ref_logprobs(policy, reference, episodes: list[Episode], pad_id: int, args: Args) -> None:
-    """pi_old and reference logprobs of every episode, once per iteration before the update (pitfall 13)."""
+    """pi_old and reference logprobs of every episode, once per iteration before the update (pitfall 13). With
+    several ranks each computes its share and receives the others'."""
+    mine = shard(episodes)
     with torch.no_grad(), autocast(args):
-        for start in range(0, len(episodes), args.micro_batch_size):
-            chunk = episodes[start : start + args.micro_batch_size]
+        for start in range(0, len(mine), args.micro_batch_size):
+            chunk = mine[start : start + args.micro_batch_size]
             batch = make_batch(chunk, pad_id, args.device)
             old = ppo.token_logprobs(policy, batch["input_ids"], batch["attention_mask"], args.temperature)  # (B, T-1)
             ref = None
@@ -1067,19 +1198,27 @@ def old_and_ref_logprobs(policy, reference, episodes: list[Episode], pad_id: int
                 n = int(batch["attention_mask"][j].sum()) - 1  # number of predicted positions of this episode
                 e.old_logprobs = old[j, :n].cpu()
                 e.ref_logprobs = ref[j, :n].cpu() if ref is not None else None
+    if world()[1] > 1:
+        for e, (old, ref) in zip(episodes, gather_list([(e.old_logprobs, e.ref_logprobs) for e in mine]), strict=True):
+            e.old_logprobs, e.ref_logprobs = old, ref
 
 
 def minibatch_backward(policy, critic, minibatch: list[Episode], pad_id: int, args: Args) -> dict:
     """Gradient of the clipped PPO loss + KL over one minibatch, accumulated over micro-batches (memory only: the
     advantages are whitened and the losses normalised over the whole minibatch, pitfalls 6 and 7); with a critic,
     also the gradient of its clipped value loss on the same micro-batches. Returns the ppo_loss (and value_loss)
-    stats, summed over the micro-batches into minibatch means (ppo.accumulate_stats)."""
+    stats, summed over the micro-batches into minibatch means (ppo.accumulate_stats).
+
+    With several ranks, every rank holds the whole minibatch (so the whitening statistics and the normalisers are
+    the one-process ones) and runs the micro-batches of its share only; the stats and gradients are then summed over
+    the ranks, which gives the one-process gradient, stats and ratio-guard decision on every rank."""
     full = make_batch(minibatch, pad_id, "cpu")
     whitened = ppo.masked_whiten(full["advantages"], full["mask"])  # (B, T-1) once over the whole minibatch
     num_tokens, num_seqs = float(full["mask"].sum()), float(len(minibatch))
+    first, last = shard_bounds(len(minibatch))  # this rank's share
     stats = {}
-    for m in range(0, len(minibatch), args.micro_batch_size):
-        chunk = minibatch[m : m + args.micro_batch_size]
+    for m in range(first, last, args.micro_batch_size):
+        chunk = minibatch[m : min(m + args.micro_batch_size, last)]
         batch = make_batch(chunk, pad_id, args.device)
         width = batch["mask"].shape[1]
         old = pad_logprobs([e.old_logprobs for e in chunk], width).to(args.device)
@@ -1118,6 +1257,11 @@ def minibatch_backward(policy, critic, minibatch: list[Episode], pad_id: int, ar
             v_loss.backward()
             s.update(v_stats)
         stats = ppo.accumulate_stats(stats, s)
+    if world()[1] > 1:
+        stats = functools.reduce(ppo.accumulate_stats, gather_list([stats]), {})
+        for model in (policy, critic.model if critic is not None else None):
+            if model is not None:
+                sum_gradients(model)
     return stats
 
 
@@ -1127,8 +1271,10 @@ def ppo_update(
     """num_epochs passes over the episodes in shuffled minibatches of minibatch_size, one AdamW step each with the
     gradient norm clipped (§3, §8); the critic, if any, takes a step of its own AdamW on every minibatch (the ratio
     guard is the policy's alone, as in the official code). A minibatch whose loss or gradient is not finite moves
-    no weight (clipped_step). Returns the stats averaged over the optimizer steps, and the skip counts."""
+    no weight (clipped_step). Returns the stats averaged over the optimizer steps, and the skip counts.
+    episodes: the iteration's episodes, the same on every rank (several ranks: see minibatch_backward)."""
     old_and_ref_logprobs(policy, reference, episodes, pad_id, args)
+    same_generator(generator)  # several ranks: every rank draws rank 0's minibatches
     totals, num_steps, skipped, nonfinite = {}, 0, 0, 0
     policy.train()  # dropout is off (disable_dropout); train mode turns on gradient checkpointing
     if critic is not None:
@@ -1194,13 +1340,13 @@ def pad_logprobs(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def write_log(log: dict, episodes: list[Episode], rollouts: rollout.Rollouts, scheduler, metrics_file, args) -> None:
+def write_log(log: dict, episodes: list[Episode], scheduler, metrics_file, args) -> None:
     """Add the iteration's sample statistics to its log, print one line and append it to metrics.jsonl (and wandb)."""
     all_advs = [a for e in episodes for a in e.advantages]
     log.update(
         {
             "reward/mean": float(np.mean([e.reward for e in episodes])),
-            "response/length": float(np.mean([len(ids) for ids in rollouts.response_ids])),
+            "response/length": float(np.mean([len(e.response_ids) - e.finished for e in episodes])),  # without EOS
             "response/unfinished": 1.0 - float(np.mean([e.finished for e in episodes])),
             "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])),
             "lr": scheduler.get_last_lr()[0],
@@ -1254,7 +1400,8 @@ def load_models(args: Args, train_problems: list[dict]):
     """The policy to train and the frozen reference, the initial (SFT) policy (PAPER_NOTES §3; pitfall 13).
 
     A tiny model, or any model given --sft-steps, is made here once and kept in run_dir/init/: the RL start and the
-    reference. With --resume the policy comes from run_dir/checkpoint/. No reference is loaded when kl_coef = 0."""
+    reference (by rank 0 when there are several). With --resume the policy comes from run_dir/checkpoint/. No
+    reference is loaded when kl_coef = 0."""
     start = start_model(args)
     made_with = {name: getattr(args, name) for name in INIT_OPTIONS}
     if start != args.model and os.path.exists(os.path.join(start, "init_args.json")):
@@ -1266,7 +1413,7 @@ def load_models(args: Args, train_problems: list[dict]):
                 f"error: {start} was made with other options ({', '.join(f'{k} {saved[k]}' for k in changed)}); "
                 f"delete {start} to make it again, or choose another --run-dir"
             )
-    if start != args.model and not os.path.exists(os.path.join(start, "config.json")):
+    if start != args.model and not os.path.exists(os.path.join(start, "config.json")) and is_main():
         if args.model == "tiny":
             tokenizer = build_tiny_tokenizer([p["question"] + p["solution"] for p in train_problems[:20000]])
             policy = build_tiny_model(tokenizer, max_length=args.max_length).to(args.device)
@@ -1275,6 +1422,7 @@ def load_models(args: Args, train_problems: list[dict]):
         if args.sft_steps:
             sft(policy, tokenizer, train_problems, args)
         save_folder(start, policy, tokenizer, {"init_args.json": made_with})
+    barrier()  # several ranks: the others wait until rank 0 has made init/
     policy, tokenizer = load_model(os.path.join(args.run_dir, "checkpoint") if args.resume else start, args.device)
     if args.device.startswith("cuda") and args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -1326,6 +1474,13 @@ def restore_trainer_state(path: str, optimizer, scheduler, critic: Critic | None
     """Load optimizer, scheduler and RNG states (and the critic's weights, optimizer and scheduler) from a checkpoint;
     returns the iteration to continue at and the best validation Pass@1 so far."""
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    saved_world = state.get("world_size", 1)
+    if saved_world != world()[1]:  # the shares and random streams depend on the number of ranks
+        launch = "python train.py" if saved_world == 1 else f"torchrun --nproc_per_node {saved_world} train.py"
+        raise SystemExit(
+            f"error: {path} was written by a run of {saved_world} process(es) and this one has {world()[1]}; resume "
+            f"it with as many ({launch} ..., or that many processes in all across machines)"
+        )
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if critic is not None:
@@ -1362,13 +1517,22 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with run_dir_lock(args.run_dir):  # one train.py per run folder
-        run(args)
+    init_distributed(args)  # launched by torchrun: join the other ranks
+    try:
+        with run_dir_lock(args.run_dir) if is_main() else contextlib.nullcontext():  # one train.py per run folder
+            run(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run(args: Args) -> None:
-    """Set up (data, models, optimizers, resume), then iterate: sample, advantages, update, log, evaluate, save."""
-    check_run_dir(args)
+    """Set up (data, models, optimizers, resume), then iterate: sample, advantages, update, log, evaluate, save.
+    With several ranks (torchrun) every rank runs this same loop on its share of the prompts; rank 0 checks the run
+    folder, logs and saves."""
+    if is_main():
+        check_run_dir(args)
+    barrier()
     print(json.dumps(dataclasses.asdict(args), indent=1))
     checkpoint = os.path.join(args.run_dir, "checkpoint")
     try:
@@ -1380,22 +1544,23 @@ def run(args: Args) -> None:
         start_iteration, best_val = 0, -1.0
         if args.resume:
             start_iteration, best_val = restore_trainer_state(checkpoint, optimizer, scheduler, critic)
-            trim_metrics(os.path.join(args.run_dir, "metrics.jsonl"), start_iteration)
+            if is_main():
+                trim_metrics(os.path.join(args.run_dir, "metrics.jsonl"), start_iteration)
     except KeyboardInterrupt:
         print("interrupted while setting up (loading, SFT): nothing was saved or changed; run the same command again")
         sys.exit(130)
-    if args.wandb:
+    if args.wandb and is_main():
         import wandb
 
         wandb.init(project="vineppo", config=dataclasses.asdict(args), resume="allow")
-    metrics_file = open(os.path.join(args.run_dir, "metrics.jsonl"), "a")
+    metrics_file = open(os.path.join(args.run_dir, "metrics.jsonl") if is_main() else os.devnull, "a")
     # the policy holds the updates of the iterations before resume_at; saved_at: what the checkpoint on disk holds
     resume_at, saved_at = start_iteration, start_iteration if args.resume else None
     try:
         for iteration in range(start_iteration, args.num_iterations):
             log = {"iteration": iteration}
-            # one generator per iteration, so that a resumed run draws exactly what an uninterrupted one does
-            generator = torch.Generator().manual_seed(args.rl_seed + iteration)
+            # one generator per iteration (and rank), so a resumed run draws exactly what an uninterrupted one does
+            generator = torch.Generator().manual_seed(args.rl_seed + iteration + 1_000_000_007 * world()[0])
             if args.eval_every and iteration % args.eval_every == 0:  # before the update: iteration 0 is the start
                 metrics, best_val = evaluate_and_keep_best(
                     policy, tokenizer, test_problems, val_problems, iteration, best_val, args
@@ -1403,9 +1568,8 @@ def run(args: Args) -> None:
                 log.update(metrics)
             # -------- sample answers and grade them
             timer = time.time()
-            problems = sample_problems(train_problems, tokenizer, iteration, args)
+            problems = shard(sample_problems(train_problems, tokenizer, iteration, args))  # several ranks: a share
             rollouts, rewards = sample_and_grade(policy, tokenizer, problems, generator, args)
-            log.update(reward_signal(rewards, iteration, args))
             episodes = make_episodes(tokenizer, problems, rollouts, rewards, args)
             log["time/sample"], timer = time.time() - timer, time.time()
             # -------- advantages: MC values of the step states (VinePPO), or a baseline's (--advantage)
@@ -1421,6 +1585,9 @@ def run(args: Args) -> None:
                 log.update(run_value_diagnostic(policy, critic, tokenizer, problems, rollouts, iteration, args))
                 log["time/diagnostic"], timer = time.time() - timer, time.time()
             log["tokens/answers"] = sum(len(ids) for ids in rollouts.response_ids)
+            log = combine_logs(log)  # several ranks: one log, and every rank holds every episode for the update
+            episodes = gather_list(episodes)
+            log.update(reward_signal([e.reward for e in episodes], iteration, args))
             # -------- PPO update, log, checkpoint; Ctrl-C waits until the block ends (no checkpoint of half an update)
             with deferred_interrupt() as interrupted:
                 log.update(
@@ -1429,8 +1596,10 @@ def run(args: Args) -> None:
                 check_finite_weights(policy, critic, iteration)
                 resume_at = iteration + 1
                 log["time/train"] = time.time() - timer
-                write_log(log, episodes, rollouts, scheduler, metrics_file, args)
+                if is_main():
+                    write_log(log, episodes, scheduler, metrics_file, args)
                 done = iteration + 1 - start_iteration
+                interrupted = any(gather_list([bool(interrupted)]))  # Ctrl-C on any rank stops every rank here
                 if interrupted or done == args.stop_after or is_checkpoint_iteration(iteration, args):
                     save_checkpoint(
                         checkpoint, policy, tokenizer, optimizer, scheduler, critic, args, resume_at, best_val
