@@ -1275,16 +1275,21 @@ def ppo_update(
     episodes: the iteration's episodes, the same on every rank (several ranks: see minibatch_backward)."""
     old_and_ref_logprobs(policy, reference, episodes, pad_id, args)
     same_generator(generator)  # several ranks: every rank draws rank 0's minibatches
-    totals, num_steps, skipped, nonfinite = {}, 0, 0, 0
+    totals, num_steps, skipped, nonfinite, empty = {}, 0, 0, 0, 0
     policy.train()  # dropout is off (disable_dropout); train mode turns on gradient checkpointing
     if critic is not None:
         critic.model.train()
     for _ in range(args.num_epochs):
         perm = torch.randperm(len(episodes), generator=generator).tolist()
         for start in range(0, len(perm), args.minibatch_size):
-            stats = minibatch_backward(
-                policy, critic, [episodes[i] for i in perm[start : start + args.minibatch_size]], pad_id, args
-            )
+            minibatch = [episodes[i] for i in perm[start : start + args.minibatch_size]]
+            if sum(len(e.response_ids) for e in minibatch) < 2:  # only empty answers (EOS first, no "####"): no
+                scheduler.step()  # token to learn from, nothing to whiten; the schedules advance as for a skip
+                if critic is not None:
+                    critic.scheduler.step()
+                empty += 1
+                continue
+            stats = minibatch_backward(policy, critic, minibatch, pad_id, args)
             if critic is not None:
                 stats["critic/grad_norm"], _ = clipped_step(
                     critic.model, critic.optimizer, critic.scheduler, stats["critic/loss"], args
@@ -1306,6 +1311,7 @@ def ppo_update(
         critic.model.eval()
     out = {k: v / max(1, num_steps) for k, v in totals.items()}
     out["ppo/skipped_minibatches"], out["ppo/nonfinite_minibatches"] = skipped, nonfinite
+    out["ppo/empty_minibatches"] = empty
     return out
 
 
@@ -1348,7 +1354,7 @@ def write_log(log: dict, episodes: list[Episode], scheduler, metrics_file, args)
             "reward/mean": float(np.mean([e.reward for e in episodes])),
             "response/length": float(np.mean([len(e.response_ids) - e.finished for e in episodes])),  # without EOS
             "response/unfinished": 1.0 - float(np.mean([e.finished for e in episodes])),
-            "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])),
+            "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])) if all_advs else 1.0,
             "lr": scheduler.get_last_lr()[0],
         }
     )

