@@ -3,6 +3,7 @@
     python benchmarks/bench_rollout.py            # full run, ~5 minutes on 2 quiet cores
     python benchmarks/bench_rollout.py --quick    # smoke mode, smaller workloads
     python benchmarks/bench_rollout.py --flat     # near-uniform next-token distributions (see below)
+    python benchmarks/bench_rollout.py --workloads small,fixed --threads 1   # only the fixed-length workloads
 
 Model: a ~10M-parameter random Llama (hidden 256, 6 layers, vocab 8192). Its output weights are scaled by LOGIT_SCALE
 so that, at T=0.6, the top-p 0.9 nucleus holds ~6 tokens (median) as for a trained LM (--flat keeps the random init:
@@ -14,11 +15,15 @@ sample the same model with the same settings (T=0.6, top-p 0.9, no top-k), so th
 Prints: (1) tokens/s of sample vs generate on one batch of 64 prompts; (2) an MC-shaped workload (answers x states x
 K continuations, nested prefixes of 100-300 tokens) by prefix reuse vs a loop of generate(num_return_sequences=K) per
 state; (3) achieved FLOP/s (2 x params x tokens/s) as a fraction of a measured float32 matmul; (4) float32 vs
-bfloat16 weights for sample.
+bfloat16 weights for sample; (5) a small job, 8 prompts x 64 greedy tokens, and (6) 64 prompts of 32 tokens x 64 new
+tokens, greedy and at T=0.6, against one batched generate. In (5) and (6) EOS is disabled in both engines, so every
+row generates exactly 64 tokens and the two do the same work; each is repeated --repeats times, generate and sample
+alternating, and the medians are printed (the ratio is the median of the per-repeat ratios).
 """
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -65,25 +70,53 @@ def matmul_flops(dtype=torch.float32, n: int = 1024, repeats: int = 20) -> float
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def run_generate(model, prefixes, *, num_samples, max_new_tokens, seed):
-    """Hugging Face generate on a left-padded batch; returns the number of generated tokens (EOS and later excluded)."""
+def run_generate(model, prefixes, *, num_samples, max_new_tokens, seed, greedy=False, eos=True):
+    """Hugging Face generate on a left-padded batch; returns the number of generated tokens (EOS and later excluded).
+    greedy: argmax instead of SETTINGS; eos=False: EOS does not stop a row (every row makes max_new_tokens)."""
     torch.manual_seed(seed)
     longest = max(len(p) for p in prefixes)
     input_ids = torch.tensor([[0] * (longest - len(p)) + p for p in prefixes])  # (B, T) left padding
     attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prefixes])
+    decoding = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=0, **SETTINGS)
+    stop = dict(eos_token_id=EOS if eos else None, pad_token_id=0)  # None: generate stops at the length limit only
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=num_samples, eos_token_id=EOS,
-                             pad_token_id=0, **SETTINGS)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_samples,
+            **stop,
+            **decoding,
+        )
     new = out[:, longest:]  # (B * num_samples, T_new)
-    is_eos = (new == EOS).long().cumsum(dim=1) > 0  # EOS and everything after it (padding)
-    return int((~is_eos).sum())
+    is_eos = (new == EOS).long().cumsum(dim=1) > 0 if eos else torch.zeros_like(new, dtype=torch.bool)
+    return int((~is_eos).sum())  # EOS and everything after it (padding) excluded
 
 
-def run_sample(model, prefixes, *, num_samples, max_new_tokens, seed):
-    rollouts = sample(model, prefixes, num_samples=num_samples, max_new_tokens=max_new_tokens, eos_token_id=EOS,
-                      generator=torch.Generator().manual_seed(seed), **SETTINGS)
+def run_sample(model, prefixes, *, num_samples, max_new_tokens, seed, greedy=False, eos=True):
+    decoding = dict(temperature=0.0, top_p=1.0) if greedy else SETTINGS
+    rollouts = sample(
+        model,
+        prefixes,
+        num_samples=num_samples,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=EOS if eos else [],
+        generator=torch.Generator().manual_seed(seed),
+        **decoding,
+    )
     return sum(len(r) for r in rollouts.response_ids)
+
+
+def compare_fixed_length(model, prompts, *, max_new_tokens, greedy, repeats):
+    """sample vs generate with EOS disabled (both make len(prompts) x max_new_tokens tokens), alternating, repeats
+    times. Returns the median tokens/s of each and the median of the per-repeat ratios sample/generate."""
+    kwargs = dict(num_samples=1, max_new_tokens=max_new_tokens, greedy=greedy, eos=False)
+    tps_g, tps_s = [], []
+    for r in range(repeats):
+        tps_g.append(timed(run_generate, model, prompts, seed=r, **kwargs)[2])
+        tps_s.append(timed(run_sample, model, prompts, seed=r, **kwargs)[2])
+    ratio = statistics.median(s / g for s, g in zip(tps_s, tps_g))
+    return statistics.median(tps_g), statistics.median(tps_s), ratio
 
 
 def timed(fn, *args, **kwargs):
@@ -98,8 +131,18 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small workloads, a smoke run")
     parser.add_argument("--flat", action="store_true", help="near-uniform next-token distributions")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--workloads",
+        default="plain,mc,flops,bf16,small,fixed",
+        help="comma-separated subset of plain (1), mc (2), flops (3, needs plain and mc), bf16 (4, "
+        "needs plain), small (5), fixed (6)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of workloads 5 and 6 (medians printed)")
     cli = parser.parse_args()
-    quick = cli.quick
+    quick, workloads = cli.quick, set(cli.workloads.split(","))
+    assert workloads <= {"plain", "mc", "flops", "bf16", "small", "fixed"}, f"unknown workload in {cli.workloads}"
+    assert "flops" not in workloads or {"plain", "mc"} <= workloads, "flops needs plain and mc"
+    assert "bf16" not in workloads or "plain" in workloads, "bf16 needs plain"
     torch.set_num_threads(cli.threads)
     model = make_bench_model(flat=cli.flat)
     params = count_matmul_params(model)
@@ -108,48 +151,86 @@ def main():
     print(f"model: Llama 256x6, vocab {VOCAB}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
           f"({params / 1e6:.1f}M in matmuls); threads {torch.get_num_threads()}; quick={quick}; flat={cli.flat}")
 
-    # ---- 1. plain sampling: one batch of 64 prompts, 1 sample each
+    # prompts are drawn whatever --workloads says, so every workload sees the same ones in every run
     num_prompts, max_new = (64, 48) if quick else (64, 200)
     prompts = [rand(int(n)) for n in torch.randint(50, 150, (num_prompts,), generator=g)]
-    run_sample(model, prompts[:4], num_samples=1, max_new_tokens=4, seed=0)  # warm-up
-    tok_g, sec_g, tps_g = timed(run_generate, model, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
-    tok_s, sec_s, tps_s = timed(run_sample, model, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
-    print(f"\n[1] plain sampling, {num_prompts} prompts of 50-150 tokens, max_new_tokens={max_new}, T=0.6 top-p 0.9")
-    print(f"  generate: {tok_g:6d} tokens in {sec_g:6.2f} s = {tps_g:7.0f} tok/s")
-    print(f"  sample:   {tok_s:6d} tokens in {sec_s:6.2f} s = {tps_s:7.0f} tok/s   ratio sample/generate = "
-          f"{tps_s / tps_g:.2f}x")
-
-    # ---- 2. MC-shaped workload: answers x states x K, nested prefixes of 100-300 tokens
     num_answers, num_states, k, mc_new = (8, 5, 9, 48) if quick else (32, 5, 9, 200)
     answers = [rand(300) for _ in range(num_answers)]
-    states = [a[:n] for a in answers for n in torch.linspace(100, 300, num_states).long().tolist()]
-    tok_r, sec_r, tps_r = timed(run_sample, model, states, num_samples=k, max_new_tokens=mc_new, seed=1)
-    # the naive loop is slow: time it on a subset of the states and scale to all of them (stated below)
-    subset = states[:: 2 if quick else 8]  # every 8th: all 5 state lengths appear
-    start, tok_n = time.perf_counter(), 0
-    for i, state in enumerate(subset):
-        tok_n += run_generate(model, [state], num_samples=k, max_new_tokens=mc_new, seed=100 + i)
-    sec_n = (time.perf_counter() - start) * len(states) / len(subset)
-    tps_n = tok_n * len(states) / len(subset) / sec_n
-    print(f"\n[2] MC workload: {num_answers} answers x {num_states} states (100-300 tokens) x K={k}, up to {mc_new} "
-          f"new tokens")
-    print(f"  naive generate(num_return_sequences={k}) per state: {sec_n:7.2f} s (timed on {len(subset)} of "
-          f"{len(states)} states, scaled) = {tps_n:6.0f} tok/s")
-    print(f"  sample, prefix reuse:                           {sec_r:7.2f} s ({tok_r} tokens) = {tps_r:6.0f} tok/s")
-    print(f"  speed-up (tok/s ratio) = {tps_r / tps_n:.2f}x")
+    short_prompts = [rand(32) for _ in range(64)]
+    run_sample(model, prompts[:4], num_samples=1, max_new_tokens=4, seed=0)  # warm-up
+    run_generate(model, prompts[:4], num_samples=1, max_new_tokens=4, seed=0)
+
+    # ---- 1. plain sampling: one batch of 64 prompts, 1 sample each
+    if "plain" in workloads:
+        tok_g, sec_g, tps_g = timed(run_generate, model, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
+        tok_s, sec_s, tps_s = timed(run_sample, model, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
+        print(
+            f"\n[1] plain sampling, {num_prompts} prompts of 50-150 tokens, max_new_tokens={max_new}, T=0.6 "
+            f"top-p 0.9"
+        )
+        print(f"  generate: {tok_g:6d} tokens in {sec_g:6.2f} s = {tps_g:7.0f} tok/s")
+        print(
+            f"  sample:   {tok_s:6d} tokens in {sec_s:6.2f} s = {tps_s:7.0f} tok/s   ratio sample/generate = "
+            f"{tps_s / tps_g:.2f}x"
+        )
+
+    # ---- 2. MC-shaped workload: answers x states x K, nested prefixes of 100-300 tokens
+    if "mc" in workloads:
+        states = [a[:n] for a in answers for n in torch.linspace(100, 300, num_states).long().tolist()]
+        tok_r, sec_r, tps_r = timed(run_sample, model, states, num_samples=k, max_new_tokens=mc_new, seed=1)
+        # the naive loop is slow: time it on a subset of the states and scale to all of them (stated below)
+        subset = states[:: 2 if quick else 8]  # every 8th: all 5 state lengths appear
+        start, tok_n = time.perf_counter(), 0
+        for i, state in enumerate(subset):
+            tok_n += run_generate(model, [state], num_samples=k, max_new_tokens=mc_new, seed=100 + i)
+        sec_n = (time.perf_counter() - start) * len(states) / len(subset)
+        tps_n = tok_n * len(states) / len(subset) / sec_n
+        print(
+            f"\n[2] MC workload: {num_answers} answers x {num_states} states (100-300 tokens) x K={k}, up to "
+            f"{mc_new} new tokens"
+        )
+        print(
+            f"  naive generate(num_return_sequences={k}) per state: {sec_n:7.2f} s (timed on {len(subset)} of "
+            f"{len(states)} states, scaled) = {tps_n:6.0f} tok/s"
+        )
+        print(
+            f"  sample, prefix reuse:                           {sec_r:7.2f} s ({tok_r} tokens) = {tps_r:6.0f} "
+            f"tok/s"
+        )
+        print(f"  speed-up (tok/s ratio) = {tps_r / tps_n:.2f}x")
 
     # ---- 3. fraction of the machine's matmul throughput
-    flops32, flops16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
-    print(f"\n[3] measured matmul: float32 {flops32 / 1e9:.1f} GFLOP/s, bfloat16 {flops16 / 1e9:.1f} GFLOP/s")
-    for name, tps in [("generate, plain", tps_g), ("sample, plain", tps_s), ("sample, MC", tps_r)]:
-        print(f"  {name:16s} 2 x {params / 1e6:.1f}M x {tps:6.0f} tok/s = {2 * params * tps / 1e9:5.2f} GFLOP/s = "
-              f"{2 * params * tps / flops32:6.1%} of float32 matmul")
+    if "flops" in workloads:
+        flops32, flops16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
+        print(f"\n[3] measured matmul: float32 {flops32 / 1e9:.1f} GFLOP/s, bfloat16 {flops16 / 1e9:.1f} GFLOP/s")
+        for name, tps in [("generate, plain", tps_g), ("sample, plain", tps_s), ("sample, MC", tps_r)]:
+            print(
+                f"  {name:16s} 2 x {params / 1e6:.1f}M x {tps:6.0f} tok/s = {2 * params * tps / 1e9:5.2f} GFLOP/s = "
+                f"{2 * params * tps / flops32:6.1%} of float32 matmul"
+            )
 
     # ---- 4. float32 vs bfloat16 weights on CPU, the plain workload
-    model_bf16 = make_bench_model(flat=cli.flat).to(torch.bfloat16)
-    tok_b, sec_b, tps_b = timed(run_sample, model_bf16, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
-    print(f"\n[4] sample with bfloat16 weights: {tok_b} tokens in {sec_b:.2f} s = {tps_b:.0f} tok/s; "
-          f"bf16/fp32 = {tps_b / tps_s:.2f}x")
+    if "bf16" in workloads:
+        model_bf16 = make_bench_model(flat=cli.flat).to(torch.bfloat16)
+        tok_b, sec_b, tps_b = timed(run_sample, model_bf16, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
+        print(
+            f"\n[4] sample with bfloat16 weights: {tok_b} tokens in {sec_b:.2f} s = {tps_b:.0f} tok/s; "
+            f"bf16/fp32 = {tps_b / tps_s:.2f}x"
+        )
+
+    # ---- 5. and 6. fixed-length jobs (EOS disabled) against one batched generate, medians of --repeats runs
+    fixed = []
+    if "small" in workloads:
+        fixed.append(("[5] small job: 8 prompts of 50-150 tokens x 64 new tokens, greedy", prompts[:8], True))
+    if "fixed" in workloads:
+        fixed.append(("[6] 64 prompts of 32 tokens x 64 new tokens, greedy", short_prompts, True))
+        fixed.append(("[6] 64 prompts of 32 tokens x 64 new tokens, T=0.6 top-p 0.9", short_prompts, False))
+    for name, job_prompts, greedy in fixed:
+        tps_g, tps_s, ratio = compare_fixed_length(
+            model, job_prompts, max_new_tokens=64, greedy=greedy, repeats=cli.repeats
+        )
+        print(f"\n{name}, no EOS, median of {cli.repeats}")
+        print(f"  generate: {tps_g:7.0f} tok/s   sample: {tps_s:7.0f} tok/s   ratio sample/generate = {ratio:.2f}x")
 
 
 if __name__ == "__main__":
