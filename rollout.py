@@ -87,6 +87,7 @@ class Rollouts:
     response_ids: list[list[int]]  # sampled tokens per sample, without the EOS token and without the stop string
     logprobs: list[torch.Tensor]  # float32 (len(response_ids[i]),): log_softmax(logits / T) of each sampled token
     finished: list[bool]  # True: stopped on EOS or a stop string; False: hit the length limit
+    eos: list[int | None]  # the end token that stopped the sample (one of eos_token_id), else None
 
 
 def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -335,7 +336,7 @@ def decode_chunk(
     stop_strings: Sequence[str],
     tokenizer,
     progress,
-) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+) -> tuple[list[list[int]], list[list[float]], list[bool], list[int | None]]:
     """Sample num_samples continuations of every prefix of one chunk; row b continues prefix b // num_samples.
 
     Each step feeds the last token of every live row and samples its next token. A row stops when it samples EOS
@@ -356,6 +357,7 @@ def decode_chunk(
     row_limit = [limits[b // num_samples] for b in range(num_rows)]
     window = 4 * max((len(s) for s in stop_strings), default=0) + 2  # tokens that surely hold a new stop string
     responses, logprobs, finished = [[] for _ in range(num_rows)], [[] for _ in range(num_rows)], [False] * num_rows
+    eos = [None] * num_rows
     batch_rows = list(range(num_rows))  # row id at each batch position
     logits = next_logits.index_select(0, row_prefix)  # (B, V) the prefill's next-token logits
     step = 0
@@ -364,7 +366,7 @@ def decode_chunk(
         live = []  # batch positions of the rows that continue
         for pos, (b, token, lp) in enumerate(zip(batch_rows, tokens.tolist(), token_logprobs.tolist())):
             if token in eos_ids:  # EOS: finished, and the EOS token is not part of the response
-                finished[b] = True
+                finished[b], eos[b] = True, token
                 continue
             responses[b].append(token)
             logprobs[b].append(lp)
@@ -395,7 +397,7 @@ def decode_chunk(
         )
         logits = out.logits[:, -1]  # (B, V) the fed token's position predicts the next token
         step += 1
-    return responses, logprobs, finished
+    return responses, logprobs, finished, eos
 
 
 def sample(
@@ -425,7 +427,8 @@ def sample(
     eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     limits = [max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(p)) for p in prompt_ids]
     num_rows = len(prompt_ids) * num_samples
-    result = Rollouts([[] for _ in range(num_rows)], [torch.zeros(0) for _ in range(num_rows)], [False] * num_rows)
+    result = Rollouts([[] for _ in range(num_rows)], [torch.zeros(0) for _ in range(num_rows)], [False] * num_rows,
+                      [None] * num_rows)
     todo = [i for i in range(len(prompt_ids)) if limits[i] > 0]  # no room left: empty response, not finished
     roots = find_roots([prompt_ids[i] for i in todo])
     lens = [len(prompt_ids[i]) for i in todo]
@@ -439,7 +442,7 @@ def sample(
         with torch.inference_mode():
             for chunk in chunks:
                 prefix_idx = [todo[c] for c in chunk]
-                responses, logprobs, finished = decode_chunk(
+                responses, logprobs, finished, eos = decode_chunk(
                     model,
                     [list(prompt_ids[i]) for i in prefix_idx],
                     num_samples=num_samples,
@@ -456,6 +459,7 @@ def sample(
                     result.response_ids[i * num_samples + j] = responses[row]
                     result.logprobs[i * num_samples + j] = torch.tensor(logprobs[row], dtype=torch.float32)
                     result.finished[i * num_samples + j] = finished[row]
+                    result.eos[i * num_samples + j] = eos[row]
     finally:
         model.train(was_training)
         if progress is not None:

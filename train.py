@@ -1032,13 +1032,15 @@ def reward_signal(rewards: list[float], iteration: int, args: Args) -> dict:
 
 def make_episodes(tokenizer, problems, rollouts: rollout.Rollouts, rewards: list[float], args: Args) -> list[Episode]:
     """One Episode per answer, its advantages still empty. A GSM8K answer with no "####" line is unfinished, as in the
-    official code (§4.3); EOS is appended to finished answers only (§1.3, pitfall 10)."""
+    official code (§4.3); EOS is appended to finished answers only (§1.3, pitfall 10): the end token the answer
+    sampled (a model may have several, stop_token_ids), or the tokenizer's after a stop string."""
     episodes = []
     for i, ids in enumerate(rollouts.response_ids):
         prompt_ids = problems[i // args.samples_per_prompt][0]
         text = tokenizer.decode(ids, **rollout.DECODE_KWARGS)
         finished = rollouts.finished[i] and reward.counts_as_finished(text, args.dataset)
-        response_ids = ids + [tokenizer.eos_token_id] if finished else list(ids)
+        eos = tokenizer.eos_token_id if rollouts.eos[i] is None else rollouts.eos[i]  # the end token it sampled
+        response_ids = ids + [eos] if finished else list(ids)
         episodes.append(Episode(prompt_ids, response_ids, finished, rewards[i], advantages=[]))
     return episodes
 

@@ -211,12 +211,13 @@ def test_eos_and_length_limit():
     run = lambda **kw: sample(model, [prompt], num_samples=2, temperature=0.0, top_p=1.0, **kw)  # noqa: E731
     r = run(max_new_tokens=10, eos_token_id=2)
     assert r.response_ids == [[5, 6]] * 2 and r.finished == [True, True] and r.logprobs[0].shape == (2,)
+    assert r.eos == [2, 2]
     r = run(max_new_tokens=3, eos_token_id=2)  # EOS is the 3rd token: still finished
     assert r.response_ids[0] == [5, 6] and r.finished[0]
     r = run(max_new_tokens=2, eos_token_id=2)
-    assert r.response_ids[0] == [5, 6] and not r.finished[0]
-    r = run(max_new_tokens=10, eos_token_id=[9, 6])  # any of several EOS ids
-    assert r.response_ids[0] == [5] and r.finished[0]
+    assert r.response_ids[0] == [5, 6] and not r.finished[0] and r.eos[0] is None
+    r = run(max_new_tokens=10, eos_token_id=[9, 6])  # any of several EOS ids, and which one it was
+    assert r.response_ids[0] == [5] and r.finished[0] and r.eos[0] == 6
     r = run(max_new_tokens=10, eos_token_id=2, max_length=4)  # prefix + response reaches max_length
     assert r.response_ids[0] == [5] and not r.finished[0]
     r = run(max_new_tokens=10, eos_token_id=2, max_length=3)  # no room at all

@@ -191,7 +191,8 @@ def test_a_gsm8k_answer_without_a_final_answer_is_unfinished_reward_0_and_no_eos
     prompt = train.encode_prompt(tokenizer, "Natalia sold clips.", "gsm8k")
     texts = ["\nNatalia sold 48/2 = 24 clips in May.\n", "\nNatalia sold 48/2 = 24 clips in May.\n#### 72\n"]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    rollouts = rollout.Rollouts(ids, [torch.zeros(len(i)) for i in ids], [True, True])  # both stopped on EOS
+    eos = [tokenizer.eos_token_id] * 2
+    rollouts = rollout.Rollouts(ids, [torch.zeros(len(i)) for i in ids], [True, True], eos)  # both stopped on EOS
     args = train.parse_args(["--dataset", "gsm8k", "--samples_per_prompt", "2", "--num_mc_rollouts", "2"])
     args.device, args.max_new_tokens = "cpu", 8
     rewards = train.grade_all(tokenizer, rollouts, ["72", "72"], "gsm8k")
@@ -483,7 +484,13 @@ def test_every_end_token_of_the_generation_config_stops_an_answer(tokenizer):
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]
     assert train.stop_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, first})
     out = greedy()
-    assert out.response_ids == [[]] and out.finished == [True]
+    assert out.response_ids == [[]] and out.finished == [True] and out.eos == [first]
+    args.samples_per_prompt = 1
+    (episode,) = train.make_episodes(tokenizer, [(prompt, "72")], out, [0.0], args)
+    assert episode.response_ids == [], "no #### line: unfinished, no end token (GSM8K)"
+    out.response_ids = [tokenizer("\n#### 72\n", add_special_tokens=False)["input_ids"]]  # as if it had answered
+    (episode,) = train.make_episodes(tokenizer, [(prompt, "72")], out, [1.0], args)
+    assert episode.response_ids[-1] == first, "the end token it sampled, not the tokenizer's EOS"
     model.generation_config.eos_token_id = None
     assert train.stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
 
