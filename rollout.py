@@ -64,8 +64,10 @@ from tqdm import tqdm
 from transformers import StaticCache
 
 # Default memory cap, in cached tokens per chunk: rows x (longest prefix + max_new_tokens). The KV cache costs
-# 2 * num_layers * num_kv_heads * head_dim * bytes per token: 2**18 tokens is ~6 GB for a 1.1B Llama (22 layers,
-# 4 KV heads of 64) in bf16, ~0.2 GB for the tests' tiny models. Lower it if sampling runs out of memory.
+# num_layers * num_kv_heads * head_dim * (key bytes + value bytes) per token; under bf16 autocast the keys stay
+# float32 (the rotary embedding's float32 cos/sin promote them; tests/test_memory_plan.py measures it), so 2**18
+# tokens is ~8.3 GiB for a 1.1B Llama (22 layers, 4 KV heads of 64), ~0.2 GB for the tests' tiny models. Lower it
+# if sampling runs out of memory; benchmarks/memory_plan.py says what fits.
 DEFAULT_MAX_BATCH_TOKENS = 2**18
 # Prefill forward passes (plan_prefill_passes): at most this many tokens per pass, roots x longest root of the pass,
 # and no root shorter than PREFILL_MIN_FILL x the pass's longest (the rest of its row is padding, computed and thrown
