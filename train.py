@@ -836,13 +836,15 @@ def lr_lambda(step: int, *, warmup_steps: int, total_steps: int) -> float:
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Hold Ctrl-C until the block ends, so an optimizer phase is never cut halfway; yields a flag list."""
+    """Hold Ctrl-C (and SIGTERM) until the block ends, so an optimizer phase is never cut halfway; yields a flag
+    list."""
     pressed = []
-    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    previous = {s: signal.signal(s, lambda *_: pressed.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield pressed
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1526,10 +1528,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     init_distributed(args)  # launched by torchrun: join the other ranks
+    # SIGTERM (kill, a job scheduler's preemption, torchrun passing on a stop) stops the run as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with run_dir_lock(args.run_dir) if is_main() else contextlib.nullcontext():  # one train.py per run folder
             run(args)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -353,3 +354,30 @@ def test_a_minibatch_of_empty_answers_is_skipped_not_a_crash(tokenizer):
     stats = train.ppo_update(model, None, None, optimizer, scheduler, episodes, 0, torch.Generator(), args)
     assert stats["ppo/empty_minibatches"] == 2 and scheduler.last_epoch == 2  # 2 epochs x 1 minibatch
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_sigterm_stops_like_ctrl_c_with_a_checkpoint_of_the_last_update(tmp_path):
+    """A job scheduler's preemption (SIGTERM) saves the policy after the last finished update, as Ctrl-C does."""
+    run_dir = tmp_path / "run"
+    argv = [*QUICK, "--num_iterations", "50", "--run_dir", str(run_dir)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+            assert process.poll() is None and time.time() < deadline, "the run should be training"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        stdout, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "interrupted; continue with --resume" in stdout
+    state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["next_iteration"] == len(read_iterations(run_dir)) >= 1
