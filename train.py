@@ -906,18 +906,33 @@ def barrier() -> None:
         dist.barrier()
 
 
+# sum_gradients all-reduces the gradients in flat buckets of at most this many elements (400 MB in float32): one call
+# per bucket instead of one per parameter tensor, and a bounded extra copy.
+GRADIENT_BUCKET = 10**8
+
+
 def sum_gradients(model) -> None:
     """Sum every gradient over the ranks (a parameter that got none on a rank counts as 0). Each rank's loss is
     already divided by the WHOLE minibatch's token and sequence counts, so the sum is exactly the gradient one
-    process computes on the whole minibatch. One all-reduce per parameter tensor: simple, not the fastest (DDP
-    buckets them and overlaps them with the backward pass)."""
+    process computes on the whole minibatch. The gradients travel in flat buckets, after the backward pass (DDP
+    also overlaps them with it)."""
     if world()[1] == 1:
         return
+    grads = []
     for p in model.parameters():
         if p.requires_grad:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+            grads.append(p.grad)
+    while grads:
+        bucket, size = [], 0
+        while grads and (not bucket or size + grads[0].numel() <= GRADIENT_BUCKET):
+            size += grads[0].numel()
+            bucket.append(grads.pop(0))
+        flat = torch.cat([g.flatten() for g in bucket])
+        dist.all_reduce(flat)
+        for g, summed in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(summed.view_as(g))
 
 
 def same_generator(generator: torch.Generator) -> None:
