@@ -20,8 +20,8 @@ Where this script departs from the paper's code:
    rollouts and the answers come from the same policy snapshot, as in the paper (pitfall 1). Under torchrun each
    rank takes a contiguous share of the prompts, as the official code does, and values the states of its own
    answers; the official code also deduplicates the MC requests of all ranks, shuffles and re-shards them for
-   balance (PAPER_NOTES §1.2, §6), which we do not. The update sums gradients with one all-reduce per parameter
-   after the backward passes (sum_gradients) instead of DeepSpeed's bucketed, overlapped reduction.
+   balance (PAPER_NOTES §1.2, §6), which we do not. The update sums the gradients in flat buckets after the
+   backward passes (sum_gradients); DeepSpeed also overlaps that reduction with the backward pass.
 2. The ratio guard (mean ratio > 10) judges the whole minibatch after all its micro-batches and then skips the
    optimizer step. The official code judges each device's micro-batch, multiplies its loss by 0 and still steps
    AdamW, which then moves the weights on its momentum alone. Judging the whole minibatch keeps --micro-batch-size a
