@@ -948,18 +948,18 @@ SUMMED_KEYS |= {"diag/states"}
 
 
 def combine_logs(log: dict) -> dict:
-    """One log for the iteration from every rank's: equal values are kept, counts summed, times maxed, the rest
-    averaged (every rank has the same number of answers)."""
+    """One log for the iteration from every rank's: counts summed, values equal on every rank kept, times maxed,
+    the rest averaged (every rank has the same number of answers)."""
     if world()[1] == 1:
         return log
     logs = gather_list([log])
     combined = {}
     for key in log:
         values = [one[key] for one in logs]
-        if all(v == values[0] for v in values):
-            combined[key] = values[0]
-        elif key in SUMMED_KEYS:
+        if key in SUMMED_KEYS:
             combined[key] = sum(values)
+        elif all(v == values[0] for v in values):  # the same on every rank (evaluation, the update's stats)
+            combined[key] = values[0]
         elif key.startswith("time/"):
             combined[key] = max(values)
         else:

@@ -128,3 +128,20 @@ def test_a_two_process_run_logs_once_per_iteration_saves_and_resumes(tmp_path):
     assert model(torch.tensor([tokenizer("1 + 2")["input_ids"]])).logits.isfinite().all()
     alone = torchrun(1, *argv, "--resume", cwd=tmp_path)  # one process cannot continue a 2-process run
     assert alone.returncode != 0 and "written by a run of 2 process(es)" in alone.stderr + alone.stdout
+
+
+def test_logs_of_the_ranks_combine_into_one(monkeypatch):
+    logs = [
+        {"iteration": 3, "tokens/answers": 40, "eval/pass1": 0.25, "time/sample": 1.0, "vine/mean_steps": 2.0},
+        {"iteration": 3, "tokens/answers": 40, "eval/pass1": 0.25, "time/sample": 3.0, "vine/mean_steps": 3.0},
+    ]
+    monkeypatch.setattr(train, "world", lambda: (0, 2))
+    monkeypatch.setattr(train, "gather_list", lambda items: logs)
+    combined = train.combine_logs(logs[0])
+    assert combined == {  # equal counts are still summed; equal values kept; times maxed; the rest averaged
+        "iteration": 3,
+        "tokens/answers": 80,
+        "eval/pass1": 0.25,
+        "time/sample": 3.0,
+        "vine/mean_steps": 2.5,
+    }
