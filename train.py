@@ -612,8 +612,7 @@ def evaluate(model, tokenizer, test_problems: list[dict], val_problems: list[dic
     the same random numbers (paired). metrics["per_problem"] holds each problem's score, for comparisons. With
     several ranks each evaluates its share of the problems from a generator of its own (runs are paired with runs of
     the same number of ranks) and every rank gets all the scores."""
-    rank = world()[0]
-    generator = torch.Generator().manual_seed(args.seed + 1_000_003 * (iteration + 1) + 1_000_000_007 * rank)
+    generator = torch.Generator().manual_seed(rank_seed(args.seed + 1_000_003 * (iteration + 1)))
     metrics, per_problem = {}, {}
     for name, problems, num_samples, temperature in [
         ("eval/pass1", test_problems, args.eval_samples, args.eval_temperature),
@@ -877,6 +876,11 @@ def world() -> tuple[int, int]:
 def is_main() -> bool:
     """Rank 0: the process that prints, logs and saves."""
     return world()[0] == 0
+
+
+def rank_seed(seed: int) -> int:
+    """The seed of this rank's own random stream: seed itself on rank 0, so one process draws what it always drew."""
+    return seed + 1_000_000_007 * world()[0]
 
 
 def shard_bounds(n: int) -> tuple[int, int]:
@@ -1588,7 +1592,7 @@ def run(args: Args) -> None:
         for iteration in range(start_iteration, args.num_iterations):
             log = {"iteration": iteration}
             # one generator per iteration (and rank), so a resumed run draws exactly what an uninterrupted one does
-            generator = torch.Generator().manual_seed(args.rl_seed + iteration + 1_000_000_007 * world()[0])
+            generator = torch.Generator().manual_seed(rank_seed(args.rl_seed + iteration))
             if args.eval_every and iteration % args.eval_every == 0:  # before the update: iteration 0 is the start
                 metrics, best_val = evaluate_and_keep_best(
                     policy, tokenizer, test_problems, val_problems, iteration, best_val, args
