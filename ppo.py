@@ -46,9 +46,67 @@ Departures from the paper's code (ppo_trainer.py):
    minibatch rescales all advantages together afterwards, so the choice cannot change the update's direction.
 """
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 RATIO_THRESHOLD = 10.0  # the paper's ratio guard (ratio_threshold=10): skip a minibatch whose mean ratio exceeds it
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Episodes and their right-padded batches, aligned with token_logprobs
+
+
+@dataclass
+class Episode:
+    """One sampled answer with what the PPO update needs of it (PAPER_NOTES §1.1 step 5, §8)."""
+
+    prompt_ids: list[int]  # BOS + the prompt
+    response_ids: list[int]  # the sampled tokens, then EOS if the answer finished (pitfall 10)
+    finished: bool  # stopped by EOS or the stop string with an answer (reward.counts_as_finished); else no EOS
+    reward: float  # R, the 0/1 grade of the answer
+    advantages: list[float]  # one per response token, EOS included; set by the advantage phase
+    old_logprobs: torch.Tensor | None = None  # (P+R-1,) logprob of every next token under pi_old (old_and_ref_logprobs)
+    ref_logprobs: torch.Tensor | None = None  # (P+R-1,) the same under the reference model; None when kl_coef = 0
+    old_values: torch.Tensor | None = None  # (P+R-1,) V_old of the state before every next token (critic only)
+    returns: list[float] | None = None  # G_t, one per response token (critic only)
+
+
+def make_batch(episodes: list[Episode], pad_id: int, device: str) -> dict:
+    """Tensors of a list of episodes, aligned with ppo.token_logprobs (position t scores token t+1)."""
+    ids, attention_mask = pad_right([e.prompt_ids + e.response_ids for e in episodes], pad_id, device)
+    response_mask = torch.zeros_like(ids, dtype=torch.float32)  # (B, T): 1 on response tokens (incl. EOS)
+    advantages = torch.zeros_like(ids, dtype=torch.float32)  # (B, T)
+    for i, e in enumerate(episodes):
+        p, r = len(e.prompt_ids), len(e.response_ids)
+        response_mask[i, p : p + r] = 1.0
+        advantages[i, p : p + r] = torch.tensor(e.advantages)
+    # causal shift: logprobs[:, t] is the logprob of token t+1, so masks and advantages drop position 0
+    return dict(input_ids=ids, attention_mask=attention_mask, mask=response_mask[:, 1:], advantages=advantages[:, 1:])
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists (pitfall 9: the trainer's batches are right-padded). Returns ids and attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+    return ids.to(device), attention_mask.to(device)
+
+
+def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack per-episode float vectors (logprobs, critic values) into (B, width), zero-padded on the right."""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The policy's loss
 
 
 def token_logprobs(
@@ -265,6 +323,19 @@ class ValueModel(torch.nn.Module):
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.head(hidden).squeeze(-1).float()  # (B, T)
 
+    @torch.no_grad()
+    def predict(self, seqs: list[list[int]], pad_id: int, batch_size: int) -> list[torch.Tensor]:
+        """V of the state after each token of every sequence, one (len,) float32 CPU tensor per sequence, in eval
+        mode without gradients, batch_size right-padded sequences per forward pass."""
+        self.eval()
+        out = []
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start : start + batch_size]
+            ids, attention_mask = pad_right(chunk, pad_id, self.head.weight.device)
+            values = self(ids, attention_mask)  # (B, T)
+            out += [values[j, : len(s)].cpu() for j, s in enumerate(chunk)]
+        return out
+
 
 def gae(rewards: list[float], values: list[float], *, gamma: float = 1.0, lam: float = 1.0) -> tuple[list, list]:
     """Generalised advantage estimation over one answer's response tokens (Schulman et al. 2016, eq. 16; PAPER_NOTES
@@ -335,3 +406,25 @@ def group_advantages(rewards: list[float], group_size: int, method: str) -> list
     else:
         advantages = groups - (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
     return advantages.flatten().tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The learning-rate schedule of the paper's PPO trainer (DeepSpeed's, PAPER_NOTES §3)
+
+
+def lr_lambda(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier of optimizer step `step` (0-based) under DeepSpeed's WarmupDecayLR as the paper ran it
+    (PAPER_NOTES §3; deepspeed/runtime/lr_schedules.py of DeepSpeed 0.14.1, the official code's pin):
+
+        gamma(i) = log(i + 1) / log(W)                  for i < W, with W = max(2, warmup_steps)   (log warmup)
+        gamma(i) = max(0, (T - i) / max(1, T - W))      for i >= W, T = total_steps                (linear decay)
+
+    DeepSpeed's engine steps its scheduler after the optimizer, so optimizer step s runs at gamma(s - 1), and step 0
+    runs at the optimizer's own learning rate, which the official config sets to the peak (DeepSpeed only started
+    setting the first rate from the schedule in version 0.16)."""
+    if step == 0:
+        return 1.0
+    i, w = step - 1, max(2, warmup_steps)
+    if i < w:
+        return math.log(i + 1) / math.log(w)
+    return max(0.0, (total_steps - i) / max(1, total_steps - w))

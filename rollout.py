@@ -84,12 +84,41 @@ TOP_P_CANDIDATES = 64
 DECODE_KWARGS = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """The settings of `sample` that the answers and the MC continuations of their step states must share (PAPER_NOTES
+    pitfall 1: T = 0.6, top-p 0.9, the same length budget and stop strings). train.py builds one value and hands it
+    to both, sample(model, prefixes, num_samples=K, **vars(sampling)), so the two cannot drift apart."""
+
+    temperature: float  # 0: greedy
+    top_p: float
+    max_new_tokens: int
+    eos_token_id: int | tuple[int, ...]  # every id that ends an answer (stop_token_ids)
+    max_length: int | None = None  # most tokens in prefix + continuation
+    stop_strings: tuple[str, ...] = ()
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # memory cap of one chunk (module doc, 5.)
+
+
 @dataclass
 class Rollouts:
     response_ids: list[list[int]]  # sampled tokens per sample, without the EOS token and without the stop string
     logprobs: list[torch.Tensor]  # float32 (len(response_ids[i]),): log_softmax(logits / T) of each sampled token
     finished: list[bool]  # True: stopped on EOS or a stop string; False: hit the length limit
     eos: list[int | None]  # the end token that stopped the sample (one of eos_token_id), else None
+
+    @classmethod
+    def empty(cls, num_rows: int) -> "Rollouts":
+        """num_rows empty, unfinished samples, to be filled in."""
+        return cls([[] for _ in range(num_rows)], [torch.zeros(0) for _ in range(num_rows)], [False] * num_rows,
+                   [None] * num_rows)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The token ids that end an answer: the tokenizer's EOS and every id in the model's generation_config
+    eos_token_id (an int or a list: chat models often list several end tokens, e.g. an end-of-turn token)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
 
 
 def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -325,26 +354,40 @@ def drop_rows(buffers: list[tuple[torch.Tensor, torch.Tensor]], live: list[int],
     return order
 
 
+def record_tokens(
+    out: Rollouts, batch_rows: list[int], tokens: torch.Tensor, token_logprobs: torch.Tensor, row_limit: list[int], *,
+    eos_ids: set[int], stop_strings: Sequence[str], tokenizer,
+) -> list[int]:
+    """Append every row's sampled token to its response (batch position pos holds row batch_rows[pos]; out.logprobs
+    holds lists of floats while decoding). Returns the batch positions of the rows that go on. A row stops when it
+    samples EOS (finished, EOS not kept), its text contains a stop string (finished, cut by find_stop_cut) or it
+    reaches its length limit (not finished)."""
+    window = 4 * max((len(s) for s in stop_strings), default=0) + 2  # tokens that surely hold a new stop string
+    live = []
+    for pos, (b, token, lp) in enumerate(zip(batch_rows, tokens.tolist(), token_logprobs.tolist())):
+        if token in eos_ids:  # EOS: finished, and the EOS token is not part of the response
+            out.finished[b], out.eos[b] = True, token
+            continue
+        out.response_ids[b].append(token)
+        out.logprobs[b].append(lp)
+        cut = find_stop_cut(tokenizer, out.response_ids[b], stop_strings, window) if stop_strings else None
+        if cut is not None:  # stop string: finished, cut at a token boundary before it
+            out.finished[b] = True
+            del out.response_ids[b][cut:], out.logprobs[b][cut:]
+        elif len(out.response_ids[b]) < row_limit[b]:
+            live.append(pos)
+    return live
+
+
 def decode_chunk(
-    model,
-    prefixes: list[list[int]],
-    *,
-    num_samples: int,
-    limits: list[int],
-    temperature: float,
-    top_p: float,
-    eos_ids: set[int],
-    generator: torch.Generator | None,
-    stop_strings: Sequence[str],
-    tokenizer,
-    progress,
-) -> tuple[list[list[int]], list[list[float]], list[bool], list[int | None]]:
+    model, prefixes: list[list[int]], *, num_samples: int, limits: list[int], temperature: float, top_p: float,
+    eos_ids: set[int], generator: torch.Generator | None, stop_strings: Sequence[str], tokenizer, progress,
+) -> Rollouts:
     """Sample num_samples continuations of every prefix of one chunk; row b continues prefix b // num_samples.
 
-    Each step feeds the last token of every live row and samples its next token. A row stops when it samples EOS
-    (finished, EOS not kept), its text contains a stop string (finished, cut by find_stop_cut) or it reaches its length
-    limit (not finished); stopped rows leave the batch and the KV cache at once (drop_rows). Cache slots [0, T_root)
-    hold the row's root, slot T_root + t the token fed at step t (build_cache)."""
+    Each step feeds the last token of every live row and samples its next token (record_tokens says which rows stop);
+    stopped rows leave the batch and the KV cache at once (drop_rows). Cache slots [0, T_root) hold the row's root,
+    slot T_root + t the token fed at step t (build_cache)."""
     device = next(model.parameters()).device
     layers, prefix_root, next_logits = prefill(model, prefixes, device)
     root_len = layers[0][0].shape[2]
@@ -357,27 +400,14 @@ def decode_chunk(
     attention_mask = (slots < prefix_len[:, None]) | (slots >= root_len)  # (B, T)
     num_rows = len(prefixes) * num_samples
     row_limit = [limits[b // num_samples] for b in range(num_rows)]
-    window = 4 * max((len(s) for s in stop_strings), default=0) + 2  # tokens that surely hold a new stop string
-    responses, logprobs, finished = [[] for _ in range(num_rows)], [[] for _ in range(num_rows)], [False] * num_rows
-    eos = [None] * num_rows
+    out = Rollouts([[] for _ in range(num_rows)], [[] for _ in range(num_rows)], [False] * num_rows, [None] * num_rows)
     batch_rows = list(range(num_rows))  # row id at each batch position
     logits = next_logits.index_select(0, row_prefix)  # (B, V) the prefill's next-token logits
     step = 0
     while True:
         tokens, token_logprobs = sample_next_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
-        live = []  # batch positions of the rows that continue
-        for pos, (b, token, lp) in enumerate(zip(batch_rows, tokens.tolist(), token_logprobs.tolist())):
-            if token in eos_ids:  # EOS: finished, and the EOS token is not part of the response
-                finished[b], eos[b] = True, token
-                continue
-            responses[b].append(token)
-            logprobs[b].append(lp)
-            cut = find_stop_cut(tokenizer, responses[b], stop_strings, window) if stop_strings else None
-            if cut is not None:  # stop string: finished, cut at a token boundary before it
-                finished[b] = True
-                del responses[b][cut:], logprobs[b][cut:]
-            elif len(responses[b]) < row_limit[b]:
-                live.append(pos)
+        live = record_tokens(out, batch_rows, tokens, token_logprobs, row_limit, eos_ids=eos_ids,
+                             stop_strings=stop_strings, tokenizer=tokenizer)
         if progress is not None:
             progress.update(len(batch_rows) - len(live))
         if not live:
@@ -390,16 +420,14 @@ def decode_chunk(
             batch_rows = [batch_rows[pos] for pos in order]
         set_cache_views(cache, buffers, len(batch_rows), length)
         position_ids = (prefix_len + step)[:, None]  # (B, 1) true position of the fed token: the hole is skipped
-        out = model(
-            input_ids=tokens[:, None],
-            attention_mask=attention_mask[:, :length],
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
+        out_step = model(
+            input_ids=tokens[:, None], attention_mask=attention_mask[:, :length], position_ids=position_ids,
+            cache=cache, use_cache=True,
         )
-        logits = out.logits[:, -1]  # (B, V) the fed token's position predicts the next token
+        logits = out_step.logits[:, -1]  # (B, V) the fed token's position predicts the next token
         step += 1
-    return responses, logprobs, finished, eos
+    out.logprobs[:] = [torch.tensor(lp, dtype=torch.float32) for lp in out.logprobs]
+    return out
 
 
 def sample(
@@ -410,7 +438,7 @@ def sample(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
-    eos_token_id: int | list[int],
+    eos_token_id: int | Sequence[int],
     generator: torch.Generator | None = None,
     stop_strings: Sequence[str] = (),
     tokenizer=None,
@@ -428,9 +456,7 @@ def sample(
     assert all(len(p) > 0 for p in prompt_ids), "every prefix needs at least one token"
     eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     limits = [max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(p)) for p in prompt_ids]
-    num_rows = len(prompt_ids) * num_samples
-    result = Rollouts([[] for _ in range(num_rows)], [torch.zeros(0) for _ in range(num_rows)], [False] * num_rows,
-                      [None] * num_rows)
+    result = Rollouts.empty(len(prompt_ids) * num_samples)
     todo = [i for i in range(len(prompt_ids)) if limits[i] > 0]  # no room left: empty response, not finished
     roots = find_roots([prompt_ids[i] for i in todo])
     lens = [len(prompt_ids[i]) for i in todo]
@@ -444,24 +470,14 @@ def sample(
         with torch.inference_mode():
             for chunk in chunks:
                 prefix_idx = [todo[c] for c in chunk]
-                responses, logprobs, finished, eos = decode_chunk(
-                    model,
-                    [list(prompt_ids[i]) for i in prefix_idx],
-                    num_samples=num_samples,
-                    limits=[limits[i] for i in prefix_idx],
-                    temperature=temperature,
-                    top_p=top_p,
-                    eos_ids=eos_ids,
-                    generator=generator,
-                    stop_strings=stop_strings,
-                    tokenizer=tokenizer,
-                    progress=progress,
+                out = decode_chunk(
+                    model, [list(prompt_ids[i]) for i in prefix_idx], num_samples=num_samples,
+                    limits=[limits[i] for i in prefix_idx], temperature=temperature, top_p=top_p, eos_ids=eos_ids,
+                    generator=generator, stop_strings=stop_strings, tokenizer=tokenizer, progress=progress,
                 )
-                for row, (i, j) in enumerate((i, j) for i in prefix_idx for j in range(num_samples)):
-                    result.response_ids[i * num_samples + j] = responses[row]
-                    result.logprobs[i * num_samples + j] = torch.tensor(logprobs[row], dtype=torch.float32)
-                    result.finished[i * num_samples + j] = finished[row]
-                    result.eos[i * num_samples + j] = eos[row]
+                for k, row in enumerate(i * num_samples + j for i in prefix_idx for j in range(num_samples)):
+                    result.response_ids[row], result.logprobs[row] = out.response_ids[k], out.logprobs[k]
+                    result.finished[row], result.eos[row] = out.finished[k], out.eos[k]
     finally:
         model.train(was_training)
         if progress is not None:

@@ -89,7 +89,7 @@ def small_config() -> LlamaConfig:
 
 def synthetic_tokenizer(vocab_size: int, newline_every: int) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with exactly vocab_size tokens, as Llama's: <unk> 0, <s> 1, </s> 2 (no pad token:
-    train.load_model makes EOS the pad), then " w3", " w4", ... where every newline_every-th word ends a line
+    checkpoint.load_model makes EOS the pad), then " w3", " w4", ... where every newline_every-th word ends a line
     (" w40\\n"). decode() concatenates the words. Only decoding is used: prompts are token ids."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for i in range(3, vocab_size):
@@ -190,11 +190,13 @@ def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
     prompts = [prompt_ids for prompt_ids, _ in problems]
     # warm-up (CUDA kernels, cuBLAS handles) outside the timers, drawing from the global RNG, not the run's generator
     short = dataclasses.replace(args, max_new_tokens=2)
-    train.sample_answers(policy, tokenizer, prompts[:1], num_samples=1, temperature=1.0, generator=None, args=short)
+    sampling = train.sampling_settings(args, policy, tokenizer)
+    warm = dataclasses.replace(sampling, temperature=1.0, max_new_tokens=2)
+    train.sample_answers(policy, tokenizer, prompts[:1], num_samples=1, sampling=warm, generator=None, args=short)
     generate_tokens(policy, tokenizer, prompts[:1], num_samples=1, args=short, seed=0)
     # -------- sample answers: rollout.sample through train.py; rewards replaced by seeded random 0/1 (docstring 4)
     with measure(rows, "sample answers", device) as row:
-        rollouts, _ = train.sample_and_grade(policy, tokenizer, problems, generator, args)
+        rollouts, _ = train.sample_and_grade(policy, tokenizer, problems, sampling, generator, args)
         num_answers = len(rollouts.response_ids)
         rewards = torch.randint(0, 2, (num_answers,), generator=torch.Generator().manual_seed(cli.seed)).tolist()
         episodes = train.make_episodes(tokenizer, problems, rollouts, [float(r) for r in rewards], args)
@@ -208,7 +210,7 @@ def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
             )
     # -------- MC values of every step state and the advantages
     with measure(rows, "MC values", device) as row:
-        vine_stats = train.vine_advantages(policy, tokenizer, problems, rollouts, episodes, generator, args)
+        vine_stats = train.vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, generator, args)
         row["tokens"] = vine_stats["vine/mc_tokens"]
     # -------- old/ref logprobs (timed apart, as a patched call) and the PPO update
     optimizer, scheduler = train.make_optimizer(policy, args)

@@ -24,6 +24,7 @@ Writes OUT/summary.md, OUT/summary.json, and OUT/curves.png when matplotlib is i
 """
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 import reward  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
@@ -112,14 +114,16 @@ def slip_rate(path: Path, cache: Path, samples: int) -> float:
         return json.loads(cache.read_text())["slip"]
     test = [p for p in reward.load_problems("arithmetic", "test") if first_multiplication(p["solution"])]
     train_args = train.parse_args(["--dataset", "arithmetic", "--device", "cpu"])
-    model, tokenizer = train.load_model(str(path), "cpu")
+    model, tokenizer = checkpoint.load_model(str(path), "cpu")
     prompts = [train.encode_prompt(tokenizer, p["question"], "arithmetic") for p in test]
     outs = train.sample_answers(
         model,
         tokenizer,
         prompts,
         num_samples=samples,
-        temperature=train_args.eval_temperature,
+        sampling=dataclasses.replace(
+            train.sampling_settings(train_args, model, tokenizer), temperature=train_args.eval_temperature
+        ),
         generator=torch.Generator().manual_seed(12345),
         args=train_args,
     )

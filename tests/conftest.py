@@ -15,7 +15,7 @@ from transformers import (
     Qwen2Config,
 )
 
-import train
+import checkpoint
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the gzip-compressed JSONL shipped in the repository
 
@@ -38,7 +38,7 @@ CORPUS = [
 def make_tokenizer(corpus=CORPUS, vocab_size: int = 320) -> PreTrainedTokenizerFast:
     """train.py's byte-level BPE tokenizer trained on a few lines, digits merged: <pad>=0, <bos>=1, <eos>=2, and
     tokens such as ".\n" and "#### 7" that span step boundaries."""
-    return train.build_tiny_tokenizer(corpus, vocab_size, split_digits=False)
+    return checkpoint.build_tiny_tokenizer(corpus, vocab_size, split_digits=False)
 
 
 def make_model(family: str, vocab_size: int, seed: int = 0):
@@ -88,7 +88,7 @@ def skip_or_fail(message: str) -> None:
 
 
 def convert_gguf(folder: str, filename: str, out: Path) -> None:
-    """Save a GGUF model and its tokenizer as a float32 Hugging Face folder that train.load_model reads.
+    """Save a GGUF model and its tokenizer as a float32 Hugging Face folder that checkpoint.load_model reads.
 
     transformers dequantizes the GGUF weights on load, but a model loaded with gguf_file keeps a quantization_config
     and refuses save_pretrained; so build a plain model from the same config without it and move the weights over."""

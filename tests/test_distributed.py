@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import checkpoint
+import distributed
 import ppo
 import train
 from conftest import TINY, make_model
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
 
 
-def make_episodes(seed: int = 0) -> list[train.Episode]:
+def make_episodes(seed: int = 0) -> list[ppo.Episode]:
     """7 episodes of different prompt and response lengths, with advantages, critic values and returns."""
     g = torch.Generator().manual_seed(seed)
     episodes = []
@@ -29,7 +31,7 @@ def make_episodes(seed: int = 0) -> list[train.Episode]:
         prompt = torch.randint(3, VOCAB, (3 + i % 3,), generator=g).tolist()
         response = torch.randint(3, VOCAB, (2 + (5 * i) % 7,), generator=g).tolist()
         advantages = torch.randn(len(response), generator=g).tolist()
-        e = train.Episode(prompt, response, i % 2 == 0, float(i % 2), advantages)
+        e = ppo.Episode(prompt, response, i % 2 == 0, float(i % 2), advantages)
         e.old_values = torch.randn(len(prompt) + len(response) - 1, generator=g)
         e.returns = [float(i % 2)] * len(response)
         episodes.append(e)
@@ -45,8 +47,8 @@ def update(rank: int = 0, world: int = 1, rendezvous: str = "", out: str = "") -
     args = train.parse_args(["--dataset", "arithmetic", "--minibatch_size", "3", "--micro_batch_size", "1"])
     args.device, args.kl_coef, args.lr, args.num_epochs = "cpu", 0.05, 1e-2, 2
     policy, reference = make_model("llama", VOCAB, seed=0), make_model("llama", VOCAB, seed=1)
-    critic = train.Critic(ppo.ValueModel(make_model("llama", VOCAB, seed=2), generator=torch.Generator()), None, None)
-    critic.optimizer, critic.scheduler = train.make_optimizer(critic.model, args)
+    critic_model = ppo.ValueModel(make_model("llama", VOCAB, seed=2), generator=torch.Generator())
+    critic = train.Critic(critic_model, *train.make_optimizer(critic_model, args))
     optimizer, scheduler = train.make_optimizer(policy, args)
     episodes = make_episodes()
     train.old_and_ref_logprobs(policy, reference, episodes, 0, args)
@@ -88,8 +90,8 @@ def test_shards_make_up_the_list_in_rank_order(monkeypatch):
     items = list(range(7))
     parts = []
     for rank in range(3):
-        monkeypatch.setattr(train, "world", lambda rank=rank: (rank, 3))
-        parts.append(train.shard(items))
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, 3))
+        parts.append(distributed.shard(items))
     assert parts == [[0, 1], [2, 3], [4, 5, 6]]
 
 
@@ -124,7 +126,7 @@ def test_a_two_process_run_logs_once_per_iteration_saves_and_resumes(tmp_path):
     assert len(json.load(open(run_dir / "evals" / "2.json"))["eval/pass1"]) == 3, "every problem's score, gathered"
     state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["world_size"] == 2 and state["next_iteration"] == 2
-    model, tokenizer = train.load_model(str(run_dir / "checkpoint"), "cpu")
+    model, tokenizer = checkpoint.load_model(str(run_dir / "checkpoint"), "cpu")
     assert model(torch.tensor([tokenizer("1 + 2")["input_ids"]])).logits.isfinite().all()
     alone = torchrun(1, *argv, "--resume", cwd=tmp_path)  # one process cannot continue a 2-process run
     assert alone.returncode != 0 and "written by a run of 2 process(es)" in alone.stderr + alone.stdout
@@ -135,9 +137,9 @@ def test_logs_of_the_ranks_combine_into_one(monkeypatch):
         {"iteration": 3, "tokens/answers": 40, "eval/pass1": 0.25, "time/sample": 1.0, "vine/mean_steps": 2.0},
         {"iteration": 3, "tokens/answers": 40, "eval/pass1": 0.25, "time/sample": 3.0, "vine/mean_steps": 3.0},
     ]
-    monkeypatch.setattr(train, "world", lambda: (0, 2))
-    monkeypatch.setattr(train, "gather_list", lambda items: logs)
-    combined = train.combine_logs(logs[0])
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "gather_list", lambda items: logs)
+    combined = distributed.combine_logs(logs[0], train.SUMMED_KEYS)
     assert combined == {  # equal counts are still summed; equal values kept; times maxed; the rest averaged
         "iteration": 3,
         "tokens/answers": 80,

@@ -34,7 +34,7 @@ def make_model(config):
 
 
 def right_padded_batch(batch: int, seq_len: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and a mask with one row padded on the right, as train.make_batch builds them."""
+    """Token ids and a mask with one row padded on the right, as ppo.make_batch builds them."""
     ids = torch.randint(3, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, seq_len - 10 :] = 0

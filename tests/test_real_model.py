@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+import checkpoint
 import ppo
 import reward
 import rollout
@@ -50,7 +51,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def policy(real_model_dir):
     """The converted model and tokenizer, loaded as train.py loads --model (float32, dropout off), in eval mode."""
-    model, tokenizer = train.load_model(str(real_model_dir), "cpu")
+    model, tokenizer = checkpoint.load_model(str(real_model_dir), "cpu")
     return model.eval(), tokenizer
 
 
@@ -70,8 +71,9 @@ def sampled(policy, prompts) -> rollout.Rollouts:
     args = train.parse_args(["--dataset", "gsm8k", "--max_new_tokens", str(SAMPLE_TOKENS), "--device", "cpu"])
     assert (args.temperature, args.top_p) == (TEMPERATURE, TOP_P)
     generator = torch.Generator().manual_seed(0)
+    sampling = train.sampling_settings(args, model, tokenizer)
     return train.sample_answers(
-        model, tokenizer, prompts[:2], num_samples=SAMPLES, temperature=TEMPERATURE, generator=generator, args=args
+        model, tokenizer, prompts[:2], num_samples=SAMPLES, sampling=sampling, generator=generator, args=args
     )
 
 
@@ -118,7 +120,7 @@ def test_sampled_logprobs_equal_the_trainers_forward_pass(policy, prompts, sampl
     number PPO's ratio divides by (PAPER_NOTES §7.8), within 1e-4 in float32."""
     model, tokenizer = policy
     seqs = [prompts[i // SAMPLES] + r for i, r in enumerate(sampled.response_ids)]
-    ids, attention_mask = train.pad_right(seqs, tokenizer.pad_token_id, "cpu")  # pad = EOS: the mask hides it
+    ids, attention_mask = ppo.pad_right(seqs, tokenizer.pad_token_id, "cpu")  # pad = EOS: the mask hides it
     with torch.no_grad():
         logprobs = ppo.token_logprobs(model, ids, attention_mask, TEMPERATURE)  # (B, T-1)
     worst = 0.0
@@ -185,11 +187,11 @@ def test_one_training_iteration_on_gsm8k(real_model_dir, tmp_path):
     assert math.isfinite(rows[0]["loss/policy"]) and math.isfinite(rows[0]["grad_norm"])
     assert rows[0]["tokens/answers"] > 0 and rows[0]["reward/mean"] == 0.0
     assert rows[0]["vine/states_unique"] >= 2, "the answers should have several steps"
-    start, _ = train.load_model(str(real_model_dir), "cpu")
-    init, _ = train.load_model(str(tmp_path / "init"), "cpu")  # the SFT policy: RL's start and reference
+    start, _ = checkpoint.load_model(str(real_model_dir), "cpu")
+    init, _ = checkpoint.load_model(str(tmp_path / "init"), "cpu")  # the SFT policy: RL's start and reference
     assert not all(torch.equal(a, b) for a, b in zip(start.parameters(), init.parameters())), "SFT changed nothing"
     del start, init
-    model, tokenizer = train.load_model(str(tmp_path / "checkpoint"), "cpu")
+    model, tokenizer = checkpoint.load_model(str(tmp_path / "checkpoint"), "cpu")
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
     assert model.generation_config.eos_token_id == 2
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)

@@ -19,6 +19,8 @@ from conftest import TINY, make_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import checkpoint
+import ppo
 import reward
 import train
 
@@ -54,7 +56,7 @@ def one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
 
 def nan_episodes(tokenizer) -> list:
     prompt = train.encode_prompt(tokenizer, "Tom has 3 pens.", "arithmetic")
-    episodes = [train.Episode(prompt, [5, 6, 7], False, 0.0, [0.5, -0.5, 1.0]) for _ in range(4)]
+    episodes = [ppo.Episode(prompt, [5, 6, 7], False, 0.0, [0.5, -0.5, 1.0]) for _ in range(4)]
     episodes[2].advantages = [float("nan"), 0.0, 0.0]  # one bad number whitens every advantage of its minibatch to NaN
     return episodes
 
@@ -87,50 +89,14 @@ def test_non_finite_weights_stop_the_run_before_any_save(tokenizer):
 
 
 def test_a_second_run_in_a_locked_folder_stops_and_names_the_first(tmp_path):
-    with train.run_dir_lock(str(tmp_path)):
+    with checkpoint.run_dir_lock(str(tmp_path)):
         result = cli(*QUICK, "--num_iterations", "1", "--run_dir", str(tmp_path), cwd=tmp_path)
         one_line_error(result, f"in use by another train.py \\(process {os.getpid()}\\)")
     assert not (tmp_path / "metrics.jsonl").exists()
-    with train.run_dir_lock(str(tmp_path)):  # released on exit: it can be taken again
-        pass
-
-
-def test_a_killed_runs_lock_does_not_block(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import train, time\nwith train.run_dir_lock({str(tmp_path)!r}): time.sleep(60)"],
-        cwd=ROOT,
-    )
-    for _ in range(600):  # wait until it holds the lock (importing torch takes a few seconds)
-        if (tmp_path / "train.lock").exists() and (tmp_path / "train.lock").read_text().strip():
-            break
-        time.sleep(0.1)
-    holder.kill()
-    holder.wait()
-    with train.run_dir_lock(str(tmp_path)):
-        assert (tmp_path / "train.lock").read_text().strip() == str(os.getpid())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3, 4. saves are atomic, and a save cut between its two renames is recovered
-
-
-def write_folder(path: Path, marker: str) -> None:
-    path.mkdir(parents=True)
-    (path / "marker").write_text(marker)
-
-
-@pytest.mark.parametrize("left", [("old", "tmp"), ("old",), ("tmp",), ("new", "old")])
-def test_recover_folder_finishes_a_cut_save(tmp_path, left):
-    path = tmp_path / "checkpoint"
-    for name in left:
-        write_folder(tmp_path / {"new": "checkpoint", "old": "checkpoint.old", "tmp": "checkpoint.tmp"}[name], name)
-    train.recover_folder(str(path))
-    expected = {("old", "tmp"): "tmp", ("old",): "old", ("tmp",): None, ("new", "old"): "new"}[left]
-    if expected is None:  # only a half-written .tmp: there never was a complete save
-        assert not path.exists()
-    else:
-        assert (path / "marker").read_text() == expected
-    assert not (tmp_path / "checkpoint.old").exists()
+# 3, 4. saves are atomic, and a save cut between its two renames is recovered (unit tests: tests/test_checkpoint.py)
 
 
 def test_resume_finds_a_checkpoint_stranded_by_a_crash_between_renames(tmp_path):
@@ -348,7 +314,7 @@ def test_a_minibatch_of_empty_answers_is_skipped_not_a_crash(tokenizer):
     args = train.parse_args(["--dataset", "arithmetic", "--minibatch_size", "2", "--micro_batch_size", "1"])
     model = make_model("llama", len(tokenizer))
     prompt = train.encode_prompt(tokenizer, "Tom has 3 pens.", "arithmetic")
-    episodes = [train.Episode(prompt, [], False, 0.0, []) for _ in range(2)]
+    episodes = [ppo.Episode(prompt, [], False, 0.0, []) for _ in range(2)]
     optimizer, scheduler = train.make_optimizer(model, args)
     before = [p.detach().clone() for p in model.parameters()]
     stats = train.ppo_update(model, None, None, optimizer, scheduler, episodes, 0, torch.Generator(), args)

@@ -14,10 +14,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import checkpoint
 import ppo
 import reward
 import rollout
 import train
+import vine
 from conftest import TINY, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +112,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, sft_mod
 def test_lr_schedule_is_deepspeeds_warmup_decay_as_its_engine_steps_it():
     """DeepSpeed 0.14.1 WarmupDecayLR, W = 4 warmup steps, T = 20: gamma(i) = log(i + 1) / log(4) for i < 4, then
     (20 - i) / 16; optimizer step s runs at gamma(s - 1) and step 0 at the optimizer's own (peak) rate."""
-    lr = lambda s: train.lr_lambda(s, warmup_steps=4, total_steps=20)  # noqa: E731
+    lr = lambda s: ppo.lr_lambda(s, warmup_steps=4, total_steps=20)  # noqa: E731
     assert lr(0) == 1.0  # before the engine's first scheduler step
     assert lr(1) == 0.0  # gamma(0) = log(1) / log(4)
     assert lr(2) == pytest.approx(0.5) and lr(3) == pytest.approx(math.log(3) / math.log(4))  # log(2) / log(4)
@@ -118,7 +120,7 @@ def test_lr_schedule_is_deepspeeds_warmup_decay_as_its_engine_steps_it():
     assert lr(6) == pytest.approx(15 / 16) and lr(20) == pytest.approx(1 / 16) and lr(21) == 0.0 and lr(30) == 0.0
     # DeepSpeed raises W to 2 so that log(W) > 0: with W = 0 or 1 the second step runs at 0, the third at the peak
     for w in (0, 1):
-        assert [train.lr_lambda(s, warmup_steps=w, total_steps=10) for s in range(4)] == [1.0, 0.0, 1.0, 1.0]
+        assert [ppo.lr_lambda(s, warmup_steps=w, total_steps=10) for s in range(4)] == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_arithmetic_defaults_are_the_measured_cpu_demo():
@@ -143,7 +145,7 @@ def tiny_episodes(tokenizer, num: int, seed: int = 0) -> list:
     for _ in range(num):
         response = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randint(2, 6))]
         advantages = [rng.uniform(-1, 1) for _ in response]
-        episodes.append(train.Episode(prompt, response, False, 0.0, advantages))
+        episodes.append(ppo.Episode(prompt, response, False, 0.0, advantages))
     return episodes
 
 
@@ -179,9 +181,10 @@ def test_answers_and_continuations_leave_room_for_eos_within_max_length(tokenize
     monkeypatch.setattr(rollout, "sample", recording_sample)
     model = make_model("llama", len(tokenizer))
     problems, generator = [(prompt, "72")], torch.Generator().manual_seed(0)
-    rollouts, rewards = train.sample_and_grade(model, tokenizer, problems, generator, args)
+    sampling = train.sampling_settings(args, model, tokenizer)
+    rollouts, rewards = train.sample_and_grade(model, tokenizer, problems, sampling, generator, args)
     episodes = train.make_episodes(tokenizer, problems, rollouts, rewards, args)
-    train.vine_advantages(model, tokenizer, problems, rollouts, episodes, generator, args)
+    train.vine_advantages(model, tokenizer, problems, rollouts, episodes, sampling, generator, args)
     answers, continuations = calls  # a random model rarely stops: most rows of both calls use their whole budget
     assert max(r for _, r in answers) == 5 == args.max_length - 1 - len(prompt)
     assert max(p + r for p, r in continuations) == args.max_length - 1
@@ -198,7 +201,8 @@ def test_a_gsm8k_answer_without_a_final_answer_is_unfinished_reward_0_and_no_eos
     rewards = train.grade_all(tokenizer, rollouts, ["72", "72"], "gsm8k")
     model = make_model("llama", len(tokenizer))
     episodes = train.make_episodes(tokenizer, [(prompt, "72")], rollouts, rewards, args)
-    train.vine_advantages(model, tokenizer, [(prompt, "72")], rollouts, episodes, torch.Generator(), args)
+    sampling = train.sampling_settings(args, model, tokenizer)
+    train.vine_advantages(model, tokenizer, [(prompt, "72")], rollouts, episodes, sampling, torch.Generator(), args)
     assert rewards == [0.0, 1.0]
     assert not episodes[0].finished and episodes[0].response_ids == ids[0], "no answer: unfinished, no EOS"
     assert episodes[1].finished and episodes[1].response_ids == ids[1] + [tokenizer.eos_token_id]
@@ -250,7 +254,7 @@ def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_that_resumes_where_the_policy_is(tmp_path, sft_model, monkeypatch, interrupt_at):
     """Ctrl-C in the evaluation before iteration 0 (no update yet) or in the final one (after iteration 0's update)."""
 
-    def evaluate(model, tokenizer, test_problems, val_problems, args, iteration):
+    def evaluate(model, tokenizer, test_problems, val_problems, sampling, args, iteration):
         if iteration == interrupt_at:
             raise KeyboardInterrupt
         return {"eval/val_pass1": 0.0}
@@ -284,7 +288,7 @@ def test_best_keeps_the_policy_with_the_highest_validation_pass1_across_resume(t
 
 def test_sft_answer_only_cuts_a_seeded_fraction_of_solutions_to_the_answer_line():
     problems = reward.load_problems("arithmetic", "validation")  # 500 problems
-    tokenizer = train.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
+    tokenizer = checkpoint.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
 
     def examples(fraction: float, rng: random.Random) -> list[tuple[list[int], list[int]]]:
         args = train.parse_args(["--dataset", "arithmetic", "--sft_answer_only", str(fraction)])
@@ -405,7 +409,8 @@ def test_value_diagnostic_reference_converges_to_the_true_values(tokenizer):
     prompt, response, steps = toy_answer(tokenizer)
     critic = critic_for(tokenizer, args)
     stats, values = train.value_diagnostic(
-        model, critic, tokenizer, [prompt], [response], [steps], ["7"], torch.Generator().manual_seed(0), args
+        model, critic, tokenizer, [prompt], [response], [steps], ["7"], train.sampling_settings(args, model, tokenizer),
+        torch.Generator().manual_seed(0), args,
     )
     truth = [0.0, p7 * p_eos, p_eos]
     for estimate, v in zip(values["reference"][0], truth):
@@ -423,7 +428,7 @@ def test_value_diagnostic_reference_converges_to_the_true_values(tokenizer):
 def test_value_errors_by_hand():
     reference = [[0.2, 0.6, 1.0], [0.5]]
     estimate = [[0.4, 0.4, 0.9], [0.0]]
-    stats = train.value_errors(estimate, reference, prefix="x")
+    stats = vine.value_errors(estimate, reference, prefix="x")
     assert stats["x_mae"] == pytest.approx((0.2 + 0.2 + 0.1 + 0.5) / 4)
     # pairs of answer 0: (0.2, 0.6) tie in the estimate: 1/2; (0.2, 1.0) right; (0.6, 1.0) right; answer 1 has none
     assert stats["x_rank_acc"] == pytest.approx((0.5 + 1 + 1) / 3)
@@ -455,7 +460,7 @@ def test_baseline_options_are_checked(capsys):
 
 def test_sft_slip_slips_a_seeded_fraction_of_the_solutions_with_a_multiplication():
     problems = reward.load_problems("arithmetic", "validation")
-    tokenizer = train.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
+    tokenizer = checkpoint.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
     args = train.parse_args(["--dataset", "arithmetic", "--sft_answer_only", "0", "--sft_slip", "0.5"])
     examples = train.sft_examples(tokenizer, problems, args, random.Random(0))
     texts = [tokenizer.decode(r[:-1]) for _, r in examples]
@@ -475,14 +480,15 @@ def test_every_end_token_of_the_generation_config_stops_an_answer(tokenizer):
     args.device = "cpu"
 
     def greedy():
+        sampling = dataclasses.replace(train.sampling_settings(args, model, tokenizer), temperature=0.0)
         return train.sample_answers(
-            model, tokenizer, [prompt], num_samples=1, temperature=0.0, generator=torch.Generator(), args=args
+            model, tokenizer, [prompt], num_samples=1, sampling=sampling, generator=torch.Generator(), args=args
         )
 
     first = greedy().response_ids[0][0]  # the token a random model writes first
     assert first != tokenizer.eos_token_id
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]
-    assert train.stop_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, first})
+    assert rollout.stop_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, first})
     out = greedy()
     assert out.response_ids == [[]] and out.finished == [True] and out.eos == [first]
     args.samples_per_prompt = 1
@@ -492,7 +498,7 @@ def test_every_end_token_of_the_generation_config_stops_an_answer(tokenizer):
     (episode,) = train.make_episodes(tokenizer, [(prompt, "72")], out, [1.0], args)
     assert episode.response_ids[-1] == first, "the end token it sampled, not the tokenizer's EOS"
     model.generation_config.eos_token_id = None
-    assert train.stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    assert rollout.stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
 
 
 def test_an_iteration_with_no_reward_signal_says_why(capsys):

@@ -270,6 +270,11 @@ def toy_answer(tokenizer):
 SAMPLING = dict(max_length=None, eos_token_id=2, stop_strings=reward.STOP_STRINGS)
 
 
+def sampling(**settings) -> rollout.Sampling:
+    """The answers' sampling settings that estimate_values hands to rollout.sample: SAMPLING and these."""
+    return rollout.Sampling(**{**SAMPLING, **settings})
+
+
 def test_mc_values_unbiased(tokenizer):
     """Tokens "7", "8", EOS only. From "...#### " the whole solution is right iff the continuation is "7" EOS, so
     V = p7 * p_eos; from "...#### 7" it is p_eos; from the bare prompt no "####" can appear, V = 0. T = 0.6 and
@@ -283,7 +288,7 @@ def test_mc_values_unbiased(tokenizer):
     K = 3000
     values, stats = vine.estimate_values(
         model, tokenizer, [prompt], [response], [steps], ["7"], "gsm8k", num_mc_rollouts=K, max_value_steps=None,
-        max_new_tokens=3, temperature=0.6, top_p=0.8, generator=torch.Generator().manual_seed(0), **SAMPLING,
+        sampling=sampling(max_new_tokens=3, temperature=0.6, top_p=0.8), generator=torch.Generator().manual_seed(0),
     )
     assert len(values[0]) == 3 and stats["vine/states_unique"] == 3 and stats["vine/mc_rollouts"] == 3 * K
     assert values[0][0] == 0.0
@@ -297,13 +302,13 @@ def test_mc_unfinished_continuations_score_zero(tokenizer):
     prompt, response, steps = toy_answer(tokenizer)
     values, _ = vine.estimate_values(
         model, tokenizer, [prompt], [response], [steps], ["7"], "gsm8k", num_mc_rollouts=200, max_value_steps=None,
-        max_new_tokens=1, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0), **SAMPLING,
+        sampling=sampling(max_new_tokens=1, temperature=1.0, top_p=1.0), generator=torch.Generator().manual_seed(0),
     )
     assert values[0][1] == 0.0
     assert 0.35 < values[0][2] < 0.65  # "...#### 7" + EOS at once: finished and right, p = 1/2
     values, _ = vine.estimate_values(  # the cap: only s_0 and s_1 are valued
         model, tokenizer, [prompt], [response], [steps], ["7"], "gsm8k", num_mc_rollouts=2, max_value_steps=1,
-        max_new_tokens=1, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0), **SAMPLING,
+        sampling=sampling(max_new_tokens=1, temperature=1.0, top_p=1.0), generator=torch.Generator().manual_seed(0),
     )
     assert len(values[0]) == 2
 
@@ -321,7 +326,7 @@ def test_mc_dedup(tokenizer, monkeypatch):
     steps = [vine.token_steps(r, vine.split_steps(t, "gsm8k"), tokenizer) for r, t in zip(responses, texts)]
     values, stats = vine.estimate_values(
         model, tokenizer, [prompt] * 4, responses, steps, ["6"] * 4, "gsm8k", num_mc_rollouts=3, max_value_steps=25,
-        max_new_tokens=4, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0), **SAMPLING,
+        sampling=sampling(max_new_tokens=4, temperature=1.0, top_p=1.0), generator=torch.Generator().manual_seed(0),
     )
     # answers 1-3 have 3 steps (states s_0, s_1, s_2), answer 4 has 1 (s_0 only): 3 + 3 + 3 + 1 = 10 states;
     # unique: the prompt, "\nA is 1.", "\nA is 1.\nB is 2.", "\nA is 1.\nB is 5." = 4
@@ -352,7 +357,8 @@ def test_mc_greedy_matches_slow_path(tokenizer):
     golds = ["72", reward.extract_answer(slow[1][1][0], "gsm8k")]
     slow_values = [[reward.grade(text, g, "gsm8k") if done else 0.0 for text, done in s] for s, g in zip(slow, golds)]
     values, _ = vine.estimate_values(
-        model, tokenizer, prompts, responses, steps, golds, "gsm8k", num_mc_rollouts=2, max_value_steps=None, **greedy
+        model, tokenizer, prompts, responses, steps, golds, "gsm8k", num_mc_rollouts=2, max_value_steps=None,
+        sampling=rollout.Sampling(**greedy),
     )
     assert values == slow_values
     assert not all(done for s in slow for _, done in s) and sorted(set(sum(values, []))) == [0.0, 1.0]

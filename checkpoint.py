@@ -1,0 +1,326 @@
+"""Plumbing: the run folder, its lock, atomic saves and their recovery, checkpoints and resume. Safe to skip on a
+first read: nothing here is VinePPO; it is what makes a run of days survive a stop.
+
+A run folder (train.py --run-dir, default runs/<dataset>/) holds metrics.jsonl (one line per iteration), evals/,
+init/ (the starting model when the run made it, with init_args.json), best/ (the policy with the best validation
+Pass@1), checkpoint/ (the model with save_pretrained, trainer_state.pt, run_args.json, critic.pt) and train.lock.
+
+What survives what (tests/test_checkpoint.py and tests/test_reliability.py check every row):
+
+    event                                      what happens                               what is kept
+    Ctrl-C during sampling, values or eval     a checkpoint of the policy after the last  everything; --resume
+                                               finished update, exit 130                  continues exactly
+    Ctrl-C during a PPO update                 the update finishes first, then the same   everything
+    SIGTERM (kill, preemption, torchrun)       the same as Ctrl-C                         the same
+    Ctrl-C during loading or SFT               exit 130: "nothing was saved or changed"   the folder as it was
+    kill -9, power loss                        nothing runs                               the last checkpoint;
+                                               --resume drops the metrics.jsonl lines written after it and redoes
+                                               those iterations, so each is logged once
+    a crash in the middle of a save            saves go to X.tmp, then two renames        the previous X, or the new
+                                               one when the crash fell between the renames (recover_folder)
+    a full disk or read-only folder at a save  one line "could not write ...", exit 1     the previous save
+    a second train.py on the same folder       refused, naming the first one's process    the first run
+    a leftover init/ made with other options   refused: delete it to remake it            the old init/
+
+(train.py adds: a NaN or inf loss or gradient skips that optimizer step; non-finite weights stop the run before any
+save; bad options are refused before any work.)
+
+This file imports no project file and never reads train.py's Args: callers pass plain values.
+"""
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+try:
+    import fcntl  # the run-folder lock (Linux, macOS); without it (Windows) runs are not locked
+except ImportError:
+    fcntl = None
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str):
+    """Hold an exclusive lock on run_dir/train.lock while this process trains there: a second train.py on the same
+    folder stops with the first one's process id. The kernel releases the lock when its process dies, so a killed
+    run never blocks the next one. Also the first check that run_dir is writable."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(os.path.join(run_dir, "train.lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to {run_dir} ({e.strerror}); choose a writable --run-dir") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "unknown"
+                raise SystemExit(
+                    f"error: {run_dir} is in use by another train.py (process {holder}); wait for it to end or "
+                    "choose another --run-dir"
+                ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+    finally:
+        lock.close()  # releases the flock
+
+
+def check_run_dir(run_dir: str, *, resume: bool, run_args: dict, may_differ: set[str]) -> None:
+    """Refuse to overwrite another run, and refuse to resume a run that was started with other settings (any option
+    of run_args but those in may_differ). First finish any save that a crash cut between its two renames."""
+    for name in ("checkpoint", "best", "init"):
+        recover_folder(os.path.join(run_dir, name))
+    state_file = os.path.join(run_dir, "checkpoint", "trainer_state.pt")
+    if not os.path.exists(state_file):
+        if resume:
+            raise SystemExit(f"error: --resume given but {run_dir} holds no checkpoint")
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+            raise SystemExit(
+                f"error: {run_dir} holds the metrics of a run that saved no checkpoint; delete {metrics} to "
+                "start over there, or choose another --run-dir"
+            )
+        return
+    if not resume:
+        raise SystemExit(
+            f"error: {run_dir} holds another run's checkpoint; pass --resume to continue it, "
+            "or choose another --run-dir"
+        )
+    with open(os.path.join(run_dir, "checkpoint", "run_args.json")) as f:
+        saved = json.load(f)
+    changed = [k for k, v in run_args.items() if k not in may_differ and saved.get(k) != v]
+    if changed == ["num_iterations"]:
+        raise SystemExit(
+            f"error: {run_dir} was started with --num-iterations {saved['num_iterations']}; a run cannot be "
+            "extended, because its LR schedule decays to 0 over the run's total steps. To train on, start a new run "
+            f"from its policy: --model {os.path.join(run_dir, 'checkpoint')} --sft-steps 0 --run-dir NEW"
+        )
+    if changed:
+        raise SystemExit(
+            f"error: {run_dir} was started with other settings ({', '.join(changed)}); "
+            "resume with the same options or choose another --run-dir"
+        )
+
+
+def check_init_record(folder: str, made_with: dict) -> None:
+    """Refuse to reuse folder (a run's init/) if its init_args.json records other values of the options that made
+    it: a stale init/ must not pass for the one these options would make."""
+    record = os.path.join(folder, "init_args.json")
+    if not os.path.exists(record):
+        return
+    with open(record) as f:
+        saved = json.load(f)
+    changed = [k for k, v in made_with.items() if k in saved and saved[k] != v]
+    if changed:
+        raise SystemExit(
+            f"error: {folder} was made with other options ({', '.join(f'{k} {saved[k]}' for k in changed)}); "
+            f"delete {folder} to make it again, or choose another --run-dir"
+        )
+
+
+def trim_metrics(path: str, next_iteration: int) -> None:
+    """Drop the metrics.jsonl lines of iterations the checkpoint does not hold (written after it, before a crash),
+    so that a resumed run logs each iteration exactly once. The file is rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["iteration"] < next_iteration]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        print(f"dropped {len(lines) - len(kept)} line(s) of {path} past the checkpoint; they will be redone")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models in and out of folders: a hub id or local folder (with an error a user can act on), or a tiny Llama built
+# in-process (train.py --model tiny, and the tests)
+
+
+def load_model(path: str, device: str):
+    """Load a causal LM and its tokenizer from a hub id or a local folder, with an error a user can act on."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise SystemExit(
+            f"error: could not load the model {path!r} ({type(e).__name__}: {str(e).splitlines()[0]}).\n"
+            "Pass --model a local folder holding a Hugging Face model and tokenizer (config.json, *.safetensors, "
+            "tokenizer files), or --model tiny; the hub may be unreachable from this machine."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    disable_dropout(model)
+    return model.to(device), tokenizer
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere (PAPER_NOTES pitfall 13: the reference and pi_old have no dropout), so that train()
+    mode, needed by gradient checkpointing, changes nothing."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def build_tiny_tokenizer(texts: list[str], vocab_size: int = 384, split_digits: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` (<pad>, <bos>, <eos> are ids 0, 1, 2). With split_digits every
+    digit is its own token, which helps a tiny model add."""
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level]) if split_digits else byte_level
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, max_length: int = 512):
+    """A small random Llama-style causal LM: about 1.1M parameters with a 384-token vocabulary."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64,
+        max_position_embeddings=max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Atomic folder saves
+
+
+def save_folder(path: str, model, tokenizer, files: dict) -> None:
+    """The model and tokenizer (save_pretrained) and `files` (name -> object, written with json for .json names and
+    torch.save otherwise) go to path.tmp, which then replaces path by renames: a crash never leaves half a folder."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in files.items():
+            if name.endswith(".json"):
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=1)
+            else:
+                torch.save(obj, os.path.join(tmp, name))
+    except (OSError, RuntimeError) as e:  # a full disk or a read-only folder (torch.save raises RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"{path} still holds the previous save" if os.path.exists(path) else f"nothing was written to {path}"
+        raise SystemExit(f"error: could not write {path} ({type(e).__name__}: {str(e).splitlines()[0]}); {kept}")
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)  # a crash between the two renames leaves old and a complete tmp: recover_folder finishes
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(path: str) -> None:
+    """Finish a save_folder cut between its two renames: path.old exists only once path.tmp was complete, so the
+    save is path.tmp (or path.old if that was renamed too). Any other leftover .tmp is half-written and ignored."""
+    tmp, old = path + ".tmp", path + ".old"
+    if not os.path.exists(path) and os.path.exists(old):
+        os.replace(tmp if os.path.exists(tmp) else old, path)
+        print(f"recovered {path} from an interrupted save")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: save_pretrained (loadable by transformers and vLLM) + optimizer, scheduler, RNG, iteration
+
+
+def save_checkpoint(
+    path: str, model, tokenizer, optimizer, scheduler, *, next_iteration: int, best_val: float, run_args: dict,
+    world_size: int, critic: tuple | None = None,
+) -> None:
+    """A checkpoint that --resume continues exactly: the model, optimizer, scheduler and RNG states, the iteration to
+    continue at and the best validation Pass@1 so far; with critic = (model, optimizer, scheduler), its weights
+    (critic.pt), optimizer and scheduler too. run_args.json is small: check_run_dir reads only it. world_size, the
+    number of processes, is recorded: the ranks' shares and random streams depend on it, so resume must match it."""
+    state = dict(
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
+        next_iteration=next_iteration,
+        best_val_pass1=best_val,
+        world_size=world_size,
+    )
+    files = {"trainer_state.pt": state, "run_args.json": run_args}
+    if critic is not None:
+        critic_model, critic_optimizer, critic_scheduler = critic
+        state["critic_optimizer"] = critic_optimizer.state_dict()
+        state["critic_scheduler"] = critic_scheduler.state_dict()
+        files["critic.pt"] = critic_model.state_dict()
+    save_folder(path, model, tokenizer, files)
+    print(f"saved {path} (next iteration {next_iteration})")
+
+
+def restore_checkpoint(
+    path: str, optimizer, scheduler, *, world_size: int, critic: tuple | None = None
+) -> tuple[int, float]:
+    """Load what save_checkpoint saved into the optimizer, scheduler, RNGs and critic = (model, optimizer,
+    scheduler); returns the iteration to continue at and the best validation Pass@1 so far."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    saved_world = state.get("world_size", 1)
+    if saved_world != world_size:  # the shares and random streams depend on the number of ranks
+        launch = "python train.py" if saved_world == 1 else f"torchrun --nproc_per_node {saved_world} train.py"
+        raise SystemExit(
+            f"error: {path} was written by a run of {saved_world} process(es) and this one has {world_size}; resume "
+            f"it with as many ({launch} ..., or that many processes in all across machines)"
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if critic is not None:
+        critic_model, critic_optimizer, critic_scheduler = critic
+        device = next(critic_model.parameters()).device
+        critic_model.load_state_dict(torch.load(os.path.join(path, "critic.pt"), map_location=device))
+        critic_optimizer.load_state_dict(state["critic_optimizer"])
+        critic_scheduler.load_state_dict(state["critic_scheduler"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    print(f"resumed from {path} at iteration {state['next_iteration']}")
+    return state["next_iteration"], state.get("best_val_pass1", -1.0)
+
+
+def is_due(iteration: int, *, num_iterations: int, save_every: int) -> bool:
+    """Checkpoint after every save_every-th iteration and after the last one."""
+    return iteration + 1 == num_iterations or bool(save_every and (iteration + 1) % save_every == 0)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C (and SIGTERM) until the block ends, so an optimizer phase is never cut halfway; yields a flag
+    list."""
+    pressed = []
+    previous = {s: signal.signal(s, lambda *_: pressed.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield pressed
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,128 @@
+"""checkpoint.py, the run folder's plumbing: the lock, atomic saves and their recovery, a checkpoint that restores
+exactly, the metrics trimmed to the checkpoint, the init/ options record. The end-to-end cases (a run killed, a
+second train.py on the folder, a full disk) are in tests/test_reliability.py."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+from conftest import make_model, make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_second_lock_on_the_folder_is_refused_with_the_holders_pid(tmp_path):
+    with checkpoint.run_dir_lock(str(tmp_path)):
+        with pytest.raises(SystemExit, match=f"in use by another train.py \\(process {os.getpid()}\\)"):
+            with checkpoint.run_dir_lock(str(tmp_path)):  # flock is per open file: the same process is refused too
+                pass
+    with checkpoint.run_dir_lock(str(tmp_path)):  # released on exit: it can be taken again
+        pass
+
+
+def test_a_killed_runs_lock_does_not_block(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import checkpoint, sys, time\nwith checkpoint.run_dir_lock(sys.argv[1]): time.sleep(60)"]
+        + [str(tmp_path)],
+        cwd=ROOT,
+    )
+    for _ in range(600):  # wait until it holds the lock (importing torch takes a few seconds)
+        if (tmp_path / "train.lock").exists() and (tmp_path / "train.lock").read_text().strip():
+            break
+        time.sleep(0.1)
+    holder.kill()
+    holder.wait()
+    with checkpoint.run_dir_lock(str(tmp_path)):
+        assert (tmp_path / "train.lock").read_text().strip() == str(os.getpid())
+
+
+def write_folder(path: Path, marker: str) -> None:
+    path.mkdir(parents=True)
+    (path / "marker").write_text(marker)
+
+
+@pytest.mark.parametrize("left", [("old", "tmp"), ("old",), ("tmp",), ("new", "old")])
+def test_recover_folder_finishes_a_cut_save(tmp_path, left):
+    path = tmp_path / "checkpoint"
+    for name in left:
+        write_folder(tmp_path / {"new": "checkpoint", "old": "checkpoint.old", "tmp": "checkpoint.tmp"}[name], name)
+    checkpoint.recover_folder(str(path))
+    expected = {("old", "tmp"): "tmp", ("old",): "old", ("tmp",): None, ("new", "old"): "new"}[left]
+    if expected is None:  # only a half-written .tmp: there never was a complete save
+        assert not path.exists()
+    else:
+        assert (path / "marker").read_text() == expected
+    assert not (tmp_path / "checkpoint.old").exists()
+
+
+def test_save_folder_replaces_the_previous_save_whole(tmp_path):
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer))
+    path = tmp_path / "best"
+    checkpoint.save_folder(str(path), model, tokenizer, {"a.json": {"n": 1}, "extra.pt": {"x": torch.ones(2)}})
+    checkpoint.save_folder(str(path), model, tokenizer, {"a.json": {"n": 2}})
+    assert json.loads((path / "a.json").read_text()) == {"n": 2}
+    assert not (path / "extra.pt").exists(), "a file of the previous save survived"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"], "no .tmp or .old left"
+    loaded, _ = checkpoint.load_model(str(path), "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters()))
+
+
+def optimizer_and_scheduler(model):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+
+
+def test_a_checkpoint_restores_optimizer_scheduler_critic_and_random_states(tmp_path):
+    tokenizer = make_tokenizer()
+    model, critic_model = make_model("llama", len(tokenizer)), make_model("llama", len(tokenizer), seed=1)
+    optimizer, scheduler = optimizer_and_scheduler(model)
+    critic = (critic_model, *optimizer_and_scheduler(critic_model))
+    for opt, sched, m in ((optimizer, scheduler, model), (critic[1], critic[2], critic_model)):
+        m(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        opt.step()
+        sched.step()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    path = str(tmp_path / "checkpoint")
+    checkpoint.save_checkpoint(path, model, tokenizer, optimizer, scheduler, next_iteration=7, best_val=0.25,
+                               run_args={"lr": 0.1}, world_size=1, critic=critic)
+    draws = (random.random(), np.random.rand(), torch.rand(1))
+    fresh_critic_model = make_model("llama", len(tokenizer), seed=2)
+    fresh, fresh_critic = optimizer_and_scheduler(model), (fresh_critic_model, *optimizer_and_scheduler(fresh_critic_model))
+    assert checkpoint.restore_checkpoint(path, *fresh, world_size=1, critic=fresh_critic) == (7, 0.25)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == draws, "the RNGs continue where they were saved"
+    assert fresh[0].state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    assert fresh[1].last_epoch == scheduler.last_epoch == 1 and fresh_critic[2].last_epoch == 1
+    assert all(torch.equal(a, b) for a, b in zip(critic_model.parameters(), fresh_critic_model.parameters()))
+    with pytest.raises(SystemExit, match="written by a run of 1 process.*this one has 2.*python train.py"):
+        checkpoint.restore_checkpoint(path, *fresh, world_size=2)
+
+
+def test_trim_metrics_drops_the_lines_past_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(5)) + "\n")
+    checkpoint.trim_metrics(str(path), 3)
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    checkpoint.trim_metrics(str(tmp_path / "missing.jsonl"), 3)  # nothing to trim: nothing happens
+
+
+def test_an_init_folder_made_with_other_options_is_refused(tmp_path):
+    (tmp_path / "init_args.json").write_text(json.dumps({"sft_steps": 2, "seed": 1}))
+    checkpoint.check_init_record(str(tmp_path), {"sft_steps": 2, "seed": 1, "new_option": 3})  # same (and newer)
+    with pytest.raises(SystemExit, match="made with other options \\(sft_steps 2\\); delete"):
+        checkpoint.check_init_record(str(tmp_path), {"sft_steps": 3, "seed": 1})
+
+
+def test_checkpoints_are_due_every_save_every_iterations_and_at_the_end():
+    due = [i for i in range(10) if checkpoint.is_due(i, num_iterations=10, save_every=4)]
+    assert due == [3, 7, 9]
+    assert [i for i in range(3) if checkpoint.is_due(i, num_iterations=3, save_every=0)] == [2]
