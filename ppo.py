@@ -13,10 +13,12 @@ paper's PPO baseline (PAPER_NOTES.md §3, §1.3 "trainer side", §7 pitfalls 6-9
     L          = L_policy + L_kl;  the minibatch is skipped when its mean ratio exceeds 10 (the ratio guard)
 
 There is no entropy bonus; entropy is computed for logging only. train.py owns the loop (epochs, minibatches,
-micro-batches, AdamW, grad clipping); this file holds the math and imports no project file.
+micro-batches, AdamW, grad clipping); this file holds the math and imports no project file: the Episode that the
+update consumes and its right-padded batches (make_batch, aligned with token_logprobs), the losses, and the paper's
+LR schedule (lr_lambda, DeepSpeed's WarmupDecayLR).
 
-The baselines (train.py --advantage; DESIGN.md "Advantage estimators") give every response token an advantage that
-the same whitening and clipped loss then use:
+The baselines (train.py --advantage; DESIGN.md "Advantage estimators": critic_advantages, outcome_advantages) give
+every response token an advantage that the same whitening and clipped loss then use:
 
     critic     PPO (PAPER_NOTES §3 table, pitfall 16): ValueModel = a copy of the SFT model + a linear head;
                reward R on the last response token, GAE with gamma = lambda = 1:  A_t = R - V_old(s_t), G_t = R
@@ -49,6 +51,7 @@ Departures from the paper's code (ppo_trainer.py):
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 RATIO_THRESHOLD = 10.0  # the paper's ratio guard (ratio_threshold=10): skip a minibatch whose mean ratio exceeds it
@@ -188,15 +191,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
 
 
 def ppo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_eps: float,
-    ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    num_tokens: float | None = None,
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    clip_eps: float, ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, num_tokens: float | None = None,
     num_seqs: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip loss plus the k3 KL-to-reference loss term (PAPER_NOTES.md §3, pitfalls 7 and 14; §8 pseudocode).
@@ -208,19 +204,12 @@ def ppo_loss(
         pg       = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps))      per token
         L_policy = sum(pg * mask) / num_tokens
         k3       = clamp(exp(ref - logprobs) - (ref - logprobs) - 1, 0, 10)     unbiased estimate of KL(pi || pi_ref)
-        L_kl     = kl_coef * sum(k3 * mask) / num_seqs     (no KL term if ref_logprobs is None or kl_coef == 0)
+        L_kl     = kl_coef * sum(k3 * mask) / num_seqs     (kl_to_reference; none if ref_logprobs is None or kl_coef 0)
 
     num_tokens / num_seqs: response tokens / sequences of the WHOLE minibatch, counted once before micro-batching
-    (STYLE.md Numerics); they default to this call's mask.sum() and B. Summing the losses of micro-batches then gives
-    the minibatch loss and its gradient exactly.
-
-    stats are plain floats, already divided by num_tokens (or num_seqs for loss/kl), so that summing them over the
-    micro-batches of a minibatch gives the minibatch value; the one exception is "ratio/max", combined with max (see
-    accumulate_stats):
-        loss/policy, loss/kl, loss/total;  loss/clipfrac: fraction of tokens where the clipped term is the larger one
-        (its gradient is 0 there);  loss/approx_kl: k3 estimate of KL(pi_old || pi), mean of (ratio - 1) - log ratio,
-        as cleanrl's approx_kl (http://joschu.net/blog/kl-approx.html);  ratio/mean (read by ratio_guard_exceeded);
-        ratio/max over response tokens;  kl/ref (only with a KL term): the KL estimate itself, L_kl / kl_coef.
+    (default: this call's); summing the micro-batches' losses gives the minibatch loss and gradient exactly. stats
+    (the README's metrics table) are floats divided the same way, so they sum too ("ratio/max" takes the max,
+    accumulate_stats); loss/approx_kl is k3 of KL(pi_old || pi), as cleanrl's (http://joschu.net/blog/kl-approx.html).
     """
     shapes = {logprobs.shape, old_logprobs.shape, advantages.shape, mask.shape}
     assert len(shapes) == 1, f"all inputs must share one (B, T-1) shape, got {shapes}"
@@ -241,14 +230,7 @@ def ppo_loss(
 
     kl_loss, kl_ref = torch.zeros((), device=logprobs.device), None
     if ref_logprobs is not None and kl_coef != 0.0:
-        assert ref_logprobs.shape == logprobs.shape, f"{ref_logprobs.shape=} != {logprobs.shape=}"
-        ref_log_ratio = torch.where(mask, ref_logprobs.detach() - logprobs, 0.0)  # (B, T-1) log(pi_ref / pi)
-        # k3 > 10 already for d > 3 or d < -11, so clamping d to [-20, 20] changes neither the clamped k3 nor its
-        # (zero) gradient there; it only stops exp(d) from overflowing to inf and the backward from giving nan.
-        ref_log_ratio = torch.clamp(ref_log_ratio, -20.0, 20.0)
-        k3 = torch.exp(ref_log_ratio) - ref_log_ratio - 1.0  # (B, T-1) >= 0
-        k3 = torch.clamp(k3, 0.0, 10.0)  # per-token clamp as the paper; gradient 0 above 10
-        kl_ref = torch.where(mask, k3, 0.0).sum() / num_seqs  # KL(pi || pi_ref): sum over tokens, mean over sequences
+        kl_ref = kl_to_reference(logprobs, ref_logprobs, mask, num_seqs)
         kl_loss = kl_coef * kl_ref
     loss = policy_loss + kl_loss
 
@@ -268,6 +250,20 @@ def ppo_loss(
             stats["kl/ref"] = kl_ref.detach()
         values = torch.stack(list(stats.values())).tolist()  # one device sync for all stats
     return loss, dict(zip(stats, values))
+
+
+def kl_to_reference(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, num_seqs: float):
+    """The k3 estimate of KL(pi || pi_ref), summed over the response tokens and divided by num_seqs (PAPER_NOTES §3):
+    k3 = clamp(exp(ref - logprobs) - (ref - logprobs) - 1, 0, 10) per token. All (B, T-1), mask bool; gradient
+    through logprobs only."""
+    assert ref_logprobs.shape == logprobs.shape, f"{ref_logprobs.shape=} != {logprobs.shape=}"
+    ref_log_ratio = torch.where(mask, ref_logprobs.detach() - logprobs, 0.0)  # (B, T-1) log(pi_ref / pi)
+    # k3 > 10 already for d > 3 or d < -11, so clamping d to [-20, 20] changes neither the clamped k3 nor its
+    # (zero) gradient there; it only stops exp(d) from overflowing to inf and the backward from giving nan.
+    ref_log_ratio = torch.clamp(ref_log_ratio, -20.0, 20.0)
+    k3 = torch.exp(ref_log_ratio) - ref_log_ratio - 1.0  # (B, T-1) >= 0
+    k3 = torch.clamp(k3, 0.0, 10.0)  # per-token clamp as the paper; gradient 0 above 10
+    return torch.where(mask, k3, 0.0).sum() / num_seqs  # sum over tokens, mean over sequences
 
 
 def accumulate_stats(total: dict[str, float], stats: dict[str, float]) -> dict[str, float]:
@@ -406,6 +402,29 @@ def group_advantages(rewards: list[float], group_size: int, method: str) -> list
     else:
         advantages = groups - (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
     return advantages.flatten().tolist()
+
+
+def critic_advantages(model: ValueModel, episodes: list[Episode], pad_id: int, batch_size: int) -> dict:
+    """The paper's PPO (PAPER_NOTES §3 "PPO reward / returns", pitfall 16): V_old of every state from the critic,
+    once per iteration before the update (episode.old_values); the reward R on the last response token (EOS if
+    present); GAE with gamma = lambda = 1, so every token gets A_t = R - V_old(s_t) and the return G_t = R
+    (episode.advantages, episode.returns). Returns the mean V_old(s_0), the critic's guess of the training accuracy."""
+    values = model.predict([e.prompt_ids + e.response_ids for e in episodes], pad_id, batch_size)
+    for e, v in zip(episodes, values):
+        p, r = len(e.prompt_ids), len(e.response_ids)
+        e.old_values = v[:-1]  # value t: the state before token t + 1 (aligned as the logprobs)
+        rewards = [0.0] * (r - 1) + [e.reward] if r else []
+        e.advantages, e.returns = gae(rewards, e.old_values[p - 1 : p - 1 + r].tolist())
+    first_values = [float(e.old_values[len(e.prompt_ids) - 1]) for e in episodes]  # V_old(s_0) of every answer
+    return {"critic/value_s0": float(np.mean(first_values))}
+
+
+def outcome_advantages(episodes: list[Episode], group_size: int, method: str) -> None:
+    """GRPO or RLOO (group_advantages): one advantage per answer from its problem's group of group_size answers
+    (answer j of problem i at i * group_size + j), the same on every token, EOS included; no values, no sampling."""
+    per_answer = group_advantages([e.reward for e in episodes], group_size, method)
+    for e, a in zip(episodes, per_answer):
+        e.advantages = [a] * len(e.response_ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 VinePPO spends most of its compute here (PAPER_NOTES.md §1.2, §6): N answers per prompt, then K continuations from
 every step state of every answer. One function, `sample`, serves both uses:
 
-    answers:      sample(model, prompts, num_samples=N, ...)    # sample j of prompt i -> row i * N + j
-    MC rollouts:  sample(model, states, num_samples=K, ...)     # states = prompt + first tokens of an answer
+    answers:      sample(model, prompts, num_samples=N, **vars(sampling))  # sample j of prompt i: row i * N + j
+    MC rollouts:  sample(model, states, num_samples=K, **vars(sampling))   # a state: prompt + an answer's first tokens
+
+with one Sampling value for both (T, top-p, length budget, end tokens, stop strings), as pitfall 1 requires.
 
 How it works (plain PyTorch + the model's own forward, no vLLM):
   1. Prefix reuse. The states s_0..s_n of one answer are nested: each is a prefix of the next. For every prefix we

@@ -9,7 +9,7 @@ its phases in the order they run, then setup. A reader who stops at the "Setup" 
 One iteration (PAPER_NOTES.md §1.1, §8), phase by phase in file order:
     evaluate_and_keep_best       every --eval-every iterations, before the update (iteration 0 is the start)
     sample_problems, sample_and_grade, make_episodes          rollout.sample, reward.grade
-    vine_advantages | critic_advantages | outcome_advantages  the one choice of estimator (--advantage)
+    vine_advantages | ppo.critic_advantages | ppo.outcome_advantages  the estimator (--advantage)
     run_value_diagnostic         optional (--value-diagnostic): how good are the values, paper §5.3
     ppo_update                   old_and_ref_logprobs, then epochs x minibatches of minibatch_backward (ppo.ppo_loss)
     write_log, save_checkpoint   one line per iteration; the plumbing is in checkpoint.py and distributed.py
@@ -292,10 +292,11 @@ def one_iteration(state: State, iteration: int, log: dict, save: bool, metrics_f
     # -------- advantages: the one place the estimator is picked; everything downstream is shared
     if args.advantage == "vine":
         log.update(vine_advantages(policy, tokenizer, problems, rollouts, episodes, state.sampling, generator, args))
-    elif args.advantage == "critic":
-        log.update(critic_advantages(state.critic, episodes, pad_id, args))
-    else:
-        log.update(outcome_advantages(episodes, args))
+    elif args.advantage == "critic":  # the paper's PPO: V_old from the critic, GAE with lambda = 1
+        with autocast(args):
+            log.update(ppo.critic_advantages(state.critic.model, episodes, pad_id, args.micro_batch_size))
+    else:  # GRPO or RLOO: one advantage per answer, from its problem's group of answers
+        ppo.outcome_advantages(episodes, args.samples_per_prompt, args.advantage)
     log["time/values"], timer = time.time() - timer, time.time()
     if args.value_diagnostic:  # -------- optional: how good are the values? (not part of the method)
         log.update(run_value_diagnostic(state, problems, rollouts, iteration, args))
@@ -462,7 +463,7 @@ def make_episodes(tokenizer, problems, rollouts: rollout.Rollouts, rewards: list
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Advantages: VinePPO's MC values (§1.2, §1.3), or a baseline's (--advantage; DESIGN.md "Advantage estimators")
+# Advantages: VinePPO's MC values (§1.2, §1.3); the baselines' are in ppo.py (DESIGN.md "Advantage estimators")
 
 
 def vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, generator, args: Args) -> dict:
@@ -494,30 +495,6 @@ def monte_carlo_values(policy, tokenizer, prompts, responses, token_steps, golds
             max_value_steps=args.max_value_steps or None, sampling=sampling, generator=generator,
             show_progress=distributed.is_main(),
         )
-
-
-def critic_advantages(critic: Critic, episodes: list[ppo.Episode], pad_id: int, args: Args) -> dict:
-    """The paper's PPO (§3 "PPO reward / returns", pitfall 16): V_old of every state from the critic, once per
-    iteration before the update; the reward R on the last response token (EOS if present); GAE with gamma = lambda =
-    1 (ppo.gae), so every token gets A_t = R - V_old(s_t) and the return G_t = R."""
-    with autocast(args):
-        values = critic.model.predict([e.prompt_ids + e.response_ids for e in episodes], pad_id, args.micro_batch_size)
-    for e, v in zip(episodes, values):
-        p, r = len(e.prompt_ids), len(e.response_ids)
-        e.old_values = v[:-1]  # value t: the state before token t + 1 (aligned as the logprobs)
-        rewards = [0.0] * (r - 1) + [e.reward] if r else []
-        e.advantages, e.returns = ppo.gae(rewards, e.old_values[p - 1 : p - 1 + r].tolist())
-    first_values = [float(e.old_values[len(e.prompt_ids) - 1]) for e in episodes]  # V_old(s_0) of every answer
-    return {"critic/value_s0": float(np.mean(first_values))}
-
-
-def outcome_advantages(episodes: list[ppo.Episode], args: Args) -> dict:
-    """GRPO or RLOO (ppo.group_advantages): one advantage per answer from its problem's group of samples_per_prompt
-    answers, the same on every token, EOS included; no values and no extra sampling."""
-    per_answer = ppo.group_advantages([e.reward for e in episodes], args.samples_per_prompt, args.advantage)
-    for e, a in zip(episodes, per_answer):
-        e.advantages = [a] * len(e.response_ids)
-    return {}
 
 
 def run_value_diagnostic(state: State, problems, rollouts, iteration: int, args: Args) -> dict:
@@ -682,7 +659,7 @@ def minibatch_backward(policy, critic, minibatch: list[ppo.Episode], pad_id: int
 
 def critic_backward(critic: Critic, chunk: list[ppo.Episode], batch: dict, num_tokens: float, args: Args) -> dict:
     """Gradient of the critic's clipped value loss (ppo.value_loss) on one micro-batch, against the returns G_t and
-    the V_old of critic_advantages; returns its stats."""
+    the V_old of ppo.critic_advantages; returns its stats."""
     width = batch["mask"].shape[1]
     old_values = ppo.pad_rows([e.old_values for e in chunk], width).to(args.device)
     returns = torch.zeros_like(batch["mask"])  # (B, T-1) G_t at the position that predicts token t

@@ -360,7 +360,7 @@ def test_critic_advantages_are_reward_minus_old_value_with_the_reward_on_the_las
     episodes = tiny_episodes(tokenizer, 3)  # unfinished, reward 0: no EOS
     episodes[0].response_ids.append(tokenizer.eos_token_id)  # a finished, right answer: R = 1 on its EOS
     episodes[0].finished, episodes[0].reward = True, 1.0
-    train.critic_advantages(critic, episodes, tokenizer.pad_token_id, args)
+    ppo.critic_advantages(critic.model, episodes, tokenizer.pad_token_id, args.micro_batch_size)
     for e in episodes:
         p, r = len(e.prompt_ids), len(e.response_ids)
         with torch.no_grad():
@@ -382,7 +382,7 @@ def test_critic_values_are_computed_once_before_the_update(tokenizer, monkeypatc
     optimizer, scheduler = train.make_optimizer(model, args)
     episodes = tiny_episodes(tokenizer, 4)
     episodes[1].reward = 1.0
-    train.critic_advantages(critic, episodes, tokenizer.pad_token_id, args)
+    ppo.critic_advantages(critic.model, episodes, tokenizer.pad_token_id, args.micro_batch_size)
     losses = []
     value_loss = ppo.value_loss
     monkeypatch.setattr(ppo, "value_loss", lambda *a, **k: (out := value_loss(*a, **k), losses.append(out[1]))[0])
