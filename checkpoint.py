@@ -10,7 +10,7 @@ What survives what (tests/test_checkpoint.py and tests/test_reliability.py check
     event                                      what happens                               what is kept
     Ctrl-C during sampling, values or eval     a checkpoint of the policy after the last  everything; --resume
                                                finished update, exit 130                  continues exactly
-    Ctrl-C during a PPO update                 the update finishes first, then the same   everything
+    Ctrl-C during a PPO update or its save     the update and the save finish first       everything
     SIGTERM (kill, preemption, torchrun)       the same as Ctrl-C                         the same
     Ctrl-C during loading or SFT               exit 130: "nothing was saved or changed"   the folder as it was
     kill -9, power loss                        nothing runs                               the last checkpoint;
@@ -315,12 +315,17 @@ def is_due(iteration: int, *, num_iterations: int, save_every: int) -> bool:
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Hold Ctrl-C (and SIGTERM) until the block ends, so an optimizer phase is never cut halfway; yields a flag
-    list."""
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, so that an update and its checkpoint are never cut
+    halfway. Yields the list of the signals that came so far. When the block ends the handlers from before it are
+    back, and the first signal that came is raised again, to them: one that came late in the block, after the code
+    inside looked at the list, is not lost (train.py's handlers turn both signals into KeyboardInterrupt)."""
     pressed = []
-    previous = {s: signal.signal(s, lambda *_: pressed.append(True)) for s in (signal.SIGINT, signal.SIGTERM)}
+    hold = lambda signum, frame: pressed.append(signum)  # noqa: E731
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield pressed
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if pressed:
+        signal.raise_signal(pressed[0])

@@ -280,7 +280,9 @@ def train_loop(state: State, metrics_file, args: Args) -> None:
 
 def one_iteration(state: State, iteration: int, log: dict, save: bool, metrics_file, args: Args) -> bool:
     """Sample and grade answers, their advantages, the PPO update, the log line and (if save) a checkpoint
-    (PAPER_NOTES §1.1 steps 1-6). Returns True if Ctrl-C or SIGTERM asked to stop; the checkpoint is then saved."""
+    (PAPER_NOTES §1.1 steps 1-6). A Ctrl-C or SIGTERM during the update or the save is held until both are done,
+    then raised again (checkpoint.deferred_interrupt); returns True when one on another rank stops every rank here
+    (the checkpoint is then saved too)."""
     policy, tokenizer, pad_id = state.policy, state.tokenizer, state.tokenizer.pad_token_id
     generator = seeded(args.rl_seed + iteration)  # per iteration: a resumed run draws what an uninterrupted one does
     # -------- sample answers and grade them
@@ -305,7 +307,7 @@ def one_iteration(state: State, iteration: int, log: dict, save: bool, metrics_f
     log = distributed.combine_logs(log, SUMMED_KEYS)  # several ranks: one log, and every rank gets every episode
     episodes = distributed.gather_list(episodes)
     log.update(reward_signal([e.reward for e in episodes], iteration, args))
-    # -------- PPO update, log, checkpoint; Ctrl-C waits until the block ends (no checkpoint of half an update)
+    # -------- PPO update, log, checkpoint; Ctrl-C and SIGTERM wait until the block ends: no half update or save
     with checkpoint.deferred_interrupt() as pressed:
         log.update(
             ppo_update(policy, state.reference, state.critic, state.optimizer, state.scheduler, episodes, pad_id,

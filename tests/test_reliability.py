@@ -347,3 +347,22 @@ def test_sigterm_stops_like_ctrl_c_with_a_checkpoint_of_the_last_update(tmp_path
     assert process.returncode == 130 and "interrupted; continue with --resume" in stdout
     state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["next_iteration"] == len(read_iterations(run_dir)) >= 1
+
+
+def test_a_ctrl_c_during_a_checkpoint_save_stops_the_run_once_the_save_is_complete(tmp_path, monkeypatch):
+    """A Ctrl-C that arrives while a scheduled checkpoint is written (here: from inside the save) stops the run with
+    exit 130 once the save is complete, and --resume continues there. It used to land in a list that nobody read
+    again, and the run carried on as if nothing had happened."""
+    save = checkpoint.save_checkpoint
+
+    def save_then_ctrl_c(*args, **kwargs):
+        save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_ctrl_c)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(QUICK + ["--num_iterations", "3", "--save_every", "1", "--run_dir", str(tmp_path)])
+    assert stopped.value.code == 130
+    assert read_iterations(tmp_path) == [0], "the run went on past the save that the Ctrl-C came during"
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["next_iteration"] == 1
