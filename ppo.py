@@ -22,7 +22,7 @@ every response token an advantage that the same whitening and clipped loss then 
 
     critic     PPO (PAPER_NOTES §3 table, pitfall 16): ValueModel = a copy of the SFT model + a linear head;
                reward R on the last response token, GAE with gamma = lambda = 1:  A_t = R - V_old(s_t), G_t = R
-               L_value = 0.5 * sum_tokens max((V - G)^2, (clip(V, V_old - 0.2, V_old + 0.2) - G)^2) / tokens
+               L_value = 0.5 * sum_tokens max((V - G)^2, (clamp(V, V_old - 0.2, V_old + 0.2) - G)^2) / tokens
     grpo       A = (R - mean of the prompt's group) / (std of the group + 1e-4)     (Shao et al. 2024, §4.1.2)
     rloo       A = R - mean R of the other answers to the same prompt              (Ahmadian et al. 2024, §3)
 
@@ -362,17 +362,21 @@ def value_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The critic's clipped value loss (PAPER_NOTES §3 "Value loss"; official _compute_critics_loss), all (B, T-1):
 
-        V_clipped = V_old + clamp(V - V_old, -clip_range, clip_range)
+        V_clipped = clamp(V, V_old - clip_range, V_old + clip_range)
         L_value   = 0.5 * sum(max((V - G)^2, (V_clipped - G)^2) * mask) / num_tokens
 
-    Gradient flows through `values` only, and not at all where the clipped branch is the larger. num_tokens as in
-    ppo_loss (the whole minibatch's response tokens). stats: critic/loss, critic/clipfrac, critic/abs_error (|V - G|),
-    already divided by num_tokens so that accumulate_stats sums micro-batches into minibatch means."""
+    V is clamped itself, as the official trainer does: inside the range V_clipped is exactly V, so the two branches
+    are equal there. (V_old + clamp(V - V_old, ...) is V only up to rounding, and a token whose value was not clipped
+    could then count as clipped.) Gradient flows through `values` only, and not at all where the clipped branch is
+    the larger: there V is outside the range, where the clamp has no gradient. num_tokens as in ppo_loss (the whole
+    minibatch's response tokens). stats: critic/loss, critic/clipfrac (the fraction of tokens where the clipped
+    branch is the larger), critic/abs_error (|V - G|), already divided by num_tokens so that accumulate_stats sums
+    micro-batches into minibatch means."""
     assert values.shape == old_values.shape == returns.shape == mask.shape, "all inputs must share one shape"
     mask = mask.bool()
     num_tokens = float(mask.sum()) if num_tokens is None else float(num_tokens)
     old_values, returns = old_values.detach(), returns.detach()
-    clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    clipped = torch.clamp(values, old_values - clip_range, old_values + clip_range)  # (B, T-1)
     unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
     loss = 0.5 * torch.where(mask, torch.maximum(unclipped_error, clipped_error), 0.0).sum() / num_tokens
     with torch.no_grad():

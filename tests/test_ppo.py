@@ -344,6 +344,21 @@ def test_value_loss_against_the_formula_clip_inactive_and_active():
     assert new.grad[0].tolist() == pytest.approx([(0.6 - 1.0) / 3, 0.0, 0.0, 0.0])
 
 
+def test_value_loss_counts_no_clip_inside_the_range_whatever_the_rounding():
+    """Inside the clip range the clipped value is V itself, so no token counts as clipped and the gradient is the
+    unclipped one. Values near 0 of both signs (a fresh head's) expose the rounding of the old form, V_old +
+    clamp(V - V_old, -c, c), which counted several percent of such tokens as clipped."""
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(64, 64, generator=g) * 0.02  # (B, T) V_old near 0
+    new = (torch.randn(64, 64, generator=g) * 0.02).requires_grad_()  # V, drawn apart from V_old (measured 9% clipped)
+    assert float((new.detach() - old).abs().max()) < 0.2, "every value inside the clip range"
+    returns = (torch.rand(64, 64, generator=g) < 0.5).float()
+    loss, stats = value_loss(new, old, returns, torch.ones(64, 64), clip_range=0.2)
+    assert stats["critic/clipfrac"] == 0.0
+    loss.backward()
+    torch.testing.assert_close(new.grad, (new.detach() - returns) / (64 * 64), rtol=1e-6, atol=0.0)
+
+
 def test_value_loss_without_clipping_is_half_mean_squared_error_and_counts_override():
     new = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
     returns = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
