@@ -21,8 +21,9 @@ Departures from the paper (numbered):
 3. A MATH comparison gets a wall-clock budget of MATH_VERIFY_SECONDS, and answers longer than MAX_ANSWER_CHARS or
    too big to compute (too_big_to_verify: a tower of powers such as 10^{10^{10}}, an exponent of 5 or more digits,
    the factorial of a 5-digit number) count as wrong, so that grade() returns within about a second for any input.
-   In the main thread the budget is a SIGALRM timer; other threads cannot set one, so there math-verify runs in a
-   worker process that is killed and restarted when it overruns (VerifyWorker).
+   In the main thread the budget is a SIGALRM timer, which fires again every DEADLINE_REPEAT seconds until grading
+   returns; other threads cannot set one, so there math-verify runs in a worker process that is killed and
+   restarted when it overruns (VerifyWorker).
 4. grade() cuts the response at the first stop string ("\n\n\nProblem:"), as vLLM's `stop` does in the paper, so a
    sampler that keeps the stop string in its output grades the same.
 5. The validation subsets (GSM8K: 373 of train, MATH: 500 of the PRM800K train split) are our own seeded draws; the
@@ -65,6 +66,7 @@ ARITHMETIC_SPLITS = {"train": (20_000, 0), "validation": (500, 1), "test": (500,
 
 MAX_ANSWER_CHARS = 1000  # the longest MATH gold answer has 159 characters; longer \boxed{..} contents count as wrong
 MATH_VERIFY_SECONDS = 0.5  # wall-clock budget for one math-verify comparison (parse + verify)
+DEADLINE_REPEAT = 0.05  # after the budget, the SIGALRM timer fires again this often until the comparison returns
 UNBRACED_BOX = re.compile(r" +([^\s{$][^$\n]*)")  # "\boxed 5$" (MATH's old style): up to "$" or the end of the line
 OPENING_BRACE = re.compile(r" *\{")
 
@@ -368,8 +370,12 @@ class MathVerifyDeadline(BaseException):
 
 
 def raise_deadline(signum: int, frame) -> None:
-    """SIGALRM handler: interrupt whatever math-verify is doing when MATH_VERIFY_SECONDS have passed."""
-    raise MathVerifyDeadline()
+    """SIGALRM handler: interrupt whatever math-verify is doing when MATH_VERIFY_SECONDS have passed. One deadline
+    can be swallowed (Python prints and drops an exception raised inside a __del__ or a garbage-collector callback,
+    which may be what runs when the signal is handled), so the timer repeats until math_answers_equal cancels it;
+    a signal handled after the cancel finds the timer off and is ignored."""
+    if signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+        raise MathVerifyDeadline()
 
 
 def exponent_groups(text: str) -> list[str]:
@@ -463,12 +469,14 @@ def math_answers_equal(pred: str, gold: str) -> bool:
         return VERIFY_WORKER.equal(pred, gold)
     old_handler = signal.signal(signal.SIGALRM, raise_deadline)
     try:
-        signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_SECONDS)
-        return verify_boxed(pred, gold)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_SECONDS, DEADLINE_REPEAT)
+            return verify_boxed(pred, gold)
+        finally:  # cancel the timer first: a deadline that fires before it is caught below, none fires after it
+            signal.setitimer(signal.ITIMER_REAL, 0)
     except MathVerifyDeadline:
         return False
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)  # cancel the timer before restoring the caller's handler
         signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
 
 

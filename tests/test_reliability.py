@@ -266,10 +266,12 @@ SLOW = "\\boxed{" + "{" * 49 + "1" + "}" * 49 + "}"  # passes the size checks; m
 
 
 @pytest.mark.parametrize("response", HUGE)
-def test_huge_numbers_are_refused_before_sympy(response):
-    start = time.perf_counter()
+def test_huge_numbers_are_refused_before_sympy(response, monkeypatch):
+    def reached(*args):
+        raise AssertionError(f"{response} reached math-verify")
+
+    monkeypatch.setattr(reward, "verify_boxed", reached)
     assert reward.grade(response, "x+1", "math") == 0.0
-    assert time.perf_counter() - start < 0.1
 
 
 def test_grading_is_bounded_outside_the_main_thread():
@@ -287,7 +289,9 @@ def test_grading_is_bounded_outside_the_main_thread():
     thread.join(timeout=60)
     assert not thread.is_alive()
     assert [r for r, _ in results] == [0.0] * (len(HUGE) + 1) + [1.0]
-    assert max(t for _, t in results) < reward.MATH_VERIFY_SECONDS + 1.5
+    # the worker waits MATH_VERIFY_SECONDS + 1 s, then is killed and restarted; SLOW alone takes ~8 s. The margin is
+    # for a loaded machine (a bound of + 1.5 s failed there now and then)
+    assert max(t for _, t in results) < reward.MATH_VERIFY_SECONDS + 5.0
 
 
 POWER = st.recursive(
@@ -304,7 +308,7 @@ POWER = st.recursive(
 def test_random_nested_powers_grade_within_the_budget(power, gold):
     start = time.perf_counter()
     assert reward.grade(f"\\boxed{{{power}}}", gold, "math") in (0.0, 1.0)
-    assert time.perf_counter() - start < reward.MATH_VERIFY_SECONDS + 0.5
+    assert time.perf_counter() - start < reward.MATH_VERIFY_SECONDS + 3.0  # the margin is for a loaded machine
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
