@@ -1,7 +1,7 @@
 """VinePPO training, the only script. It reads as the paper's loop: Args, then main -> the loop -> one iteration ->
 its phases in the order they run, then setup. A reader who stops at the "Setup" banner has read the whole loop.
 
-    python train.py --dataset arithmetic                  # the CPU demo: a tiny model, SFT then VinePPO, ~12 minutes
+    python train.py --dataset arithmetic                  # the CPU demo: a tiny model, SFT then VinePPO, 12-18 min
     python train.py --dataset gsm8k                       # the paper's GSM8K + RhoMath-1.1B recipe (one GPU)
     python train.py --help                                # every option, with its default
     torchrun --nproc_per_node 4 train.py --dataset gsm8k  # the same loop, data-parallel over 4 GPUs

@@ -30,11 +30,8 @@ def test_a_second_lock_on_the_folder_is_refused_with_the_holders_pid(tmp_path):
 
 
 def test_a_killed_runs_lock_does_not_block(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import checkpoint, sys, time\nwith checkpoint.run_dir_lock(sys.argv[1]): time.sleep(60)"]
-        + [str(tmp_path)],
-        cwd=ROOT,
-    )
+    hold = "import checkpoint, sys, time\nwith checkpoint.run_dir_lock(sys.argv[1]): time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], cwd=ROOT)
     for _ in range(600):  # wait until it holds the lock (importing torch takes a few seconds)
         if (tmp_path / "train.lock").exists() and (tmp_path / "train.lock").read_text().strip():
             break
@@ -97,7 +94,8 @@ def test_a_checkpoint_restores_optimizer_scheduler_critic_and_random_states(tmp_
                                run_args={"lr": 0.1}, world_size=1, critic=critic)
     draws = (random.random(), np.random.rand(), torch.rand(1))
     fresh_critic_model = make_model("llama", len(tokenizer), seed=2)
-    fresh, fresh_critic = optimizer_and_scheduler(model), (fresh_critic_model, *optimizer_and_scheduler(fresh_critic_model))
+    fresh = optimizer_and_scheduler(model)
+    fresh_critic = (fresh_critic_model, *optimizer_and_scheduler(fresh_critic_model))
     assert checkpoint.restore_checkpoint(path, *fresh, world_size=1, critic=fresh_critic) == (7, 0.25)
     assert (random.random(), np.random.rand(), torch.rand(1)) == draws, "the RNGs continue where they were saved"
     assert fresh[0].state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
