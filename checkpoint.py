@@ -11,6 +11,8 @@ What survives what (tests/test_checkpoint.py and tests/test_reliability.py check
     Ctrl-C during sampling, values or eval     a checkpoint of the policy after the last  everything; --resume
                                                finished update, exit 130                  continues exactly
     Ctrl-C during a PPO update or its save     the update and the save finish first       everything
+    a second Ctrl-C (or a burst of signals)    ignored while the first one's save runs;   everything
+                                               the exit code stays 130
     SIGTERM (kill, preemption, torchrun)       the same as Ctrl-C                         the same
     Ctrl-C during loading or SFT               exit 130: "nothing was saved or changed"   the folder as it was
     kill -9, power loss                        nothing runs                               the last checkpoint;
@@ -313,12 +315,27 @@ def is_due(iteration: int, *, num_iterations: int, save_every: int) -> bool:
     return iteration + 1 == num_iterations or bool(save_every and (iteration + 1) % save_every == 0)
 
 
+def stop_on_interrupt(signum: int, frame) -> None:
+    """The handler of Ctrl-C and SIGTERM while train.py runs: the first one stops the run (KeyboardInterrupt, which
+    train.py turns into a checkpoint and exit 130) and every later one is ignored, so that none can cut that save,
+    however fast they come."""
+    ignore_interrupts()
+    raise KeyboardInterrupt
+
+
+def ignore_interrupts() -> None:
+    """Ignore Ctrl-C and SIGTERM from here on: the run is stopping, and another one (people press Ctrl-C twice, a
+    scheduler sends SIGTERM again) must neither cut the checkpoint being written nor change the exit code."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def deferred_interrupt():
     """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, so that an update and its checkpoint are never cut
     halfway. Yields the list of the signals that came so far. When the block ends the handlers from before it are
     back, and the first signal that came is raised again, to them: one that came late in the block, after the code
-    inside looked at the list, is not lost (train.py's handlers turn both signals into KeyboardInterrupt)."""
+    inside looked at the list, is not lost (train.py's handler is stop_on_interrupt)."""
     pressed = []
     hold = lambda signum, frame: pressed.append(signum)  # noqa: E731
     previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -41,7 +41,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -188,14 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = distributed.init(args.device)  # launched by torchrun: join the other ranks
-    # SIGTERM (kill, a job scheduler's preemption, torchrun passing on a stop) stops the run as Ctrl-C does
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C and SIGTERM (kill, a job scheduler's preemption, torchrun passing on a stop) stop the run; later ones
+    # are ignored, so that none cuts the checkpoint the first one asked for (checkpoint.stop_on_interrupt)
+    previous = {s: signal.signal(s, checkpoint.stop_on_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with checkpoint.run_dir_lock(args.run_dir) if distributed.is_main() else contextlib.nullcontext():
             run(args)  # one train.py per run folder
     finally:
-        signal.signal(signal.SIGTERM, previous)
         distributed.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Critic(NamedTuple):
@@ -236,8 +238,7 @@ def run(args: Args) -> None:
     try:
         state = set_up(args)
     except KeyboardInterrupt:
-        print("interrupted while setting up (loading, SFT): nothing was saved or changed; run the same command again")
-        sys.exit(130)
+        stop_interrupted(None, args)
     if args.wandb and distributed.is_main():
         import wandb
 
@@ -245,13 +246,23 @@ def run(args: Args) -> None:
     with open(os.path.join(args.run_dir, "metrics.jsonl") if distributed.is_main() else os.devnull, "a") as metrics:
         try:
             train_loop(state, metrics, args)
-        except KeyboardInterrupt:
-            # Ctrl-C outside an update (evaluating, sampling, estimating values): the policy holds exactly the updates
-            # of the iterations before state.next_iteration, so this checkpoint resumes there
-            if state.saved_at != state.next_iteration:
-                save_checkpoint(state, args)
-            print("interrupted; continue with --resume")
-            sys.exit(130)
+        except KeyboardInterrupt:  # outside an update (evaluating, sampling, values) or once it and its save are done
+            stop_interrupted(state, args)
+
+
+def stop_interrupted(state: State | None, args: Args) -> NoReturn:
+    """The end of a run stopped by Ctrl-C or SIGTERM: further ones are ignored from here (a second Ctrl-C must not
+    cut the save), the policy is saved unless the checkpoint on disk already holds it (it holds exactly the updates
+    of the iterations before state.next_iteration, so the checkpoint resumes there), and the exit code is 130.
+    state None: stopped while setting up (loading, SFT), when nothing is saved."""
+    checkpoint.ignore_interrupts()
+    if state is None:
+        print("interrupted while setting up (loading, SFT): nothing was saved or changed; run the same command again")
+        sys.exit(130)
+    if state.saved_at != state.next_iteration:
+        save_checkpoint(state, args)
+    print("interrupted; continue with --resume")
+    sys.exit(130)
 
 
 def train_loop(state: State, metrics_file, args: Args) -> None:
@@ -266,9 +277,8 @@ def train_loop(state: State, metrics_file, args: Args) -> None:
         save = done == args.stop_after or checkpoint.is_due(
             iteration, num_iterations=args.num_iterations, save_every=args.save_every
         )
-        if one_iteration(state, iteration, log, save, metrics_file, args):
-            print("interrupted; continue with --resume")
-            sys.exit(130)
+        if one_iteration(state, iteration, log, save, metrics_file, args):  # stopped by a signal on another rank
+            stop_interrupted(state, args)
         if done == args.stop_after:
             return
     if args.eval_every:  # -------- evaluate the final policy
@@ -1044,4 +1054,7 @@ def make_optimizer(policy, args: Args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # the process is ending: a late Ctrl-C or SIGTERM must not change its exit code
+        checkpoint.ignore_interrupts()

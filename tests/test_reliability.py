@@ -370,3 +370,59 @@ def test_a_ctrl_c_during_a_checkpoint_save_stops_the_run_once_the_save_is_comple
     assert read_iterations(tmp_path) == [0], "the run went on past the save that the Ctrl-C came during"
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["next_iteration"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reliability round (issue 21): one test per finding, each failing on the code before its fix
+
+
+def test_a_second_ctrl_c_during_the_save_that_the_first_started_waits_for_it(tmp_path, monkeypatch):
+    """The double Ctrl-C people press: the first stops the run (here in the evaluation before iteration 1, with no
+    checkpoint on disk yet), the second comes while that checkpoint is written. The save completes; exit 130."""
+
+    def evaluate(model, tokenizer, test_problems, val_problems, sampling, args, iteration):
+        if iteration == 1:
+            raise KeyboardInterrupt
+        return {"eval/val_pass1": 0.0}
+
+    save = checkpoint.save_checkpoint
+
+    def save_with_a_second_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_with_a_second_ctrl_c)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(QUICK + ["--num_iterations", "3", "--eval_every", "1", "--run_dir", str(tmp_path)])
+    assert stopped.value.code == 130
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["next_iteration"] == 1 and not (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_a_burst_of_signals_ends_with_exit_130_and_a_checkpoint(tmp_path):
+    """SIGTERM and SIGINT, alternately every few milliseconds until the process has exited: the exit code of a stop is
+    130 however many signals come (it was 143 or -2 when one landed after the handlers were restored)."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *QUICK, "--num_iterations", "50", "--run_dir", str(run_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+            assert process.poll() is None and time.time() < deadline, "the run should be training"
+            time.sleep(0.2)
+        for k in range(100_000):
+            if process.poll() is not None:
+                break
+            process.send_signal(signal.SIGTERM if k % 2 == 0 else signal.SIGINT)
+            time.sleep(0.003)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["next_iteration"] == len(read_iterations(run_dir)) >= 1
