@@ -154,12 +154,14 @@ class Args:
     stop_after: int = option(0, "Checkpoint and stop after this many iterations of this invocation (0: run on).")
     wandb: bool = option(False, "Also log to Weights & Biases (needs `pip install wandb`).")
     # hardware
-    device: str = option(None, "cuda or cpu. Default: cuda when available.")
+    device: str = option(None, "cuda or cpu. Default: cuda when available. Float rounding differs by device.")
     bf16: bool = option(True, "bf16 autocast on CUDA (float32 master weights); ignored on CPU.")
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass on CUDA.")
     max_batch_tokens: int = option(rollout.DEFAULT_MAX_BATCH_TOKENS, "Cap on rows x (prefix + new tokens) per "
-                                   "sampling chunk; lower it if sampling runs short of memory.")
-    threads: int = option(0, "torch CPU threads (0: torch's default).")
+                                   "sampling chunk, if sampling runs short of memory. It changes the random draws "
+                                   "(chunks are sampled in turn), so --resume needs the value the run started with.")
+    threads: int = option(0, "torch CPU threads (0: torch's default). A run repeats exactly for the same seed, "
+                          "thread count and CPU type; --resume allows another count (float rounding only).")
 
 
 # Every random draw comes from a generator seeded for its purpose, so that none shifts another and a resumed run draws
@@ -895,9 +897,12 @@ def check_args(a: Args) -> list[str]:
     return errors + [message for ok, message in rules if not ok]
 
 
-# What --resume lets differ from the saved run: options that change no trained number (wherever the run stops).
-RESUME_MAY_DIFFER = {"resume", "stop_after", "device", "threads", "wandb", "max_batch_tokens", "eval_problems"}
-RESUME_MAY_DIFFER |= {"run_dir", "value_diagnostic", "diagnostic_rollouts"}  # the diagnostic draws from its own stream
+# What --resume lets differ from the saved run: options that draw no random number of training and change no
+# setting of it. --device and --threads can change float rounding only; --eval-problems changes what is evaluated (and
+# so which policy best/ keeps), not the training; the diagnostic draws from its own stream. Every other option,
+# --max-batch-tokens included (it changes how the draws are chunked), must be the saved run's.
+RESUME_MAY_DIFFER = {"resume", "stop_after", "device", "threads", "wandb", "eval_problems", "run_dir"}
+RESUME_MAY_DIFFER |= {"value_diagnostic", "diagnostic_rollouts"}
 
 
 def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:

@@ -426,3 +426,27 @@ def test_a_burst_of_signals_ends_with_exit_130_and_a_checkpoint(tmp_path):
     assert "Traceback" not in stderr, stderr[-3000:]
     state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["next_iteration"] == len(read_iterations(run_dir)) >= 1
+
+
+def test_max_batch_tokens_changes_the_draws_so_resume_refuses_another_value(tmp_path):
+    argv = QUICK + ["--num_iterations", "2", "--run_dir", str(tmp_path)]
+    train.main(argv + ["--stop_after", "1"])
+    with pytest.raises(SystemExit, match="other settings \\(max_batch_tokens\\)"):
+        train.main(argv + ["--resume", "--max_batch_tokens", "512"])
+
+
+def test_options_that_resume_lets_differ_change_no_training_number(tmp_path):
+    """--value-diagnostic draws from its own stream and --eval-problems changes only what is evaluated: a run
+    resumed with them differs from an uninterrupted one in no training metric and no weight."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    argv = QUICK + ["--num_iterations", "3"]
+    train.main(argv + ["--run_dir", str(whole)])
+    train.main(argv + ["--run_dir", str(parts), "--stop_after", "1"])
+    train.main(argv + ["--run_dir", str(parts), "--resume", "--value_diagnostic", "1", "--diagnostic_rollouts", "2",
+                       "--eval_problems", "1"])
+    training = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time/", "diag/"))} for r in rows]  # noqa
+    assert training(metrics_without_times(parts)) == training(metrics_without_times(whole))
+    assert any("diag/mc_mae" in row for row in metrics_without_times(parts)), "the diagnostic ran"
+    a, _ = checkpoint.load_model(str(whole / "checkpoint"), "cpu")
+    b, _ = checkpoint.load_model(str(parts / "checkpoint"), "cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
