@@ -16,13 +16,19 @@ What survives what (tests/test_checkpoint.py and tests/test_reliability.py check
     SIGTERM (kill, preemption, torchrun)       the same as Ctrl-C                         the same
     Ctrl-C during loading or SFT               exit 130: "nothing was saved or changed"   the folder as it was
     kill -9, power loss                        nothing runs                               the last checkpoint;
-                                               --resume drops the metrics.jsonl lines written after it and redoes
-                                               those iterations, so each is logged once
+                                               --resume drops the metrics.jsonl lines written after it (a cut last
+                                               line too) and redoes those iterations, so each is logged once
     a crash in the middle of a save            saves go to X.tmp, then two renames        the previous X, or the new
                                                one when the crash fell between the renames (recover_folder)
-    a full disk or read-only folder at a save  one line "could not write ...", exit 1     the previous save
+    a full disk, file-size limit or read-only  one line "could not write ...", exit 1     the previous save
+    folder at a save
+    --resume of a damaged checkpoint           one line: what is damaged, and to start    best/ and init/
+                                               from best/ or init/ (damaged)
+    --resume with other settings               refused, naming them (only options that    the run
+                                               draw no number may differ: RESUME_MAY_DIFFER in train.py)
     a second train.py on the same folder       refused, naming the first one's process    the first run
-    a leftover init/ made with other options   refused: delete it to remake it            the old init/
+    a leftover init/ made with other options   refused: delete it to remake it (also one  the old init/
+    (or with no record of them)                with no init_args.json)
 
 (train.py adds: a NaN or inf loss or gradient skips that optimizer step; non-finite weights stop the run before any
 save; bad options are refused before any work.)
@@ -33,12 +39,14 @@ This file imports no project file and never reads train.py's Args: callers pass 
 import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
@@ -99,8 +107,11 @@ def check_run_dir(run_dir: str, *, resume: bool, run_args: dict, may_differ: set
             f"error: {run_dir} holds another run's checkpoint; pass --resume to continue it, "
             "or choose another --run-dir"
         )
-    with open(os.path.join(run_dir, "checkpoint", "run_args.json")) as f:
-        saved = json.load(f)
+    try:
+        with open(os.path.join(run_dir, "checkpoint", "run_args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise damaged(os.path.join(run_dir, "checkpoint"), e) from None
     changed = [k for k, v in run_args.items() if k not in may_differ and saved.get(k) != v]
     if changed == ["num_iterations"]:
         raise SystemExit(
@@ -120,9 +131,17 @@ def check_init_record(folder: str, made_with: dict) -> None:
     it: a stale init/ must not pass for the one these options would make."""
     record = os.path.join(folder, "init_args.json")
     if not os.path.exists(record):
+        if os.path.exists(folder):  # not made by train.py (which writes the record with the model): copied in
+            raise SystemExit(
+                f"error: {folder} holds no init_args.json, the options that made it, so it cannot be told from one "
+                f"that other options made; delete it to make it again, or pass it as --model {folder} --sft-steps 0"
+            )
         return
-    with open(record) as f:
-        saved = json.load(f)
+    try:
+        with open(record) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise damaged(folder, e) from None
     changed = [k for k, v in made_with.items() if k in saved and saved[k] != v]
     if changed:
         raise SystemExit(
@@ -136,9 +155,19 @@ def trim_metrics(path: str, next_iteration: int) -> None:
     so that a resumed run logs each iteration exactly once. The file is rewritten atomically."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line)["iteration"] < next_iteration]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            iteration = json.loads(line)["iteration"]
+        except (ValueError, KeyError, TypeError) as e:
+            if number == len(lines):  # a last line cut by a crash or a power loss: past the checkpoint, dropped
+                continue
+            error = f"{path}, line {number}, is damaged ({type(e).__name__}: {first_line(e)})"
+            raise SystemExit(f"error: {error}; only a cut last line is dropped by itself") from None
+        if iteration < next_iteration:
+            kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) < len(lines):
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
@@ -152,15 +181,18 @@ def trim_metrics(path: str, next_iteration: int) -> None:
 
 
 def load_model(path: str, device: str):
-    """Load a causal LM and its tokenizer from a hub id or a local folder, with an error a user can act on."""
+    """Load a causal LM and its tokenizer from a hub id or a local folder, with an error a user can act on: a folder
+    that exists but does not load is named as damaged (see damaged), anything else as a model the hub did not give."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
+        if os.path.isdir(path):
+            raise damaged(path, e) from None
         raise SystemExit(
-            f"error: could not load the model {path!r} ({type(e).__name__}: {str(e).splitlines()[0]}).\n"
-            "Pass --model a local folder holding a Hugging Face model and tokenizer (config.json, *.safetensors, "
-            "tokenizer files), or --model tiny; the hub may be unreachable from this machine."
+            f"error: could not load the model {path!r} ({type(e).__name__}: {first_line(e)}); pass --model a local "
+            "folder holding a Hugging Face model and tokenizer (config.json, *.safetensors, tokenizer files), or "
+            "--model tiny: the hub may be unreachable from this machine"
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -214,6 +246,23 @@ def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, 
     return AutoModelForCausalLM.from_config(config)
 
 
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def damaged(path: str, error: BaseException) -> SystemExit:
+    """The one-line error for a save that does not load (cut short by a crash or a full disk, or a copy that failed):
+    what broke, what of its run folder is left to start from (best/, init/), and what to do."""
+    run_dir, name = os.path.split(os.path.normpath(path))
+    left = [os.path.join(run_dir, other) for other in ("best", "init") if other != name]
+    left = [folder for folder in left if os.path.exists(os.path.join(folder, "config.json"))]
+    advice = f"delete {path} and start again"
+    if left:
+        advice = f"{' and '.join(left)} are still there: start a new run from one (--model {left[0]} --sft-steps 0 "
+        advice += "--run-dir NEW), or delete the folder and start again"
+    return SystemExit(f"error: {path} is damaged or incomplete ({type(error).__name__}: {first_line(error)}); {advice}")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Atomic folder saves
 
@@ -232,10 +281,10 @@ def save_folder(path: str, model, tokenizer, files: dict) -> None:
                     json.dump(obj, f, indent=1)
             else:
                 torch.save(obj, os.path.join(tmp, name))
-    except (OSError, RuntimeError) as e:  # a full disk or a read-only folder (torch.save raises RuntimeError)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a file-size limit, a read-only folder
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"{path} still holds the previous save" if os.path.exists(path) else f"nothing was written to {path}"
-        raise SystemExit(f"error: could not write {path} ({type(e).__name__}: {str(e).splitlines()[0]}); {kept}")
+        raise SystemExit(f"error: could not write {path} ({type(e).__name__}: {first_line(e)}); {kept}") from None
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)  # a crash between the two renames leaves old and a complete tmp: recover_folder finishes
@@ -287,7 +336,10 @@ def restore_checkpoint(
 ) -> tuple[int, float]:
     """Load what save_checkpoint saved into the optimizer, scheduler, RNGs and critic = (model, optimizer,
     scheduler); returns the iteration to continue at and the best validation Pass@1 so far."""
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    try:
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise damaged(path, e) from None
     saved_world = state.get("world_size", 1)
     if saved_world != world_size:  # the shares and random streams depend on the number of ranks
         launch = "python train.py" if saved_world == 1 else f"torchrun --nproc_per_node {saved_world} train.py"
@@ -300,7 +352,10 @@ def restore_checkpoint(
     if critic is not None:
         critic_model, critic_optimizer, critic_scheduler = critic
         device = next(critic_model.parameters()).device
-        critic_model.load_state_dict(torch.load(os.path.join(path, "critic.pt"), map_location=device))
+        try:
+            critic_model.load_state_dict(torch.load(os.path.join(path, "critic.pt"), map_location=device))
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise damaged(path, e) from None
         critic_optimizer.load_state_dict(state["critic_optimizer"])
         critic_scheduler.load_state_dict(state["critic_scheduler"])
     random.setstate(state["rng"]["python"])

@@ -450,3 +450,86 @@ def test_options_that_resume_lets_differ_change_no_training_number(tmp_path):
     a, _ = checkpoint.load_model(str(whole / "checkpoint"), "cpu")
     b, _ = checkpoint.load_model(str(parts / "checkpoint"), "cpu")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_a_full_disk_while_the_model_is_written_is_one_line(tmp_path, monkeypatch):
+    """safetensors reports a full disk with its own SafetensorError, which the save let through as a traceback."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    train.main(QUICK + ["--num_iterations", "2", "--stop_after", "1", "--run_dir", str(tmp_path)])
+    saved = (tmp_path / "checkpoint" / "model.safetensors").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(SystemExit, match="could not write .*No space left on device.*still holds the previous save"):
+        train.main(QUICK + ["--num_iterations", "2", "--resume", "--run_dir", str(tmp_path)])
+    assert (tmp_path / "checkpoint" / "model.safetensors").read_bytes() == saved
+    assert not (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_a_file_size_limit_is_one_line_with_nothing_half_written(tmp_path):
+    """ulimit -f: the model file cannot be written (the first save is init/, 4.5 MB)."""
+    command = f"ulimit -f 1000; exec {sys.executable} {ROOT / 'train.py'} " + " ".join(QUICK)
+    command += f" --num_iterations 1 --run_dir {tmp_path / 'run'}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    one_line_error(result, "could not write .*init .*nothing was written")
+    assert not (tmp_path / "run" / "init").exists() and not (tmp_path / "run" / "init.tmp").exists()
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """A run stopped after its first iteration, with init/, best/ and checkpoint/."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    train.main(QUICK + ["--num_iterations", "2", "--eval_every", "1", "--stop_after", "1", "--run_dir", str(run_dir)])
+    return run_dir
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {
+    "model.safetensors cut": lambda c: truncate(c / "model.safetensors"),
+    "model.safetensors missing": lambda c: (c / "model.safetensors").unlink(),
+    "config.json missing": lambda c: (c / "config.json").unlink(),
+    "tokenizer.json missing": lambda c: (c / "tokenizer.json").unlink(),
+    "trainer_state.pt cut": lambda c: truncate(c / "trainer_state.pt"),
+    "run_args.json missing": lambda c: (c / "run_args.json").unlink(),
+    "run_args.json empty": lambda c: (c / "run_args.json").write_text(""),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_named_as_damaged_with_what_is_left(tmp_path, stopped_run, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_run, run_dir)
+    DAMAGES[damage](run_dir / "checkpoint")
+    with pytest.raises(SystemExit) as stopped:
+        train.main(QUICK + ["--num_iterations", "2", "--eval_every", "1", "--resume", "--run_dir", str(run_dir)])
+    message = str(stopped.value)
+    assert len(message.splitlines()) == 1, message
+    assert re.search(f"{run_dir / 'checkpoint'} is damaged or incomplete .*best and .*init are still there", message)
+    assert "--model" in message and "hub" not in message, message
+
+
+def test_a_cut_last_line_of_the_metrics_is_dropped_on_resume(tmp_path, stopped_run):
+    """What a power loss leaves: the last line of metrics.jsonl cut in the middle."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_run, run_dir)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 1, "time/sam')
+    train.main(QUICK + ["--num_iterations", "2", "--eval_every", "1", "--resume", "--run_dir", str(run_dir)])
+    assert read_iterations(run_dir) == [0, 1, 2]
+
+
+def test_an_init_without_its_options_record_is_refused(tmp_path):
+    """A copied init/ without init_args.json cannot be told from one that other options made."""
+    argv = QUICK + ["--num_iterations", "0", "--sft_batch_size", "4", "--run_dir", str(tmp_path)]
+    train.main(argv + ["--sft_steps", "2"])
+    (tmp_path / "init" / "init_args.json").unlink()
+    with pytest.raises(SystemExit, match="holds no init_args.json.*delete it to make it again"):
+        train.main(argv + ["--sft_steps", "3"])
