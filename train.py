@@ -893,6 +893,12 @@ def check_args(a: Args) -> list[str]:
         ),
         (0 <= a.eval_temperature < math.inf, f"--eval-temperature must be >= 0 (0: greedy), got {a.eval_temperature}"),
         (a.device in ("cpu",) or a.device.startswith("cuda"), f"--device is cuda, cuda:N or cpu, got {a.device!r}"),
+        (
+            not a.device.startswith("cuda") or torch.cuda.is_available(),
+            f"--device {a.device}, but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu",
+        ),
+        (0 <= a.seed < 2**62, f"--seed must be in [0, 2**62), got {a.seed}"),
+        (0 <= a.rl_seed < 2**62, f"--rl-seed must be in [0, 2**62), got {a.rl_seed}"),
     ]
     return errors + [message for ok, message in rules if not ok]
 
@@ -964,6 +970,7 @@ def load_models(args: Args, train_problems: list[dict]):
             policy = checkpoint.build_tiny_model(tokenizer, max_length=args.max_length).to(args.device)
         else:
             policy, tokenizer = checkpoint.load_model(args.model, args.device)
+        check_prompts_fit(train_problems, tokenizer, args)  # before SFT, which can take hours: nothing written yet
         if args.sft_steps:
             sft(policy, tokenizer, train_problems, args)
         checkpoint.save_folder(start, policy, tokenizer, {"init_args.json": made_with})

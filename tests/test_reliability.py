@@ -526,6 +526,28 @@ def test_a_cut_last_line_of_the_metrics_is_dropped_on_resume(tmp_path, stopped_r
     assert read_iterations(run_dir) == [0, 1, 2]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
+def test_device_cuda_without_cuda_and_a_seed_too_large_are_one_line_each():
+    for argv, message in [
+        (["--device", "cuda"], "--device cuda, but this torch .* sees no CUDA GPU"),
+        (["--seed", "1180591620717411303424"], "--seed must be in \\[0, 2\\*\\*62\\)"),
+        (["--rl_seed", "-1"], "--rl-seed must be in"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            train.parse_args(["--dataset", "arithmetic", *argv])
+
+
+def test_no_prompt_that_fits_is_found_before_sft_and_nothing_is_written(tmp_path, monkeypatch):
+    def sft(*args):
+        raise AssertionError("SFT ran before the prompts were checked")
+
+    monkeypatch.setattr(train, "sft", sft)
+    with pytest.raises(SystemExit, match="only 0 of .* training prompts are at most 1 tokens"):
+        train.main(QUICK + ["--num_iterations", "3", "--sft_steps", "5", "--max_length", "3", "--run_dir",
+                            str(tmp_path)])
+    assert not (tmp_path / "init").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_an_init_without_its_options_record_is_refused(tmp_path):
     """A copied init/ without init_args.json cannot be told from one that other options made."""
     argv = QUICK + ["--num_iterations", "0", "--sft_batch_size", "4", "--run_dir", str(tmp_path)]
