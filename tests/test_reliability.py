@@ -162,6 +162,9 @@ def test_an_init_made_with_other_options_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="init was made with other options \\(sft_steps 2\\).*delete"):
         train.main(argv + ["--sft_steps", "3"])
     train.main(argv + ["--sft_steps", "2"])  # the same options reuse it
+    (tmp_path / "init" / "init_args.json").unlink()  # a copied init/: it cannot be told from one of other options
+    with pytest.raises(SystemExit, match="holds no init_args.json.*delete it to make it again"):
+        train.main(argv + ["--sft_steps", "3"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -452,22 +455,23 @@ def test_options_that_resume_lets_differ_change_no_training_number(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
-def test_a_full_disk_while_the_model_is_written_is_one_line(tmp_path, monkeypatch):
+def test_a_full_disk_while_the_model_is_written_is_one_line(tmp_path, stopped_run, monkeypatch):
     """safetensors reports a full disk with its own SafetensorError, which the save let through as a traceback."""
     import transformers.modeling_utils
     from safetensors import SafetensorError
 
-    train.main(QUICK + ["--num_iterations", "2", "--stop_after", "1", "--run_dir", str(tmp_path)])
-    saved = (tmp_path / "checkpoint" / "model.safetensors").read_bytes()
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_run, run_dir)
+    saved = (run_dir / "checkpoint" / "model.safetensors").read_bytes()
 
     def full_disk(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
     with pytest.raises(SystemExit, match="could not write .*No space left on device.*still holds the previous save"):
-        train.main(QUICK + ["--num_iterations", "2", "--resume", "--run_dir", str(tmp_path)])
-    assert (tmp_path / "checkpoint" / "model.safetensors").read_bytes() == saved
-    assert not (tmp_path / "checkpoint.tmp").exists()
+        train.main(QUICK + ["--num_iterations", "2", "--eval_every", "1", "--resume", "--run_dir", str(run_dir)])
+    assert (run_dir / "checkpoint" / "model.safetensors").read_bytes() == saved
+    assert not (run_dir / "checkpoint.tmp").exists()
 
 
 def test_a_file_size_limit_is_one_line_with_nothing_half_written(tmp_path):
@@ -546,12 +550,3 @@ def test_no_prompt_that_fits_is_found_before_sft_and_nothing_is_written(tmp_path
         train.main(QUICK + ["--num_iterations", "3", "--sft_steps", "5", "--max_length", "3", "--run_dir",
                             str(tmp_path)])
     assert not (tmp_path / "init").exists() and not (tmp_path / "metrics.jsonl").exists()
-
-
-def test_an_init_without_its_options_record_is_refused(tmp_path):
-    """A copied init/ without init_args.json cannot be told from one that other options made."""
-    argv = QUICK + ["--num_iterations", "0", "--sft_batch_size", "4", "--run_dir", str(tmp_path)]
-    train.main(argv + ["--sft_steps", "2"])
-    (tmp_path / "init" / "init_args.json").unlink()
-    with pytest.raises(SystemExit, match="holds no init_args.json.*delete it to make it again"):
-        train.main(argv + ["--sft_steps", "3"])
