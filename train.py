@@ -799,7 +799,8 @@ def print_where_results_went(args: Args, best_val: float) -> None:
 def set_up(args: Args) -> State:
     """Data, models, optimizers and, with --resume, the checkpoint's state (checkpoint.restore_checkpoint)."""
     train_problems, val_problems, test_problems = load_data(args)
-    policy, reference, tokenizer = load_models(args, train_problems)  # and check_prompts_fit
+    policy, reference, tokenizer = load_models(args, train_problems)
+    check_prompts_fit(train_problems, tokenizer, args)
     critic = load_critic(args)
     optimizer, scheduler = make_optimizer(policy, args)
     state = State(train_problems, val_problems, test_problems, policy, reference, critic, tokenizer, optimizer,
@@ -958,8 +959,8 @@ def load_models(args: Args, train_problems: list[dict]):
 
     A tiny model, or any model given --sft-steps, is made here once and kept in run_dir/init/: the RL start and the
     reference (by rank 0 when there are several). With --resume the policy comes from run_dir/checkpoint/. No
-    reference is loaded when kl_coef = 0. check_prompts_fit runs as soon as the tokenizer exists: before SFT."""
-    start, checked = start_model(args), False
+    reference is loaded when kl_coef = 0."""
+    start = start_model(args)
     made_with = {name: getattr(args, name) for name in INIT_OPTIONS}
     if start != args.model:
         checkpoint.check_init_record(start, made_with)
@@ -970,15 +971,12 @@ def load_models(args: Args, train_problems: list[dict]):
         else:
             policy, tokenizer = checkpoint.load_model(args.model, args.device)
         check_prompts_fit(train_problems, tokenizer, args)  # before SFT, which can take hours: nothing written yet
-        checked = True
         if args.sft_steps:
             sft(policy, tokenizer, train_problems, args)
         checkpoint.save_folder(start, policy, tokenizer, {"init_args.json": made_with})
     distributed.barrier()  # several ranks: the others wait until rank 0 has made init/
     resume_from = os.path.join(args.run_dir, "checkpoint")
     policy, tokenizer = checkpoint.load_model(resume_from if args.resume else start, args.device)
-    if not checked:
-        check_prompts_fit(train_problems, tokenizer, args)
     if args.device.startswith("cuda") and args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     reference = None
