@@ -358,13 +358,12 @@ def drop_rows(buffers: list[tuple[torch.Tensor, torch.Tensor]], live: list[int],
 
 def record_tokens(
     out: Rollouts, batch_rows: list[int], tokens: torch.Tensor, token_logprobs: torch.Tensor, row_limit: list[int], *,
-    eos_ids: set[int], stop_strings: Sequence[str], tokenizer,
+    eos_ids: set[int], stop_strings: Sequence[str], tokenizer, window: int,
 ) -> list[int]:
     """Append every row's sampled token to its response (batch position pos holds row batch_rows[pos]; out.logprobs
     holds lists of floats while decoding). Returns the batch positions of the rows that go on. A row stops when it
     samples EOS (finished, EOS not kept), its text contains a stop string (finished, cut by find_stop_cut) or it
-    reaches its length limit (not finished)."""
-    window = 4 * max((len(s) for s in stop_strings), default=0) + 2  # tokens that surely hold a new stop string
+    reaches its length limit (not finished). window: how many last tokens surely hold a new stop string."""
     live = []
     for pos, (b, token, lp) in enumerate(zip(batch_rows, tokens.tolist(), token_logprobs.tolist())):
         if token in eos_ids:  # EOS: finished, and the EOS token is not part of the response
@@ -402,6 +401,7 @@ def decode_chunk(
     attention_mask = (slots < prefix_len[:, None]) | (slots >= root_len)  # (B, T)
     num_rows = len(prefixes) * num_samples
     row_limit = [limits[b // num_samples] for b in range(num_rows)]
+    window = 4 * max((len(s) for s in stop_strings), default=0) + 2  # tokens that surely hold a new stop string
     out = Rollouts([[] for _ in range(num_rows)], [[] for _ in range(num_rows)], [False] * num_rows, [None] * num_rows)
     batch_rows = list(range(num_rows))  # row id at each batch position
     logits = next_logits.index_select(0, row_prefix)  # (B, V) the prefill's next-token logits
@@ -409,7 +409,7 @@ def decode_chunk(
     while True:
         tokens, token_logprobs = sample_next_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
         live = record_tokens(out, batch_rows, tokens, token_logprobs, row_limit, eos_ids=eos_ids,
-                             stop_strings=stop_strings, tokenizer=tokenizer)
+                             stop_strings=stop_strings, tokenizer=tokenizer, window=window)
         if progress is not None:
             progress.update(len(batch_rows) - len(live))
         if not live:
