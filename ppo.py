@@ -63,7 +63,8 @@ RATIO_THRESHOLD = 10.0  # the paper's ratio guard (ratio_threshold=10): skip a m
 
 @dataclass
 class Episode:
-    """One sampled answer with what the PPO update needs of it (PAPER_NOTES §1.1 step 5, §8)."""
+    """One sampled answer with what the PPO update needs of it (PAPER_NOTES §1.1 step 5, §8), and what the run's
+    credit view (train.py --log-samples) shows of it."""
 
     prompt_ids: list[int]  # BOS + the prompt
     response_ids: list[int]  # the sampled tokens, then EOS if the answer finished (pitfall 10)
@@ -74,6 +75,8 @@ class Episode:
     ref_logprobs: torch.Tensor | None = None  # (P+R-1,) the same under the reference model; None when kl_coef = 0
     old_values: torch.Tensor | None = None  # (P+R-1,) V_old of the state before every next token (critic only)
     returns: list[float] | None = None  # G_t, one per response token (critic only)
+    values: list[float] | None = None  # V(s_0) .. V(s_m), the MC values of its step states (vine only)
+    whitened: list[list[float]] | None = None  # logged answers only: per epoch, its tokens' advantages as whitened
 
 
 def make_batch(episodes: list[Episode], pad_id: int, device: str) -> dict:

@@ -30,6 +30,7 @@ Where this script departs from the paper's code:
 """
 
 import argparse
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -38,6 +39,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -150,6 +152,9 @@ class Args:
     value_diagnostic: int = option(0, "Every iteration, measure the MC values (and the critic's) of this many answers' "
                                    "states against --diagnostic-rollouts rollouts each (paper §5.3; 0: off).")
     diagnostic_rollouts: int = option(64, "MC rollouts per state of the value diagnostic's reference values.")
+    log_samples: int = option(4, "Every iteration, write this many answers with their steps, values and advantages "
+                              "to run_dir/samples/<iteration>.jsonl, for benchmarks/show_credit.py (0: off). They "
+                              "are drawn apart: training draws the same either way.")
     save_every: int = option(10, "Checkpoint every this many iterations (and at the end, and on Ctrl-C).")
     stop_after: int = option(0, "Checkpoint and stop after this many iterations of this invocation (0: run on).")
     wandb: bool = option(False, "Also log to Weights & Biases (needs `pip install wandb`).")
@@ -167,9 +172,10 @@ class Args:
 # Every random draw comes from a generator seeded for its purpose, so that none shifts another and a resumed run draws
 # what an uninterrupted one does: RL's draws of iteration i from rl_seed + i, evaluation i's from seed +
 # EVAL_SEED_OFFSET * (i + 1), the value diagnostic's from rl_seed + DIAGNOSTIC_SEED_OFFSET * (i + 1); each rank has
-# its own stream of each (seeded).
+# its own stream of each (seeded); the logged samples' choice from rl_seed + SAMPLES_SEED_OFFSET * (i + 1).
 EVAL_SEED_OFFSET = 1_000_003
 DIAGNOSTIC_SEED_OFFSET = 7_000_003
+SAMPLES_SEED_OFFSET = 11_000_003
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -316,6 +322,7 @@ def one_iteration(state: State, iteration: int, log: dict, save: bool, metrics_f
         log.update(run_value_diagnostic(state, problems, rollouts, iteration, args))
         log["time/diagnostic"], timer = time.time() - timer, time.time()
     log["tokens/answers"] = sum(len(ids) for ids in rollouts.response_ids)
+    logged = pick_samples(episodes, iteration, args)  # the credit view's answers: rank 0's, from their own generator
     log = distributed.combine_logs(log, SUMMED_KEYS)  # several ranks: one log, and every rank gets every episode
     episodes = distributed.gather_list(episodes)
     log.update(reward_signal([e.reward for e in episodes], iteration, args))
@@ -330,6 +337,7 @@ def one_iteration(state: State, iteration: int, log: dict, save: bool, metrics_f
         log["time/train"] = time.time() - timer
         if distributed.is_main():
             write_log(log, episodes, state.scheduler, metrics_file, args)
+            write_samples(tokenizer, problems, rollouts, episodes, logged, iteration, args)
         stop = distributed.any_rank(bool(pressed))  # Ctrl-C on any rank stops every rank here
         if stop or save:
             save_checkpoint(state, args)
@@ -492,6 +500,7 @@ def vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, g
         generator, args,
     )
     for i, e in enumerate(episodes):
+        e.values = values[i]
         step_advs = vine.step_advantages(values[i], e.reward, len(steps[i]))
         advs = vine.token_advantages(step_advs, token_steps[i])
         if e.finished:  # the EOS takes the last token's advantage (the last step's for an empty answer)
@@ -638,6 +647,10 @@ def minibatch_backward(policy, critic, minibatch: list[ppo.Episode], pad_id: int
     the ranks, which gives the one-process gradient, stats and ratio-guard decision on every rank."""
     full = ppo.make_batch(minibatch, pad_id, "cpu")
     whitened = ppo.masked_whiten(full["advantages"], full["mask"])  # (B, T-1) once over the whole minibatch
+    for j, e in enumerate(minibatch):
+        if e.whitened is not None:  # a logged answer (pick_samples): what this update made of its advantages
+            p = len(e.prompt_ids)
+            e.whitened.append(whitened[j, p - 1 : p - 1 + len(e.response_ids)].tolist())
     num_tokens, num_seqs = float(full["mask"].sum()), float(len(minibatch))
     first, last = distributed.shard_bounds(len(minibatch))  # this rank's share
     stats = {}
@@ -766,6 +779,80 @@ def write_log(log: dict, episodes: list[ppo.Episode], scheduler, metrics_file, a
         wandb.log(log, step=log["iteration"])
 
 
+def pick_samples(episodes: list[ppo.Episode], iteration: int, args: Args) -> list[int]:
+    """--log-samples of this rank's episodes, drawn from a generator of their own (so training draws the same with
+    any number), on rank 0 only; marks them, so that the update keeps their whitened advantages (minibatch_backward).
+    Runs of one starting model and RL seed pick the same answers at iteration 0, whatever their estimator."""
+    if not args.log_samples or not distributed.is_main():
+        return []
+    generator = seeded(args.rl_seed + SAMPLES_SEED_OFFSET * (iteration + 1))
+    picked = sorted(torch.randperm(len(episodes), generator=generator)[: args.log_samples].tolist())
+    for i in picked:
+        episodes[i].whitened = []
+    return picked
+
+
+def write_samples(tokenizer, problems, rollouts, episodes: list[ppo.Episode], picked, iteration: int, args) -> None:
+    """The picked answers (pick_samples) to run_dir/samples/<iteration>.jsonl, one record per line, the file written
+    whole (a resumed iteration replaces it), and to wandb as a Table: the question, gold answer, reward, finished,
+    the estimator and credit_record's steps. benchmarks/show_credit.py shows them."""
+    if not picked:
+        return
+    before, after = reward.PROMPT_TEMPLATE.split("{question}")
+    records = []
+    for i in picked:
+        e = episodes[i]
+        prompt = tokenizer.decode(e.prompt_ids, skip_special_tokens=True)
+        records.append({
+            "iteration": iteration, "answer_index": i, "estimator": args.advantage,
+            "question": prompt.removeprefix(before).removesuffix(after),
+            "gold": problems[i // args.samples_per_prompt][1], "reward": e.reward, "finished": e.finished,
+            **credit_record(tokenizer, e, rollouts.response_ids[i], args),
+        })
+    path = os.path.join(args.run_dir, "samples", f"{iteration}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(path + ".tmp", path)
+    if args.wandb:
+        import wandb
+
+        columns = ["iteration", "estimator", "question", "gold", "answer", "reward", "steps"]
+        rows = [[json.dumps(r[c]) if c == "steps" else r[c] for c in columns] for r in records]
+        wandb.log({"samples": wandb.Table(columns=columns, data=rows)}, step=iteration)
+
+
+def credit_record(tokenizer, e: ppo.Episode, ids: list[int], args: Args) -> dict:
+    """What one answer's tokens were credited with: its text, token ids and, per step of vine.split_steps, the
+    step's character span and token span [t_k, t_{k+1}), its advantage and that advantage as whitened in each
+    epoch's minibatch (the mean over its tokens: for vine, grpo and rloo each token carries its step's or answer's
+    one value; None for a step that owns no token); for vine V(s_k) before and V(s_{k+1}) after the step
+    (vine.full_values), and for critic V_old before each of its tokens (A_t = R - V_old(s_t)); for grpo and rloo the
+    answer's one advantage."""
+    text = tokenizer.decode(ids, **rollout.DECODE_KWARGS)
+    ends = vine.split_steps(text, args.dataset)
+    owner = vine.token_steps(ids, ends, tokenizer)  # the step of every token
+    p, steps = len(e.prompt_ids), []
+    for k, end in enumerate(ends):
+        start, t0, t1 = ends[k - 1] if k else 0, bisect.bisect_left(owner, k), bisect.bisect_left(owner, k + 1)
+        step = {
+            "text": text[start:end], "chars": [start, end], "tokens": [t0, t1],
+            "advantage": statistics.fmean(e.advantages[t0:t1]) if t1 > t0 else None,
+            "whitened": [statistics.fmean(w[t0:t1]) if t1 > t0 else None for w in e.whitened],
+        }
+        if e.values is not None:  # vine: the MC values of the states around the step, and its A_k
+            full = vine.full_values(e.values, e.reward, len(ends))
+            step.update(v_before=full[k], v_after=full[k + 1])
+            step["advantage"] = vine.step_advantages(e.values, e.reward, len(ends))[k]
+        if e.old_values is not None:  # critic: V_old(s_t) before each token t of the step
+            step["v_old"] = e.old_values[p - 1 + t0 : p - 1 + t1].tolist()
+        steps.append(step)
+    record = {"answer": text, "response_ids": ids, "steps": steps}
+    if args.advantage in ("grpo", "rloo"):
+        record["advantage"] = e.advantages[0] if e.advantages else 0.0
+    return record
+
+
 def format_log(log: dict) -> str:
     """One readable line per iteration (STYLE.md Logging); the README explains each metric."""
     return " | ".join([f"it {log['iteration']}"] + [f"{k} {v:.4g}" for k, v in log.items() if k != "iteration"])
@@ -849,7 +936,7 @@ AT_LEAST = {
     "max_prompt_length": (1, ""), "num_epochs": (1, ""), "minibatch_size": (1, ""), "micro_batch_size": (1, ""),
     "sft_steps": (0, ""), "sft_batch_size": (1, ""), "eval_every": (0, " (0: never)"),
     "eval_problems": (0, " (0: all)"), "eval_samples": (1, ""), "value_diagnostic": (0, " (0: off)"),
-    "diagnostic_rollouts": (1, ""), "save_every": (0, ""), "stop_after": (0, " (0: run on)"),
+    "diagnostic_rollouts": (1, ""), "log_samples": (0, " (0: off)"), "save_every": (0, ""), "stop_after": (0, " (0: run on)"),
     "max_batch_tokens": (1, ""), "threads": (0, " (0: torch's default)"),
 }
 
@@ -908,7 +995,7 @@ def check_args(a: Args) -> list[str]:
 # so which policy best/ keeps), not the training; the diagnostic draws from its own stream. Every other option,
 # --max-batch-tokens included (it changes how the draws are chunked), must be the saved run's.
 RESUME_MAY_DIFFER = {"resume", "stop_after", "device", "threads", "wandb", "eval_problems", "run_dir"}
-RESUME_MAY_DIFFER |= {"value_diagnostic", "diagnostic_rollouts"}
+RESUME_MAY_DIFFER |= {"value_diagnostic", "diagnostic_rollouts", "log_samples"}
 
 
 def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:

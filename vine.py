@@ -8,6 +8,7 @@ PAPER_NOTES.md §1.2, §1.3, §2 and §7 (pitfalls 1-5, 10, 12). For every sampl
     answer_steps       both, for a batch of sampled answers
     estimate_values    V(s_k) = mean 0/1 reward of K continuations from s_k     §1.2
     step_advantages    A_i = r_i + V(s_{i+1}) - V(s_i), gamma 1, V(terminal) 0  §1.3
+    full_values        V(s_0) .. V(s_n) of every step boundary, past the cap too   §1.3
     token_advantages   every token of step i carries A_i                        §7.5
     value_errors       how close values are to a reference (the value diagnostic) §5.3
 
@@ -392,16 +393,19 @@ def estimate_values(
 def step_advantages(values: list[float], reward: float, num_steps: int) -> list[float]:
     """A_i = r_i + V(s_{i+1}) - V(s_i) for the n = num_steps steps of one answer (gamma = 1, no GAE; §1.3).
 
-    r_i = 0 for i < n - 1 and r_{n-1} = R (the answer's 0/1 reward). values = [V(s_0) .. V(s_m)], m <= n - 1, the MC
-    estimates; V(s_n) = 0 (terminal); the states past the cap are filled backwards, V_i = r_i + V_{i+1} = R, so their
-    steps get A = 0 and the last valued state gets R - V(s_m). Inner steps: V(s_{i+1}) - V(s_i); a one-step answer:
-    R - V(s_0)."""
-    assert 1 <= len(values) <= num_steps, f"need 1 .. {num_steps} values, got {len(values)}"
+    r_i = 0 for i < n - 1 and r_{n-1} = R (the answer's 0/1 reward); V from full_values. Inner steps:
+    V(s_{i+1}) - V(s_i); the last step: R - V(s_{n-1}); a one-step answer: R - V(s_0)."""
     rewards = [0.0] * (num_steps - 1) + [reward]
-    full = list(values) + [0.0] * (num_steps + 1 - len(values))  # full[num_steps] = V(terminal) = 0
-    for i in range(num_steps - 1, len(values) - 1, -1):  # backwards over the states that were not valued
-        full[i] = rewards[i] + full[i + 1]
+    full = full_values(values, reward, num_steps)
     return [rewards[i] + full[i + 1] - full[i] for i in range(num_steps)]
+
+
+def full_values(values: list[float], reward: float, num_steps: int) -> list[float]:
+    """[V(s_0) .. V(s_n)] of an answer with n = num_steps steps: values = [V(s_0) .. V(s_m)], m <= n - 1, are the MC
+    estimates; V(s_n) = 0 (terminal); the states past the cap (--max-value-steps) are filled backwards,
+    V_i = r_i + V_{i+1} = R, so their steps get A = 0 and the last valued state's step gets R - V(s_m) (§1.3)."""
+    assert 1 <= len(values) <= num_steps, f"need 1 .. {num_steps} values, got {len(values)}"
+    return list(values) + [reward] * (num_steps - len(values)) + [0.0]
 
 
 def token_advantages(step_advs: list[float], token_steps: list[int]) -> list[float]:
