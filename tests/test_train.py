@@ -38,30 +38,6 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-@pytest.fixture(scope="session")
-def sft_model(tmp_path_factory) -> Path:
-    """A tiny model after 100 supervised steps: it writes lines and stops with EOS, though its answers are wrong."""
-    run_dir = tmp_path_factory.mktemp("sft")
-    train.main(
-        TINY
-        + [
-            "--model",
-            "tiny",
-            "--num_iterations",
-            "0",
-            "--sft_steps",
-            "100",
-            "--sft_batch_size",
-            "16",
-            "--sft_lr",
-            "3e-3",
-            "--run_dir",
-            str(run_dir),
-        ]
-    )
-    return run_dir / "init"
-
-
 @pytest.fixture
 def parity_reward(monkeypatch):
     """A stand-in grader (1 for answers of even length): with the real one every answer of a model this small

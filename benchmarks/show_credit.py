@@ -1,0 +1,261 @@
+"""Show which steps of an answer got the credit: the samples that train.py logs (--log-samples, run_dir/samples/),
+in the terminal, as one HTML page, or as a picture.
+
+    python benchmarks/show_credit.py runs/arithmetic                      # the terminal: the first logged iteration
+    python benchmarks/show_credit.py runs/arithmetic --iteration 4        # another iteration
+    python benchmarks/show_credit.py runs/h2h/vine_s1 runs/h2h/grpo_s1 --html credit.html   # every iteration, side by side
+    python benchmarks/show_credit.py runs/h2h/vine_s1 runs/h2h/grpo_s1 --png credit.png --answer 0:5
+
+Each step of an answer is coloured by the sign and size of its advantage A before whitening: green for credit, red
+for blame, full colour at |A| >= 1 (GRPO's (R - mean) / std can exceed 1; whitening, which the update applies per
+minibatch, rescales every estimator's advantages alike). Beside each step: A, the V(s) before and after it
+(vine: the MC values), the critic's V_old at its first token (critic), and A after whitening in each epoch.
+
+Runs of one starting model and one RL seed sample the same answers at iteration 0, whatever their --advantage, so
+the page and the picture put each answer's credit under every run side by side (the head-to-head). Later
+iterations differ: each run's policy has moved. The HTML page has no script and loads nothing: the values show on
+hover and in a table under each answer. --png needs matplotlib.
+"""
+
+import argparse
+import html
+import json
+import sys
+from pathlib import Path
+
+NAMES = {"vine": "VinePPO", "critic": "PPO (critic)", "grpo": "GRPO", "rloo": "RLOO"}
+
+
+def load_samples(run_dir: Path) -> dict[int, list[dict]]:
+    """{iteration: its records}, from run_dir/samples/<iteration>.jsonl, with a one-line error when there are none."""
+    folder = run_dir / "samples"
+    files = sorted(folder.glob("*.jsonl"), key=lambda p: int(p.stem)) if folder.is_dir() else []
+    if not files:
+        raise SystemExit(f"error: {folder} holds no samples: train.py writes them with --log-samples N (N > 0)")
+    out = {}
+    for path in files:
+        try:
+            out[int(path.stem)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path} is not JSON lines ({e})") from None
+    return out
+
+
+def step_notes(record: dict, step: dict) -> str:
+    """One line of a step's numbers: A, V before -> after (vine) or V_old (critic), A whitened per epoch."""
+    parts = [f"A {fmt(step['advantage'])}"]
+    if "v_before" in step:
+        parts.append(f"V {step['v_before']:.2f} -> {step['v_after']:.2f}")
+    if step.get("v_old"):
+        parts.append(f"V_old {step['v_old'][0]:.2f}")
+    if any(w is not None for w in step["whitened"]):
+        parts.append("whitened " + " ".join(fmt(w) for w in step["whitened"]))
+    return ", ".join(parts)
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:+.2f}"
+
+
+def header(record: dict, run: str) -> str:
+    verdict = "right" if record["reward"] == 1 else "wrong" if record["finished"] else "unfinished"
+    return (
+        f"{run} | {NAMES.get(record['estimator'], record['estimator'])} | iteration {record['iteration']}, answer "
+        f"{record['answer_index']} | reward {record['reward']:g} ({verdict}), gold {record['gold']}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the terminal
+
+
+def ansi(advantage: float | None) -> str:
+    """A 256-colour ANSI background for an advantage: 5 greens for credit, 5 reds for blame, none near 0."""
+    if advantage is None or abs(advantage) < 0.05:
+        return ""
+    level = min(4, int(abs(advantage) * 5))  # 0..4
+    greens, reds = [22, 28, 34, 40, 46], [52, 88, 124, 160, 196]
+    return f"\033[48;5;{(greens if advantage > 0 else reds)[level]}m\033[97m"
+
+
+def show_in_terminal(records: list[dict], run: str, color: bool) -> None:
+    for record in records:
+        print("=" * 100)
+        print(header(record, run))
+        print("Q: " + record["question"])
+        for k, step in enumerate(record["steps"]):
+            text = step["text"].strip("\n").replace("\n", " / ") or "(empty)"
+            if color and ansi(step["advantage"]):
+                text = ansi(step["advantage"]) + text + "\033[0m"
+            print(f"  {k:>2} {text}")
+            print(f"     {step_notes(record, step)}")
+        if "advantage" in record:
+            print(f"  one advantage for every token: {fmt(record['advantage'])}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the HTML page
+
+CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+h2 { border-bottom: 2px solid #888; margin-top: 2em; }
+.row { display: flex; gap: 1em; align-items: flex-start; margin-bottom: 1.5em; }
+.cell { flex: 1; min-width: 0; border: 1px solid #ccc; border-radius: 6px; padding: 0.6em; }
+.head { font-weight: 600; margin-bottom: 0.3em; }
+.question { color: #555; margin-bottom: 0.5em; }
+.answer { font: 13px/1.6 ui-monospace, monospace; white-space: pre-wrap; word-break: break-all; background: #fafafa;
+  padding: 0.4em; }
+.step { border-radius: 3px; outline: 1px solid #bbb; }
+table { border-collapse: collapse; margin-top: 0.5em; font-size: 12px; width: 100%; }
+td, th { border: 1px solid #ddd; padding: 2px 5px; text-align: right; vertical-align: top; }
+td.text { text-align: left; font-family: ui-monospace, monospace; white-space: pre-wrap; word-break: break-all; }
+td.num { white-space: nowrap; }
+.legend span { padding: 0 0.5em; margin-right: 0.3em; }
+"""
+
+
+def rgba(advantage: float | None) -> str:
+    """A CSS background: green for credit, red for blame, opacity |A| (full at 1)."""
+    if advantage is None:
+        return "transparent"
+    alpha = min(1.0, abs(advantage)) * 0.85
+    return f"rgba(0, 160, 60, {alpha:.2f})" if advantage >= 0 else f"rgba(220, 30, 30, {alpha:.2f})"
+
+
+def answer_cell(record: dict | None, run: str) -> str:
+    if record is None:
+        return f'<div class="cell"><div class="head">{html.escape(run)}</div>no record of this answer</div>'
+    spans, rows = [], []
+    for k, step in enumerate(record["steps"]):
+        notes = html.escape(f"step {k}: {step_notes(record, step)}")
+        spans.append(
+            f'<span class="step" style="background:{rgba(step["advantage"])}" title="{notes}">'
+            f"{html.escape(step['text'])}</span>"
+        )
+        v = f"{step['v_before']:.2f} &rarr; {step['v_after']:.2f}" if "v_before" in step else ""
+        v_old = f"{step['v_old'][0]:.2f}" if step.get("v_old") else ""
+        whitened = " ".join(fmt(w) for w in step["whitened"])
+        rows.append(
+            f'<tr><td>{k}</td><td class="text" style="background:{rgba(step["advantage"])}">'
+            f"{html.escape(step['text'].strip(chr(10)))}</td><td class='num'>{fmt(step['advantage'])}</td>"
+            f"<td class='num'>{whitened}</td><td class='num'>{v}</td><td class='num'>{v_old}</td></tr>"
+        )
+    return (
+        f'<div class="cell"><div class="head">{html.escape(header(record, run))}</div>'
+        f'<div class="question">Q: {html.escape(record["question"])}</div>'
+        f'<div class="answer">{"".join(spans)}</div>'
+        "<table><tr><th>step</th><th>text</th><th>A</th><th>A whitened (per epoch)</th><th>V(s) before &rarr; after"
+        f"</th><th>V_old first token</th></tr>{''.join(rows)}</table></div>"
+    )
+
+
+def write_html(runs: dict[str, dict[int, list[dict]]], iterations: list[int], path: Path) -> None:
+    """One section per iteration, one row per answer, one column per run."""
+    legend = "".join(
+        f'<span style="background:{rgba(a)}">A = {a:+.1f}</span>' for a in (-1.0, -0.5, -0.2, 0.0, 0.2, 0.5, 1.0)
+    )
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>Credit per step</title>',
+        f"<style>{CSS}</style></head><body><h1>Credit per step</h1>",
+        f"<p>Runs: {html.escape(', '.join(runs))}. Each step of an answer is coloured by its advantage before "
+        "whitening (hover a step for its numbers; the table under each answer lists them).</p>",
+        f'<p class="legend">{legend}</p>',
+    ]
+    for iteration in iterations:
+        parts.append(f"<h2>Iteration {iteration}</h2>")
+        by_run = {run: {r["answer_index"]: r for r in samples.get(iteration, [])} for run, samples in runs.items()}
+        for index in sorted({i for records in by_run.values() for i in records}):
+            cells = "".join(answer_cell(records.get(index), run) for run, records in by_run.items())
+            parts.append(f'<div class="row">{cells}</div>')
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the picture
+
+
+def write_png(runs: dict[str, dict[int, list[dict]]], iteration: int, index: int, path: Path) -> None:
+    """One answer under every run, side by side: each step a line on its advantage's colour, its numbers beside."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: --png needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = {}
+    for run, samples in runs.items():
+        match = [r for r in samples.get(iteration, []) if r["answer_index"] == index]
+        if not match:
+            raise SystemExit(f"error: {run} logged no answer {index} at iteration {iteration}")
+        chosen[run] = match[0]
+    lines = max(len(r["steps"]) for r in chosen.values())
+    fig, axes = plt.subplots(1, len(chosen), figsize=(6.2 * len(chosen), 1.1 + 0.42 * lines), squeeze=False)
+    for ax, (run, record) in zip(axes[0], chosen.items()):
+        ax.set_axis_off()
+        ax.set_xlim(0, 1)
+        ax.set_ylim(lines + 0.5, -1.6)
+        verdict = "right" if record["reward"] == 1 else "wrong"
+        name = NAMES.get(record["estimator"], record["estimator"])
+        ax.text(0, -1.2, f"{name}: reward {record['reward']:g} ({verdict}, gold {record['gold']})",
+                fontsize=11, weight="bold")
+        for k, step in enumerate(record["steps"]):
+            text = step["text"].strip("\n").replace("\n", " / ") or "(empty)"
+            ax.text(0, k, text, family="monospace", fontsize=10, va="center",
+                    bbox=dict(boxstyle="round,pad=0.25", fc=rgba_tuple(step["advantage"]), ec="#999"))
+            ax.text(0.62, k, step_label(step), fontsize=9, va="center", color="#333")
+    fig.suptitle(f"Q: {chosen[next(iter(chosen))]['question']}", fontsize=10, x=0.01, ha="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def step_label(step: dict) -> str:
+    label = f"A {fmt(step['advantage'])}"
+    if "v_before" in step:
+        label += f"   V {step['v_before']:.2f} -> {step['v_after']:.2f}"
+    return label
+
+
+def rgba_tuple(advantage: float | None) -> tuple:
+    if advantage is None:
+        return (1, 1, 1, 0)
+    alpha = min(1.0, abs(advantage)) * 0.85
+    return (0, 0.63, 0.24, alpha) if advantage >= 0 else (0.86, 0.12, 0.12, alpha)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="train.py run folders (with samples/)")
+    parser.add_argument("--iteration", type=int, help="the iteration to show (default: the first logged; the HTML "
+                        "page shows every iteration unless this is given)")
+    parser.add_argument("--html", type=Path, help="write the page here")
+    parser.add_argument("--png", type=Path, help="write a picture of one answer (--answer) here")
+    parser.add_argument("--answer", default="0:0", help="ITERATION:ANSWER_INDEX of the --png picture")
+    args = parser.parse_args(argv)
+    runs = {}
+    for run_dir in args.run_dirs:
+        name = run_dir.name if run_dir.name not in runs else str(run_dir)
+        runs[name] = load_samples(run_dir)
+    everything = sorted({i for samples in runs.values() for i in samples})
+    if args.iteration is not None and args.iteration not in everything:
+        raise SystemExit(f"error: no run logged iteration {args.iteration}; logged: {everything}")
+    if args.png:
+        iteration, index = (int(x) for x in args.answer.split(":"))
+        write_png(runs, iteration, index, args.png)
+    if args.html:
+        write_html(runs, everything if args.iteration is None else [args.iteration], args.html)
+        print(f"wrote {args.html}")
+    if not args.png and not args.html:
+        iteration = everything[0] if args.iteration is None else args.iteration
+        for run, samples in runs.items():
+            show_in_terminal(samples.get(iteration, []), run, color=sys.stdout.isatty())
+
+
+if __name__ == "__main__":
+    main()
