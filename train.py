@@ -12,7 +12,8 @@ One iteration (PAPER_NOTES.md §1.1, §8), phase by phase in file order:
     vine_advantages | ppo.critic_advantages | ppo.outcome_advantages  the estimator (--advantage)
     run_value_diagnostic         optional (--value-diagnostic): how good are the values, paper §5.3
     ppo_update                   old_and_ref_logprobs, then epochs x minibatches of minibatch_backward (ppo.ppo_loss)
-    write_log, save_checkpoint   one line per iteration; the plumbing is in checkpoint.py and distributed.py
+    write_log, write_samples     one line per iteration; a few answers with their credit (--log-samples)
+    save_checkpoint              the plumbing is in checkpoint.py and distributed.py
 
 Where this script departs from the paper's code:
 1. Sampling runs in the training process (rollout.py, no vLLM); the MC rollouts share the answers' policy snapshot
@@ -30,7 +31,6 @@ Where this script departs from the paper's code:
 """
 
 import argparse
-import bisect
 import contextlib
 import dataclasses
 import functools
@@ -39,7 +39,6 @@ import math
 import os
 import random
 import signal
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -160,8 +159,11 @@ class Args:
     wandb: bool = option(False, "Also log to Weights & Biases (needs `pip install wandb`).")
     # hardware
     device: str = option(None, "cuda or cpu. Default: cuda when available. Float rounding differs by device.")
-    bf16: bool = option(True, "bf16 autocast on CUDA (float32 master weights); ignored on CPU.")
-    gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass on CUDA.")
+    bf16: bool = option(None, "bf16 autocast of every forward pass (float32 master weights) and a bf16 reference "
+                        "model. Default: on for CUDA, off on CPU, where it runs the same code, slower and coarser.")
+    gradient_checkpointing: bool = option(None, "Recompute the policy's and the critic's activations in the backward "
+                                          "pass: less memory, more time, the same numbers. Default: on for CUDA, "
+                                          "off on CPU.")
     max_batch_tokens: int = option(rollout.DEFAULT_MAX_BATCH_TOKENS, "Cap on rows x (prefix + new tokens) per "
                                    "sampling chunk, if sampling runs short of memory. It changes the random draws "
                                    "(chunks are sampled in turn), so --resume needs the value the run started with.")
@@ -795,7 +797,7 @@ def pick_samples(episodes: list[ppo.Episode], iteration: int, args: Args) -> lis
 def write_samples(tokenizer, problems, rollouts, episodes: list[ppo.Episode], picked, iteration: int, args) -> None:
     """The picked answers (pick_samples) to run_dir/samples/<iteration>.jsonl, one record per line, the file written
     whole (a resumed iteration replaces it), and to wandb as a Table: the question, gold answer, reward, finished,
-    the estimator and credit_record's steps. benchmarks/show_credit.py shows them."""
+    the estimator and vine.credit_record's steps. benchmarks/show_credit.py shows them."""
     if not picked:
         return
     before, after = reward.PROMPT_TEMPLATE.split("{question}")
@@ -807,8 +809,10 @@ def write_samples(tokenizer, problems, rollouts, episodes: list[ppo.Episode], pi
             "iteration": iteration, "answer_index": i, "estimator": args.advantage,
             "question": prompt.removeprefix(before).removesuffix(after),
             "gold": problems[i // args.samples_per_prompt][1], "reward": e.reward, "finished": e.finished,
-            **credit_record(tokenizer, e, rollouts.response_ids[i], args),
+            **vine.credit_record(tokenizer, e, rollouts.response_ids[i], args.dataset),
         })
+        if args.advantage in ("grpo", "rloo"):  # one advantage for the whole answer
+            records[-1]["advantage"] = e.advantages[0] if e.advantages else 0.0
     path = os.path.join(args.run_dir, "samples", f"{iteration}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -820,37 +824,6 @@ def write_samples(tokenizer, problems, rollouts, episodes: list[ppo.Episode], pi
         columns = ["iteration", "estimator", "question", "gold", "answer", "reward", "steps"]
         rows = [[json.dumps(r[c]) if c == "steps" else r[c] for c in columns] for r in records]
         wandb.log({"samples": wandb.Table(columns=columns, data=rows)}, step=iteration)
-
-
-def credit_record(tokenizer, e: ppo.Episode, ids: list[int], args: Args) -> dict:
-    """What one answer's tokens were credited with: its text, token ids and, per step of vine.split_steps, the
-    step's character span and token span [t_k, t_{k+1}), its advantage and that advantage as whitened in each
-    epoch's minibatch (the mean over its tokens: for vine, grpo and rloo each token carries its step's or answer's
-    one value; None for a step that owns no token); for vine V(s_k) before and V(s_{k+1}) after the step
-    (vine.full_values), and for critic V_old before each of its tokens (A_t = R - V_old(s_t)); for grpo and rloo the
-    answer's one advantage."""
-    text = tokenizer.decode(ids, **rollout.DECODE_KWARGS)
-    ends = vine.split_steps(text, args.dataset)
-    owner = vine.token_steps(ids, ends, tokenizer)  # the step of every token
-    p, steps = len(e.prompt_ids), []
-    for k, end in enumerate(ends):
-        start, t0, t1 = ends[k - 1] if k else 0, bisect.bisect_left(owner, k), bisect.bisect_left(owner, k + 1)
-        step = {
-            "text": text[start:end], "chars": [start, end], "tokens": [t0, t1],
-            "advantage": statistics.fmean(e.advantages[t0:t1]) if t1 > t0 else None,
-            "whitened": [statistics.fmean(w[t0:t1]) if t1 > t0 else None for w in e.whitened],
-        }
-        if e.values is not None:  # vine: the MC values of the states around the step, and its A_k
-            full = vine.full_values(e.values, e.reward, len(ends))
-            step.update(v_before=full[k], v_after=full[k + 1])
-            step["advantage"] = vine.step_advantages(e.values, e.reward, len(ends))[k]
-        if e.old_values is not None:  # critic: V_old(s_t) before each token t of the step
-            step["v_old"] = e.old_values[p - 1 + t0 : p - 1 + t1].tolist()
-        steps.append(step)
-    record = {"answer": text, "response_ids": ids, "steps": steps}
-    if args.advantage in ("grpo", "rloo"):
-        record["advantage"] = e.advantages[0] if e.advantages else 0.0
-    return record
 
 
 def format_log(log: dict) -> str:
@@ -922,6 +895,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
             setattr(args, name, values[column])
     args.run_dir = args.run_dir or os.path.join("runs", args.dataset)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = args.device.startswith("cuda")  # the one-GPU recipe's memory settings, which CPU runs can ask for too
+    args.bf16 = cuda if args.bf16 is None else args.bf16
+    args.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
     args.rl_seed = args.seed if args.rl_seed is None else args.rl_seed
     errors = check_args(args)
     if errors:
@@ -936,8 +912,8 @@ AT_LEAST = {
     "max_prompt_length": (1, ""), "num_epochs": (1, ""), "minibatch_size": (1, ""), "micro_batch_size": (1, ""),
     "sft_steps": (0, ""), "sft_batch_size": (1, ""), "eval_every": (0, " (0: never)"),
     "eval_problems": (0, " (0: all)"), "eval_samples": (1, ""), "value_diagnostic": (0, " (0: off)"),
-    "diagnostic_rollouts": (1, ""), "log_samples": (0, " (0: off)"), "save_every": (0, ""), "stop_after": (0, " (0: run on)"),
-    "max_batch_tokens": (1, ""), "threads": (0, " (0: torch's default)"),
+    "diagnostic_rollouts": (1, ""), "log_samples": (0, " (0: off)"), "save_every": (0, ""),
+    "stop_after": (0, " (0: run on)"), "max_batch_tokens": (1, ""), "threads": (0, " (0: torch's default)"),
 }
 
 
@@ -991,11 +967,12 @@ def check_args(a: Args) -> list[str]:
 
 
 # What --resume lets differ from the saved run: options that draw no random number of training and change no
-# setting of it. --device and --threads can change float rounding only; --eval-problems changes what is evaluated (and
-# so which policy best/ keeps), not the training; the diagnostic draws from its own stream. Every other option,
+# setting of it. --device and --threads can change float rounding only, --gradient-checkpointing recomputes the same
+# numbers; --eval-problems changes what is evaluated (and so which policy best/ keeps), not the training; the
+# diagnostic and the logged samples draw from their own streams. Every other option,
 # --max-batch-tokens included (it changes how the draws are chunked), must be the saved run's.
 RESUME_MAY_DIFFER = {"resume", "stop_after", "device", "threads", "wandb", "eval_problems", "run_dir"}
-RESUME_MAY_DIFFER |= {"value_diagnostic", "diagnostic_rollouts", "log_samples"}
+RESUME_MAY_DIFFER |= {"value_diagnostic", "diagnostic_rollouts", "log_samples", "gradient_checkpointing"}
 
 
 def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
@@ -1031,7 +1008,7 @@ def check_prompts_fit(train_problems: list[dict], tokenizer, args: Args) -> None
 # The options that make run_dir/init (a tiny model and its SFT): init_args.json records them, and a later run that
 # would reuse init/ with other values is refused (checkpoint.check_init_record).
 INIT_OPTIONS = ("dataset", "model", "data_dir", "seed", "max_length", "sft_steps", "sft_lr", "sft_batch_size")
-INIT_OPTIONS += ("sft_answer_only", "sft_slip", "max_grad_norm")
+INIT_OPTIONS += ("sft_answer_only", "sft_slip", "max_grad_norm", "bf16")  # --bf16: the SFT runs under autocast
 
 
 def start_model(args: Args) -> str:
@@ -1064,21 +1041,22 @@ def load_models(args: Args, train_problems: list[dict]):
     distributed.barrier()  # several ranks: the others wait until rank 0 has made init/
     resume_from = os.path.join(args.run_dir, "checkpoint")
     policy, tokenizer = checkpoint.load_model(resume_from if args.resume else start, args.device)
-    if args.device.startswith("cuda") and args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+    if args.gradient_checkpointing:  # active in train mode only (ppo_update), where the KV cache is off
+        policy.activation_checkpointing_enable()
     reference = None
     if args.kl_coef > 0:
         reference, _ = checkpoint.load_model(start, args.device)
         reference.eval().requires_grad_(False)
-        if args.device.startswith("cuda") and args.bf16:
+        if args.bf16:  # it only scores tokens under autocast: bf16 weights halve its memory
             reference.to(torch.bfloat16)
     return policy, reference, tokenizer
 
 
 def autocast(args: Args):
-    """bf16 autocast on CUDA when asked (DESIGN.md: CUDA optional, same code path); nothing on CPU."""
-    if args.device.startswith("cuda") and args.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on the policy's device type with --bf16 (DESIGN.md: CUDA optional, one code path), else
+    nothing: float32."""
+    if args.bf16:
+        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -1134,8 +1112,8 @@ def load_critic(args: Args) -> Critic | None:
         return None
     body, _ = checkpoint.load_model(start_model(args), args.device)
     model = ppo.ValueModel(body, generator=torch.Generator().manual_seed(args.rl_seed))
-    if args.device.startswith("cuda") and args.gradient_checkpointing:
-        model.body.gradient_checkpointing_enable()
+    if args.gradient_checkpointing:
+        model.body.activation_checkpointing_enable()
     return Critic(model, *make_optimizer(model, args))
 
 

@@ -7,9 +7,9 @@
 What runs: a random-initialised model with RhoMath-1.1B's architecture (memory_plan.tinyllama_config: TinyLlama-1.1B,
 22 layers, hidden 2048, 4 KV heads, vocabulary 32000; nothing is downloaded) is saved to a temporary folder and
 loaded by train.load_models, so the policy (float32, gradient checkpointing on CUDA) and the bf16 reference are set
-up exactly as for training. Then train.py's own functions run one iteration (PAPER_NOTES.md §1.1) with the Args that
-train.parse_args gives for --dataset gsm8k (64 prompts x 8 answers, K = 9, micro-batch 8, max_new_tokens 1024,
-bf16 autocast; options below scale them down):
+up exactly as for training (--small: train.py's CPU defaults, float32 and no checkpointing). Then train.py's own
+functions run one iteration (PAPER_NOTES.md §1.1) with the Args that train.parse_args gives for --dataset gsm8k
+(64 prompts x 8 answers, K = 9, micro-batch 8, max_new_tokens 1024, bf16 autocast; options below scale them down):
     sample answers      train.sample_and_grade (rollout.sample), then train.make_episodes
     HF generate         model.generate on the same prompts and settings, for comparison (not part of an iteration)
     MC values           train.vine_advantages (vine.estimate_values: K rollouts from every step state)
@@ -327,7 +327,6 @@ def main(argv: list[str] | None = None) -> dict:
             print_worst_case(config, args)
         policy, reference, tokenizer = train.load_models(args, [])
         results = run_iteration(policy, reference, tokenizer, args, cli)
-    bf16 = cuda and args.bf16  # train.py's autocast and bf16 reference are CUDA only
     plan = memory_plan.memory_plan(
         config,
         gpu_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else 0,
@@ -335,9 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
         seq_len=results["longest_episode"],
         max_batch_tokens=args.max_batch_tokens,
         max_new_tokens=args.max_new_tokens,
-        gradient_checkpointing=cuda and args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing,
         reference=args.kl_coef > 0,
-        bf16=bf16,
+        bf16=args.bf16,
         num_samples=min(args.samples_per_prompt, args.num_mc_rollouts),
     )
     results["plan"] = plan
@@ -379,9 +378,8 @@ def print_report(results: dict, config, args) -> None:
     print(
         f"sizes: {args.prompts_per_iteration} prompts x {args.samples_per_prompt} answers, K = {args.num_mc_rollouts}, "
         f"max_new_tokens {args.max_new_tokens}, micro-batch {args.micro_batch_size}, minibatch {args.minibatch_size}, "
-        f"{args.num_epochs} epochs, max_batch_tokens {args.max_batch_tokens}, bf16 autocast "
-        f"{args.bf16 and args.device.startswith('cuda')}, gradient checkpointing "
-        f"{args.gradient_checkpointing and args.device.startswith('cuda')}\n"
+        f"{args.num_epochs} epochs, max_batch_tokens {args.max_batch_tokens}, bf16 autocast {args.bf16}, gradient "
+        f"checkpointing {args.gradient_checkpointing}\n"
     )
     print(format_rows(rows, planned_peaks(plan), unit))
     if "HF generate" in rows:

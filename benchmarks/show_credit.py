@@ -3,13 +3,14 @@ in the terminal, as one HTML page, or as a picture.
 
     python benchmarks/show_credit.py runs/arithmetic                      # the terminal: the first logged iteration
     python benchmarks/show_credit.py runs/arithmetic --iteration 4        # another iteration
-    python benchmarks/show_credit.py runs/h2h/vine_s1 runs/h2h/grpo_s1 --html credit.html   # every iteration, side by side
+    python benchmarks/show_credit.py runs/h2h/vine_s1 runs/h2h/grpo_s1 --html credit.html   # runs side by side
     python benchmarks/show_credit.py runs/h2h/vine_s1 runs/h2h/grpo_s1 --png credit.png --answer 0:5
 
 Each step of an answer is coloured by the sign and size of its advantage A before whitening: green for credit, red
 for blame, full colour at |A| >= 1 (GRPO's (R - mean) / std can exceed 1; whitening, which the update applies per
 minibatch, rescales every estimator's advantages alike). Beside each step: A, the V(s) before and after it
-(vine: the MC values), the critic's V_old at its first token (critic), and A after whitening in each epoch.
+(vine: the MC values; after the last step the reward R, as V(terminal) = 0 and A = R - V), the critic's V_old at
+its first token (critic), and A after whitening in each epoch.
 
 Runs of one starting model and one RL seed sample the same answers at iteration 0, whatever their --advantage, so
 the page and the picture put each answer's credit under every run side by side (the head-to-head). Later
@@ -24,6 +25,12 @@ import sys
 from pathlib import Path
 
 NAMES = {"vine": "VinePPO", "critic": "PPO (critic)", "grpo": "GRPO", "rloo": "RLOO"}
+CREDIT = {  # how each estimator credits the tokens of an answer (the picture's subtitles)
+    "vine": "each step's A = V(s) after - V(s) before, from MC rollouts",
+    "critic": "A_t = R - V_old(s_t) per token (shown: each step's mean)",
+    "grpo": "one A = (R - mean) / std of the group, on every token",
+    "rloo": "one A = R - mean of the other answers, on every token",
+}
 
 
 def load_samples(run_dir: Path) -> dict[int, list[dict]]:
@@ -41,11 +48,19 @@ def load_samples(run_dir: Path) -> dict[int, list[dict]]:
     return out
 
 
+def values(record: dict, step: dict, arrow: str = "->") -> str:
+    """vine's V(s) before -> after a step; after the last one, the reward (A = R - V(s_{n-1}), V(terminal) = 0)."""
+    if "v_before" not in step:
+        return ""
+    after = f"R {record['reward']:g}" if step is record["steps"][-1] else f"{step['v_after']:.2f}"
+    return f"V {step['v_before']:.2f} {arrow} {after}"
+
+
 def step_notes(record: dict, step: dict) -> str:
     """One line of a step's numbers: A, V before -> after (vine) or V_old (critic), A whitened per epoch."""
     parts = [f"A {fmt(step['advantage'])}"]
     if "v_before" in step:
-        parts.append(f"V {step['v_before']:.2f} -> {step['v_after']:.2f}")
+        parts.append(values(record, step))
     if step.get("v_old"):
         parts.append(f"V_old {step['v_old'][0]:.2f}")
     if any(w is not None for w in step["whitened"]):
@@ -100,15 +115,15 @@ CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 h2 { border-bottom: 2px solid #888; margin-top: 2em; }
 .row { display: flex; gap: 1em; align-items: flex-start; margin-bottom: 1.5em; }
-.cell { flex: 1; min-width: 0; border: 1px solid #ccc; border-radius: 6px; padding: 0.6em; }
+.cell { flex: 1; min-width: 0; overflow-x: auto; border: 1px solid #ccc; border-radius: 6px; padding: 0.6em; }
 .head { font-weight: 600; margin-bottom: 0.3em; }
 .question { color: #555; margin-bottom: 0.5em; }
-.answer { font: 13px/1.6 ui-monospace, monospace; white-space: pre-wrap; word-break: break-all; background: #fafafa;
+.answer { font: 13px/1.6 ui-monospace, monospace; white-space: pre-wrap; overflow-wrap: anywhere; background: #fafafa;
   padding: 0.4em; }
 .step { border-radius: 3px; outline: 1px solid #bbb; }
 table { border-collapse: collapse; margin-top: 0.5em; font-size: 12px; width: 100%; }
 td, th { border: 1px solid #ddd; padding: 2px 5px; text-align: right; vertical-align: top; }
-td.text { text-align: left; font-family: ui-monospace, monospace; white-space: pre-wrap; word-break: break-all; }
+td.text { text-align: left; font-family: ui-monospace, monospace; white-space: pre-wrap; min-width: 9em; }
 td.num { white-space: nowrap; }
 .legend span { padding: 0 0.5em; margin-right: 0.3em; }
 """
@@ -128,11 +143,13 @@ def answer_cell(record: dict | None, run: str) -> str:
     spans, rows = [], []
     for k, step in enumerate(record["steps"]):
         notes = html.escape(f"step {k}: {step_notes(record, step)}")
+        body = step["text"].lstrip("\n")  # a step's leading newline goes outside its span (the first one's: away)
+        newlines = "\n" * (len(step["text"]) - len(body)) if k else ""
         spans.append(
-            f'<span class="step" style="background:{rgba(step["advantage"])}" title="{notes}">'
-            f"{html.escape(step['text'])}</span>"
+            f'{newlines}<span class="step" style="background:{rgba(step["advantage"])}" title="{notes}">'
+            f"{html.escape(body)}</span>"
         )
-        v = f"{step['v_before']:.2f} &rarr; {step['v_after']:.2f}" if "v_before" in step else ""
+        v = values(record, step, "&rarr;").removeprefix("V ")
         v_old = f"{step['v_old'][0]:.2f}" if step.get("v_old") else ""
         whitened = " ".join(fmt(w) for w in step["whitened"])
         rows.append(
@@ -144,8 +161,8 @@ def answer_cell(record: dict | None, run: str) -> str:
         f'<div class="cell"><div class="head">{html.escape(header(record, run))}</div>'
         f'<div class="question">Q: {html.escape(record["question"])}</div>'
         f'<div class="answer">{"".join(spans)}</div>'
-        "<table><tr><th>step</th><th>text</th><th>A</th><th>A whitened (per epoch)</th><th>V(s) before &rarr; after"
-        f"</th><th>V_old first token</th></tr>{''.join(rows)}</table></div>"
+        "<table><tr><th>step</th><th>text</th><th>A</th><th>whitened, per epoch</th><th>V(s) before &rarr; after"
+        f"</th><th>V_old, first token</th></tr>{''.join(rows)}</table></div>"
     )
 
 
@@ -192,31 +209,27 @@ def write_png(runs: dict[str, dict[int, list[dict]]], iteration: int, index: int
             raise SystemExit(f"error: {run} logged no answer {index} at iteration {iteration}")
         chosen[run] = match[0]
     lines = max(len(r["steps"]) for r in chosen.values())
-    fig, axes = plt.subplots(1, len(chosen), figsize=(6.2 * len(chosen), 1.1 + 0.42 * lines), squeeze=False)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(6.2 * len(chosen), 1.5 + 0.42 * lines), squeeze=False)
     for ax, (run, record) in zip(axes[0], chosen.items()):
         ax.set_axis_off()
         ax.set_xlim(0, 1)
-        ax.set_ylim(lines + 0.5, -1.6)
+        ax.set_ylim(lines + 0.2, -2.2)
         verdict = "right" if record["reward"] == 1 else "wrong"
         name = NAMES.get(record["estimator"], record["estimator"])
-        ax.text(0, -1.2, f"{name}: reward {record['reward']:g} ({verdict}, gold {record['gold']})",
+        ax.text(0, -1.7, f"{name}: reward {record['reward']:g} ({verdict}, gold {record['gold']})",
                 fontsize=11, weight="bold")
+        ax.text(0, -1.0, CREDIT.get(record["estimator"], ""), fontsize=9, color="#444")
         for k, step in enumerate(record["steps"]):
             text = step["text"].strip("\n").replace("\n", " / ") or "(empty)"
             ax.text(0, k, text, family="monospace", fontsize=10, va="center",
                     bbox=dict(boxstyle="round,pad=0.25", fc=rgba_tuple(step["advantage"]), ec="#999"))
-            ax.text(0.62, k, step_label(step), fontsize=9, va="center", color="#333")
-    fig.suptitle(f"Q: {chosen[next(iter(chosen))]['question']}", fontsize=10, x=0.01, ha="left")
+            ax.text(0.62, k, f"A {fmt(step['advantage'])}   {values(record, step)}", fontsize=9, va="center")
+    question = chosen[next(iter(chosen))]["question"]
+    fig.suptitle(f"Q: {question}   (colour: A before whitening; red blames, green credits)", fontsize=10, x=0.01,
+                 ha="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
-
-
-def step_label(step: dict) -> str:
-    label = f"A {fmt(step['advantage'])}"
-    if "v_before" in step:
-        label += f"   V {step['v_before']:.2f} -> {step['v_after']:.2f}"
-    return label
 
 
 def rgba_tuple(advantage: float | None) -> tuple:
@@ -230,7 +243,7 @@ def rgba_tuple(advantage: float | None) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, help="train.py run folders (with samples/)")
     parser.add_argument("--iteration", type=int, help="the iteration to show (default: the first logged; the HTML "
                         "page shows every iteration unless this is given)")

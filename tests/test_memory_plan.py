@@ -167,7 +167,7 @@ def test_ppo_micro_batch_and_logprob_peaks_match_torch_memtracker(checkpointing,
     config = tiny_config(vocab_size=1000)
     model = make_model(config)
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     batch, seq_len = 3, 48
     ids, mask = right_padded_batch(batch, seq_len, config.vocab_size)
     weights = sum(p.nbytes for p in model.parameters())  # as many bytes again in gradients once they exist

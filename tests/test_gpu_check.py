@@ -1,0 +1,30 @@
+"""benchmarks/gpu_check.py --small: every check of the GPU check runs on CPU, so the script cannot rot before a GPU
+is lent to run it for real."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+
+
+def test_small_mode_runs_every_check_and_writes_the_table(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    rows = gpu_check.main(["--small", "--out", str(tmp_path / "check.md")])
+    assert torch.get_num_threads() == threads  # the checks set 1 thread; the script restores the count
+    checks = [r["check"] for r in rows]
+    assert checks[0] == "tests -m cuda"
+    if not torch.cuda.is_available():  # without a GPU every CUDA-marked test skips, and none fails
+        assert "skipped" in rows[0]["result"] and "failed" not in rows[0]["result"], rows[0]
+    phases = [c.removeprefix("bench: ") for c in checks if c.startswith("bench: ")]
+    assert phases == list(gpu_check.bench_gpu.PHASES)
+    assert checks[-2:] == ["train: vine", "train: critic"]
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert all("losses finite True, weights moved True" in r["result"] for r in rows[-2:])
+    table = (tmp_path / "check.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and all(f"| {c} |" in table for c in checks)  # header + a row each
+    assert table.strip() in capsys.readouterr().out
