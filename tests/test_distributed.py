@@ -126,6 +126,10 @@ def test_a_two_process_run_logs_once_per_iteration_saves_and_resumes(tmp_path):
     assert len(json.load(open(run_dir / "evals" / "2.json"))["eval/pass1"]) == 3, "every problem's score, gathered"
     state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["world_size"] == 2 and state["next_iteration"] == 2
+    for iteration in (0, 1):  # --log-samples (4): rank 0's share of the 4 answers, whitened in both epochs
+        records = [json.loads(line) for line in open(run_dir / "samples" / f"{iteration}.jsonl")]
+        assert sorted(r["answer_index"] for r in records) == [0, 1]
+        assert all(len(step["whitened"]) == 2 for r in records for step in r["steps"])
     model, tokenizer = checkpoint.load_model(str(run_dir / "checkpoint"), "cpu")
     assert model(torch.tensor([tokenizer("1 + 2")["input_ids"]])).logits.isfinite().all()
     alone = torchrun(1, *argv, "--resume", cwd=tmp_path)  # one process cannot continue a 2-process run
