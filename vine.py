@@ -455,7 +455,7 @@ def credit_record(tokenizer, episode, response_ids: list[int], dataset: str) -> 
         step = {
             "text": text[start:end], "chars": [start, end], "tokens": [t0, t1],
             "advantage": statistics.fmean(e.advantages[t0:t1]) if t1 > t0 else None,
-            "whitened": [statistics.fmean(w[t0:t1]) if t1 > t0 else None for w in e.whitened],
+            "whitened": [statistics.fmean(w[t0:t1]) if t1 > t0 else None for w in e.whitened or []],
         }
         if e.values is not None:  # vine: the MC values of the states around the step, and its A_k
             step.update(v_before=full[k], v_after=full[k + 1], advantage=advantages[k])

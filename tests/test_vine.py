@@ -224,6 +224,11 @@ def test_step_advantages_cap():
         vine.step_advantages([0.5] * 4, 1.0, 3)
 
 
+def test_full_values_fill_the_states_past_the_cap_with_the_reward_and_end_at_0():
+    assert vine.full_values([0.25, 0.5], 1.0, 4) == [0.25, 0.5, 1.0, 1.0, 0.0]  # s_2, s_3 not valued: R; s_4 terminal
+    assert vine.full_values([0.25, 0.5], 0.0, 2) == [0.25, 0.5, 0.0]
+
+
 def test_token_advantages():
     assert vine.token_advantages([0.5, -0.25], [0, 0, 1, 1, 1]) == [0.5, 0.5, -0.25, -0.25, -0.25]
 
