@@ -5,13 +5,11 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, make_model
-from test_bf16 import BF16_LOGPROB_TOLERANCE, parity
+from conftest import TINY
+from test_bf16 import BF16_LOGPROB_TOLERANCE, logprob_gap, parity
 from transformers import AutoModelForCausalLM
 
-import ppo
 import reward
-import rollout
 import train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -26,20 +24,7 @@ def test_cuda_defaults_turn_on_bf16_and_checkpointing(tmp_path):
 
 
 def test_sampler_and_trainer_logprobs_agree_under_cuda_autocast():
-    worst = 0.0
-    for seed in range(3):
-        model = make_model("llama", 320, seed=seed).cuda()
-        gen = torch.Generator().manual_seed(seed)
-        prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (5, 11)]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = rollout.sample(model, prompts, num_samples=3, max_new_tokens=10, temperature=0.6, top_p=0.9,
-                                 eos_token_id=2, generator=gen)
-            for row, (ids, logprobs) in enumerate(zip(out.response_ids, out.logprobs)):
-                prompt = prompts[row // 3]
-                seq = torch.tensor([prompt + ids], device="cuda")
-                with torch.no_grad():
-                    trainer = ppo.token_logprobs(model, seq, torch.ones_like(seq), 0.6)[0, len(prompt) - 1 :]
-                worst = max(worst, float((logprobs.cuda() - trainer).abs().max()))
+    worst = logprob_gap("llama", "cuda")
     print(f"CUDA bf16: sampler - trainer logprobs, max |difference| {worst:.4f}")
     assert worst <= BF16_LOGPROB_TOLERANCE, worst
 
