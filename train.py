@@ -160,7 +160,8 @@ class Args:
     # hardware
     device: str = option(None, "cuda or cpu. Default: cuda when available. Float rounding differs by device.")
     bf16: bool = option(None, "bf16 autocast of every forward pass (float32 master weights) and a bf16 reference "
-                        "model. Default: on for CUDA, off on CPU, where it runs the same code, slower and coarser.")
+                        "model. Default: on for CUDA (--bf16 false: float32), off on CPU, where it runs the same "
+                        "code, slower.")
     gradient_checkpointing: bool = option(None, "Recompute the policy's and the critic's activations in the backward "
                                           "pass: less memory, more time, the same numbers. Default: on for CUDA, "
                                           "off on CPU.")
