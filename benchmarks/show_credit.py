@@ -72,12 +72,24 @@ def fmt(x) -> str:
     return "-" if x is None else f"{x:+.2f}"
 
 
+def verdict(record: dict) -> str:
+    return "right" if record["reward"] == 1 else "wrong" if record["finished"] else "unfinished"
+
+
 def header(record: dict, run: str) -> str:
-    verdict = "right" if record["reward"] == 1 else "wrong" if record["finished"] else "unfinished"
     return (
         f"{run} | {NAMES.get(record['estimator'], record['estimator'])} | iteration {record['iteration']}, answer "
-        f"{record['answer_index']} | reward {record['reward']:g} ({verdict}), gold {record['gold']}"
+        f"{record['answer_index']} | reward {record['reward']:g} ({verdict(record)}), gold {record['gold']}"
     )
+
+
+def colour(advantage: float | None) -> tuple[int, int, int, float]:
+    """(red, green, blue 0-255, opacity) of an advantage: green for credit, red for blame, opacity |A| (full at 1);
+    transparent for a step without tokens. The page (rgba) and the picture use it."""
+    if advantage is None:
+        return (255, 255, 255, 0.0)
+    alpha = min(1.0, abs(advantage)) * 0.85
+    return (0, 160, 60, alpha) if advantage >= 0 else (220, 30, 30, alpha)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -130,11 +142,9 @@ td.num { white-space: nowrap; }
 
 
 def rgba(advantage: float | None) -> str:
-    """A CSS background: green for credit, red for blame, opacity |A| (full at 1)."""
-    if advantage is None:
-        return "transparent"
-    alpha = min(1.0, abs(advantage)) * 0.85
-    return f"rgba(0, 160, 60, {alpha:.2f})" if advantage >= 0 else f"rgba(220, 30, 30, {alpha:.2f})"
+    """colour() as a CSS background."""
+    red, green, blue, alpha = colour(advantage)
+    return f"rgba({red}, {green}, {blue}, {alpha:.2f})"
 
 
 def answer_cell(record: dict | None, run: str) -> str:
@@ -214,15 +224,15 @@ def write_png(runs: dict[str, dict[int, list[dict]]], iteration: int, index: int
         ax.set_axis_off()
         ax.set_xlim(0, 1)
         ax.set_ylim(lines + 0.2, -2.2)
-        verdict = "right" if record["reward"] == 1 else "wrong"
         name = NAMES.get(record["estimator"], record["estimator"])
-        ax.text(0, -1.7, f"{name}: reward {record['reward']:g} ({verdict}, gold {record['gold']})",
+        ax.text(0, -1.7, f"{name}: reward {record['reward']:g} ({verdict(record)}, gold {record['gold']})",
                 fontsize=11, weight="bold")
         ax.text(0, -1.0, CREDIT.get(record["estimator"], ""), fontsize=9, color="#444")
         for k, step in enumerate(record["steps"]):
             text = step["text"].strip("\n").replace("\n", " / ") or "(empty)"
+            red, green, blue, alpha = colour(step["advantage"])
             ax.text(0, k, text, family="monospace", fontsize=10, va="center",
-                    bbox=dict(boxstyle="round,pad=0.25", fc=rgba_tuple(step["advantage"]), ec="#999"))
+                    bbox=dict(boxstyle="round,pad=0.25", fc=(red / 255, green / 255, blue / 255, alpha), ec="#999"))
             ax.text(0.62, k, f"A {fmt(step['advantage'])}   {values(record, step)}", fontsize=9, va="center")
     question = chosen[next(iter(chosen))]["question"]
     fig.suptitle(f"Q: {question}   (colour: A before whitening; red blames, green credits)", fontsize=10, x=0.01,
@@ -230,13 +240,6 @@ def write_png(runs: dict[str, dict[int, list[dict]]], iteration: int, index: int
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
-
-
-def rgba_tuple(advantage: float | None) -> tuple:
-    if advantage is None:
-        return (1, 1, 1, 0)
-    alpha = min(1.0, abs(advantage)) * 0.85
-    return (0, 0.63, 0.24, alpha) if advantage >= 0 else (0.86, 0.12, 0.12, alpha)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -68,6 +68,12 @@ def data_dir():
     return DATA_DIR
 
 
+def parity(response: str, gold: str, dataset: str) -> float:
+    """A stand-in grader (1 for answers of even length) for reward.grade: with the real one every answer of a tiny
+    model scores 0, every advantage is 0, and an update would not move the parameters at all."""
+    return float(len(response) % 2 == 0)
+
+
 @pytest.fixture(scope="session")
 def sft_model(tmp_path_factory) -> Path:
     """A tiny model after 100 supervised steps: it writes lines and stops with EOS, though its answers are wrong."""

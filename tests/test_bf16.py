@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, make_model
+from conftest import TINY, make_model, parity
 from transformers import AutoModelForCausalLM
 
 import ppo
@@ -27,10 +27,6 @@ BF16_LOGPROB_TOLERANCE = 0.02
 def start(sft_model) -> list[str]:
     """ARGV from the tiny SFT model (conftest.sft_model): it stops with EOS, so the stand-in reward gives signal."""
     return ARGV + ["--model", str(sft_model)]
-
-
-def parity(response: str, gold: str, dataset: str) -> float:
-    return float(len(response) % 2 == 0)  # the stand-in grader of tests/test_train.py
 
 
 def metrics(run_dir) -> list[dict]:

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import TINY
-from test_bf16 import BF16_LOGPROB_TOLERANCE, logprob_gap, parity
+from conftest import TINY, parity
+from test_bf16 import BF16_LOGPROB_TOLERANCE, logprob_gap
 from transformers import AutoModelForCausalLM
 
 import reward

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, parity
 from transformers import AutoModelForCausalLM
 
 import ppo
@@ -27,11 +27,6 @@ ARGV = TINY + ["--num_iterations", "2", "--samples_per_prompt", "4", "--minibatc
 def start(sft_model) -> list[str]:
     """ARGV from the tiny SFT model (conftest.sft_model): it stops with EOS, so the stand-in reward gives signal."""
     return ARGV + ["--model", str(sft_model)]
-
-
-def parity(response: str, gold: str, dataset: str) -> float:
-    """The stand-in grader of tests/test_train.py (a random model's answers all score 0 with the real one)."""
-    return float(len(response) % 2 == 0)
 
 
 def read_samples(run_dir: Path) -> dict[int, list[dict]]:

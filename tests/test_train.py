@@ -20,7 +20,7 @@ import reward
 import rollout
 import train
 import vine
-from conftest import TINY, make_model
+from conftest import TINY, make_model, parity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,9 +40,8 @@ def read_metrics(run_dir) -> list[dict]:
 
 @pytest.fixture
 def parity_reward(monkeypatch):
-    """A stand-in grader (1 for answers of even length): with the real one every answer of a model this small
-    scores 0, every advantage is 0, and the update would not move the parameters at all."""
-    monkeypatch.setattr(reward, "grade", lambda response, gold, dataset: float(len(response) % 2 == 0))
+    """conftest.parity as reward.grade, for this test."""
+    monkeypatch.setattr(reward, "grade", parity)
 
 
 def test_smoke_run_trains_and_saves_a_loadable_checkpoint(tmp_path, sft_model, parity_reward):
