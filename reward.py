@@ -85,25 +85,28 @@ def check_dataset(dataset: str) -> None:
         raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
 
 
-def load_problems(dataset: str, split: str, data_dir: str | Path | None = None) -> list[dict]:
+def load_problems(dataset: str, split: str, data_dir: str | Path | None = None, **difficulty) -> list[dict]:
     """Problems of one split as dicts with "question", "answer" (gold final answer) and "solution".
 
     "solution" is the SFT response of §4.1: "\\n" + worked solution + "\\n" (GSM8K without its <<..>> calculator
     annotations, ending "#### 72\\n"; MATH ending with \\boxed{..}), so grade(solution, answer) == 1.0.
     data_dir: None reads the copies shipped in the repository's data/ folder; a folder path reads a folder of the
     same layout (gsm8k/*.jsonl and math/*.jsonl, plain or .gz), or the data set's own subfolder; "hub" downloads
-    the same files from the Hugging Face hub. The arithmetic data set is generated and ignores data_dir.
+    the same files from the Hugging Face hub. The arithmetic data set is generated and ignores data_dir; difficulty
+    (num_steps, multiply: make_arithmetic_problems' options) sets its problems, and is an error for the others.
     """
     check_dataset(dataset)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if difficulty and dataset != "arithmetic":
+        raise ValueError(f"the {dataset} problems are read, not generated: no options {', '.join(difficulty)}")
     if dataset == "arithmetic":
         num_problems, seed = ARITHMETIC_SPLITS[split]
-        problems = make_arithmetic_problems(num_problems, seed)
+        problems = make_arithmetic_problems(num_problems, seed, **difficulty)
         if split != "train":
             return problems
         # the space of small problems is not that large: keep the held-out questions out of train
-        held_out = {p["question"] for s in ("validation", "test") for p in load_problems(dataset, s)}
+        held_out = {p["question"] for s in ("validation", "test") for p in load_problems(dataset, s, **difficulty)}
         return [p for p in problems if p["question"] not in held_out]
     filename = SOURCE_FILES[dataset]["test" if split == "test" else "train"]
     if data_dir == "hub":
@@ -211,15 +214,19 @@ ARITHMETIC_SUBTRACT = ("uses {n}", "loses {n}", "sells {n}")
 ARITHMETIC_MULTIPLY = {2: "doubles them", 3: "triples them"}
 
 
-def make_arithmetic_problems(num_problems: int, seed: int, *, num_steps: int = 3, max_number: int = 20) -> list[dict]:
+def make_arithmetic_problems(
+    num_problems: int, seed: int, *, num_steps: int = 3, max_number: int = 20, multiply: float = 0.15
+) -> list[dict]:
     """Synthetic multi-step word problems with one line per step and a final "#### N" line (GSM8K format).
 
     "Tom has 12 apples. He buys 7 more, uses 5, doubles them, then sells 3. How many now?"
     -> "\\nTom has 12 apples.\\n12 + 7 = 19\\n19 - 5 = 14\\n14 * 2 = 28\\n28 - 3 = 25\\n#### 25\\n"
-    Each step adds or subtracts a number in [1, max_number] (coin flip), or, with probability 0.15, doubles or
-    triples; every intermediate result stays in [0, 999]. Deterministic for a seed (random.Random(seed)).
+    Each step doubles or triples with probability `multiply` (where the result stays <= 999), else adds or
+    subtracts a number in [1, max_number] (coin flip); every intermediate result stays in [0, 999]. Deterministic
+    for a seed (random.Random(seed)); the defaults are the CPU demo's task.
     """
-    assert num_steps >= 1 and 1 <= max_number <= 999, f"bad difficulty num_steps={num_steps} max_number={max_number}"
+    ok = num_steps >= 1 and 1 <= max_number <= 999 and 0 <= multiply <= 1
+    assert ok, f"bad difficulty num_steps={num_steps} max_number={max_number} multiply={multiply}"
     rng = random.Random(seed)
     problems = []
     for _ in range(num_problems):
@@ -228,7 +235,7 @@ def make_arithmetic_problems(num_problems: int, seed: int, *, num_steps: int = 3
         value = start = rng.randint(1, max_number)
         phrases, lines = [], [f"{name} has {start} {item}."]
         for _ in range(num_steps):
-            if value > 0 and value * 2 <= 999 and rng.random() < 0.15:
+            if value > 0 and value * 2 <= 999 and rng.random() < multiply:
                 n = 2 if value * 3 > 999 else rng.choice((2, 3))
                 op, new_value, phrase = "*", value * n, ARITHMETIC_MULTIPLY[n]
             elif value > 0 and (value == 999 or rng.random() < 0.5):
@@ -270,13 +277,12 @@ def answer_only_solution(answer: str, dataset: str) -> str:
 ARITHMETIC_LINE_RE = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
 
 
-def slipped_solution(solution: str) -> str:
+def slipped_solution(solution: str, each: float | None = None, rng: random.Random | None = None) -> str:
     """An arithmetic solution whose first multiplication is written as an addition of the same number and carried
     through: "\n...\n14 * 2 = 28\n28 - 3 = 25\n#### 25\n" becomes "...\n14 + 2 = 16\n16 - 3 = 13\n#### 13\n".
-
-    train.py --sft-slip mixes these into the supervised warm-up: the model learns to make one systematic slip in one
-    kind of step, which RL has to unlearn while the steps around it stay right (the README's head-to-head).
-    A solution without a multiplication comes back unchanged.
+    With `each`, every multiplication slips instead with that probability, independently (one rng.random() each).
+    train.py --sft-slip (--sft-slip-each) mixes these into SFT: a systematic slip in one kind of step, for RL to
+    unlearn while the steps around it stay right (docs/head_to_head.md, docs/credit_curve.md).
     """
     lines, value, slipped = solution.split("\n"), None, False
     for i, line in enumerate(lines):
@@ -284,7 +290,7 @@ def slipped_solution(solution: str) -> str:
         if match:
             left = int(match[1]) if value is None else value  # the first line starts from the question's number
             op, n = match[2], int(match[3])
-            if op == "*" and not slipped:
+            if op == "*" and (rng.random() < each if each is not None else not slipped):
                 op, slipped = "+", True
             value = left + n if op == "+" else left - n if op == "-" else left * n
             lines[i] = f"{left} {op} {n} = {value}"

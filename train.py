@@ -21,7 +21,8 @@ Where this script departs from the paper's code:
 2. The ratio guard judges the whole minibatch and skips its optimizer step (ppo_update says why); the official code
    zeroes each micro-batch's loss and still steps AdamW. The LR schedule advances either way, as there.
 3. Every sampled answer is an episode; the paper fills or subsamples to exactly 512 when some fail to parse.
-4. --sft-steps and --sft-answer-only (a supervised warm-up; the CPU demo) are ours: the paper starts from SFT models.
+4. --sft-steps, --sft-answer-only, --sft-slip(-each) (a supervised warm-up) and --arithmetic-* are ours, for the
+   CPU demo and benchmarks (docs/head_to_head.md, docs/credit_curve.md): the paper starts from SFT models.
 5. float32 master weights under bf16 autocast on CUDA (the paper: bf16 weights, DeepSpeed's float32 master copy).
 6. The arithmetic defaults (DATASET_DEFAULTS) are ours, sized for a CPU; gsm8k and math use the paper's.
 7. GRPO and RLOO take only their advantages from their papers and keep this loop's token-level whitening, PPO-clip,
@@ -111,6 +112,9 @@ class Args:
                             "states (VinePPO); critic: the paper's PPO (a value model, GAE lambda = 1); grpo: (R - "
                             "mean) / std of the problem's answers; rloo: R - mean R of its other answers.",
                             choices=ADVANTAGES)
+    arithmetic_steps: int = option(3, "Arithmetic only: steps (lines of working) per problem.")
+    arithmetic_multiply: float = option(0.15, "Arithmetic only: chance that a step doubles or triples (where the "
+                                        "result stays <= 999) instead of adding or subtracting.")
     # the VinePPO iteration (PAPER_NOTES §9)
     num_iterations: int = per_dataset("num_iterations", "RL iterations.")
     prompts_per_iteration: int = option(64, "Problems sampled per iteration.")
@@ -142,6 +146,8 @@ class Args:
                                          "answer line (a mixed SFT set).")
     sft_slip: float = option(0.0, "Arithmetic only: fraction of supervised solutions whose first multiplication is "
                              "written as an addition ('14 * 2 = 28' as '14 + 2 = 16') and carried through.")
+    sft_slip_each: float = option(0.0, "Arithmetic only: chance that each multiplication of a supervised solution is "
+                                  "slipped so, independently of the others (--sft-slip slips only the first).")
     # evaluation, logging, checkpoints
     eval_every: int = per_dataset("eval_every", "Evaluate every this many iterations (before the update) and after "
                                   "the last; keep the best policy by validation Pass@1 in run_dir/best (0: never).")
@@ -946,6 +952,14 @@ def check_args(a: Args) -> list[str]:
             0 <= a.sft_slip <= 1 and (not a.sft_slip or a.dataset == "arithmetic"),
             f"--sft-slip is a fraction in [0, 1] for --dataset arithmetic, got {a.sft_slip}",
         ),
+        (0 <= a.sft_slip_each <= 1, f"--sft-slip-each is a probability in [0, 1], got {a.sft_slip_each}"),
+        (not (a.sft_slip and a.sft_slip_each), "give --sft-slip (first multiplication) or --sft-slip-each, not both"),
+        (a.arithmetic_steps >= 1, f"--arithmetic-steps must be >= 1, got {a.arithmetic_steps}"),
+        (0 <= a.arithmetic_multiply <= 1, f"--arithmetic-multiply is a chance in [0, 1], got {a.arithmetic_multiply}"),
+        (
+            a.dataset == "arithmetic" or (a.sft_slip_each, a.arithmetic_steps, a.arithmetic_multiply) == (0, 3, 0.15),
+            "--sft-slip-each, --arithmetic-steps and --arithmetic-multiply are for --dataset arithmetic",
+        ),
         (
             a.advantage not in ("grpo", "rloo") or a.samples_per_prompt >= 2,
             f"--advantage {a.advantage} compares answers to one problem: needs --samples-per-prompt >= 2",
@@ -980,7 +994,9 @@ def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
     """Train, validation and test problems (the last two cut to eval_problems), with a one-line error for a missing
     file, a bad row or an unreachable hub."""
     try:
-        splits = [reward.load_problems(args.dataset, split, args.data_dir) for split in ("train", "validation", "test")]
+        difficulty = {"num_steps": args.arithmetic_steps, "multiply": args.arithmetic_multiply}
+        difficulty = difficulty if args.dataset == "arithmetic" else {}
+        splits = [reward.load_problems(args.dataset, s, args.data_dir, **difficulty) for s in reward.SPLITS]
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     for name, problems in zip(("train", "validation", "test"), splits):
@@ -1010,6 +1026,7 @@ def check_prompts_fit(train_problems: list[dict], tokenizer, args: Args) -> None
 # would reuse init/ with other values is refused (checkpoint.check_init_record).
 INIT_OPTIONS = ("dataset", "model", "data_dir", "seed", "max_length", "sft_steps", "sft_lr", "sft_batch_size")
 INIT_OPTIONS += ("sft_answer_only", "sft_slip", "max_grad_norm", "bf16")  # --bf16: the SFT runs under autocast
+INIT_OPTIONS += ("sft_slip_each", "arithmetic_steps", "arithmetic_multiply")
 
 
 def start_model(args: Args) -> str:
@@ -1066,7 +1083,7 @@ def sft_examples(tokenizer, problems: list[dict], args: Args, rng: random.Random
     bare answer line (reward.answer_only_solution), so that the model learns to answer both with and without working
     and RL has to learn which pays (the CPU demo); or, with probability --sft-slip, the solution with its first
     multiplication slipped into an addition (reward.slipped_solution), a mistake in one kind of step for RL to
-    unlearn (the head-to-head)."""
+    unlearn (the head-to-head); or, with --sft-slip-each, each multiplication slipped with that chance."""
     examples = []
     for p in problems:
         solution = p["solution"]
@@ -1074,6 +1091,8 @@ def sft_examples(tokenizer, problems: list[dict], args: Args, rng: random.Random
             solution = reward.answer_only_solution(p["answer"], args.dataset)
         elif args.sft_slip and rng.random() < args.sft_slip:
             solution = reward.slipped_solution(solution)
+        elif args.sft_slip_each:
+            solution = reward.slipped_solution(solution, args.sft_slip_each, rng)
         response_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         examples.append((encode_prompt(tokenizer, p["question"], args.dataset), response_ids))
     return examples

@@ -16,9 +16,9 @@ and the RL-seed noise. With 3 seeds the seed part is coarse. "start" is the iter
 
 Cost: generated tokens (answers plus MC rollouts) and seconds per iteration by phase, from metrics.jsonl, leaving
 out evaluation and the value diagnostic, which are measurements and not part of any method.
---slip (arithmetic, train.py --sft-slip): re-samples each final policy and the starting model on the test problems
-with a multiplication, and reports how often the first multiplication line is written as an addition, among the
-answers that reach it (cached in OUT/slips/).
+--slip (arithmetic, train.py --sft-slip or --sft-slip-each): re-samples each final policy and the starting model on
+the runs' test problems, and reports how often the first multiplication line is written as an addition, among the
+answers that reach it, and (in brackets) the slipped multiplications per answer (cached in OUT/slips/).
 
 Writes OUT/summary.md, OUT/summary.json, and OUT/curves.png when matplotlib is installed.
 """
@@ -107,35 +107,63 @@ def first_multiplication(solution: str) -> tuple[int, int] | None:
     return None
 
 
-def slip_rate(path: Path, cache: Path, samples: int) -> float:
-    """Share of answers (T = 0.35) to test problems with a multiplication that write its first one as an addition,
-    among the answers that write either."""
-    if cache.is_file():
-        return json.loads(cache.read_text())["slip"]
-    test = [p for p in reward.load_problems("arithmetic", "test") if first_multiplication(p["solution"])]
-    train_args = train.parse_args(["--dataset", "arithmetic", "--device", "cpu"])
+def slips_of(text: str, solution: str) -> tuple[int, int]:
+    """(slips, multiplications reached) of an answer: a line of the answer that stands where the gold solution
+    multiplies by n (same line number) and adds n instead is a slip (reward.slipped_solution); one that multiplies
+    by n is a right decision."""
+    slips = reached = 0
+    answer = text.split("\n")
+    for i, line in enumerate(solution.split("\n")):
+        gold = reward.ARITHMETIC_LINE_RE.fullmatch(line)
+        written = reward.ARITHMETIC_LINE_RE.fullmatch(answer[i]) if gold and i < len(answer) else None
+        if gold and gold[2] == "*" and written and written[3] == gold[3] and written[2] in "*+":
+            reached, slips = reached + 1, slips + (written[2] == "+")
+    return slips, reached
+
+
+def slip_rate(path: Path, cache: Path, samples: int, task: list[str]) -> dict:
+    """How the policy in path slips, from `samples` answers (T = 0.35) to each test problem of the task (train.py
+    options): "slip", the share of answers to problems with a multiplication that write the first one as an
+    addition, among those that write either; "slips_per_answer", the mean number of slipped multiplications per
+    answer over all test problems; "decisions_per_answer", the multiplications reached per answer."""
+    if cache.is_file() and "slips_per_answer" in (cached := json.loads(cache.read_text())):
+        return cached
+    train_args = train.parse_args(["--dataset", "arithmetic", "--device", "cpu", *task])
+    all_test = train.load_data(train_args)[2]
+    test = [p for p in all_test if first_multiplication(p["solution"])]  # the others cannot slip: they add 0
     model, tokenizer = checkpoint.load_model(str(path), "cpu")
     prompts = [train.encode_prompt(tokenizer, p["question"], "arithmetic") for p in test]
+    sampling = train.sampling_settings(train_args, model, tokenizer)
     outs = train.sample_answers(
         model,
         tokenizer,
         prompts,
         num_samples=samples,
-        sampling=dataclasses.replace(
-            train.sampling_settings(train_args, model, tokenizer), temperature=train_args.eval_temperature
-        ),
+        sampling=dataclasses.replace(sampling, temperature=train_args.eval_temperature),
         generator=torch.Generator().manual_seed(12345),
         args=train_args,
     )
-    slips = []
+    first, counts = [], np.zeros(2)
     for i, ids in enumerate(outs.response_ids):
-        a, n = first_multiplication(test[i // samples]["solution"])
-        text = tokenizer.decode(ids, **rollout.DECODE_KWARGS)
+        solution, text = test[i // samples]["solution"], tokenizer.decode(ids, **rollout.DECODE_KWARGS)
+        counts += slips_of(text, solution)
+        a, n = first_multiplication(solution)
         if f"\n{a} + {n} = " in text or f"\n{a} * {n} = " in text:
-            slips.append(f"\n{a} + {n} = " in text)
+            first.append(f"\n{a} + {n} = " in text)
+    result = {"slip": float(np.mean(first)) if first else 0.0, "answers": len(first)}
+    slips, reached = counts / (samples * len(all_test))
+    result |= {"slips_per_answer": float(slips), "decisions_per_answer": float(reached)}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"slip": float(np.mean(slips)), "answers": len(slips)}))
-    return float(np.mean(slips))
+    cache.write_text(json.dumps(result))
+    return result
+
+
+TASK_OPTIONS = ("arithmetic_steps", "arithmetic_multiply", "max_new_tokens", "max_length", "eval_problems")
+
+
+def task_of(run_args: dict) -> list[str]:
+    """The train.py options of a run that set its test problems and how they are sampled."""
+    return [x for k in TASK_OPTIONS if k in run_args for x in (f"--{k.replace('_', '-')}", str(run_args[k]))]
 
 
 def curves(runs_by_arm: dict, out: Path) -> None:
@@ -225,13 +253,16 @@ def main() -> None:
         lines.append("")
     lines += [
         "| arm | tokens generated / iteration | seconds / iteration (sample + values + update) | MC value MAE "
-        "| critic MAE | MC rank acc. | critic rank acc. |" + (" slip rate, final |" if args.slip else ""),
+        "| critic MAE | MC rank acc. | critic rank acc. |" + (" slip rate (per answer), final |" if args.slip else ""),
         "|---|---|---|---|---|---|---|" + ("---|" if args.slip else ""),
     ]
     if args.slip:
-        start_path = Path(all_runs[0]["args"]["model"])
-        summary["start_slip"] = slip_rate(start_path, args.out / "slips" / "start.json", args.samples)
-        lines.insert(1, f"start model slip rate: {summary['start_slip']:.3f}")
+        task = task_of(all_runs[0]["args"])
+        start_path, start_cache = Path(all_runs[0]["args"]["model"]), args.out / "slips" / "start.json"
+        start_slips = slip_rate(start_path, start_cache, args.samples, task)
+        summary["start_slip"], summary["start_slips"] = start_slips["slip"], start_slips
+        lines.insert(1, f"start model: first-multiplication slip rate {start_slips['slip']:.3f}, slips per answer "
+                     f"{start_slips['slips_per_answer']:.2f} of {start_slips['decisions_per_answer']:.2f} reached")
     for arm, runs in runs_by_arm.items():
         costs = [cost(run["rows"]) for run in runs]
         c = {k: float(np.mean([x[k] for x in costs])) for k in costs[0]}
@@ -241,12 +272,11 @@ def main() -> None:
         seconds = f"{c['s_iteration']:.1f} ({c['s_sample']:.1f} + {c['s_values']:.1f} + {c['s_train']:.1f})"
         row = f"| {arm} | {c['tokens']:.0f} | {seconds} | " + " | ".join(diag) + " |"
         if args.slip:
-            slips = [
-                slip_rate(run["path"] / "checkpoint", args.out / "slips" / f"{run['path'].name}.json", args.samples)
-                for run in runs
-            ]
-            summary["arms"][arm]["slip"] = slips
-            row += " " + " / ".join(f"{s:.3f}" for s in slips) + " |"
+            caches = [args.out / "slips" / f"{run['path'].name}.json" for run in runs]
+            slips = [slip_rate(run["path"] / "checkpoint", c, args.samples, task) for run, c in zip(runs, caches)]
+            summary["arms"][arm]["slip"] = [x["slip"] for x in slips]
+            summary["arms"][arm]["slips_per_answer"] = [x["slips_per_answer"] for x in slips]
+            row += " " + " / ".join(f"{x['slip']:.3f} ({x['slips_per_answer']:.2f})" for x in slips) + " |"
         lines.append(row)
     text = "\n".join(lines)
     print(text)
