@@ -265,7 +265,8 @@ def main() -> None:
                      f"{start_slips['slips_per_answer']:.2f} of {start_slips['decisions_per_answer']:.2f} reached")
     for arm, runs in runs_by_arm.items():
         costs = [cost(run["rows"]) for run in runs]
-        c = {k: float(np.mean([x[k] for x in costs])) for k in costs[0]}
+        keys = {k: None for x in costs for k in x}  # the diagnostic may have run on some seeds only
+        c = {k: float(np.mean([x[k] for x in costs if k in x])) for k in keys}
         summary["arms"][arm]["cost"] = c
         diag = [f"{c[k]:.3f}" if k in c else "" for k in ("diag/mc_mae", "diag/critic_mae")]
         diag += [f"{c[k]:.2f}" if k in c else "" for k in ("diag/mc_rank_acc", "diag/critic_rank_acc")]

@@ -103,6 +103,18 @@ def table(results: dict, early: int, last: int, reach: float) -> str:
     return "\n".join(lines)
 
 
+def diagnostic_table(results: dict) -> str:
+    """The value diagnostic (train.py --value-diagnostic, paper §5.3) of the runs that had it, per D."""
+    lines = ["| D | arm | MC value MAE (K rollouts vs the reference) | critic MAE | MC rank acc. | critic rank acc. |",
+             "|---|---|---|---|---|---|"]
+    keys = ("diag/mc_mae", "diag/critic_mae", "diag/mc_rank_acc", "diag/critic_rank_acc")
+    for d, s in sorted(results.items()):
+        for arm in [a for a in ORDER if a in s["arms"] and "diag/mc_mae" in s["arms"][a]["cost"]]:
+            cost = s["arms"][arm]["cost"]
+            lines.append(f"| {d} | `{arm}` | " + " | ".join(f"{cost[k]:.3f}" if k in cost else "" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def figure(results: dict, early: int, last: int, out: Path) -> None:
     try:
         import matplotlib
@@ -145,7 +157,7 @@ def main() -> None:
                                     for e in s["arms"].values()))
     if args.early not in iterations:
         raise SystemExit(f"error: not every arm was compared at iteration {args.early}; all at {sorted(iterations)}")
-    text = table(results, args.early, max(iterations), args.reach)
+    text = table(results, args.early, max(iterations), args.reach) + "\n\n" + diagnostic_table(results)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "credit_curve.md").write_text(text + "\n")

@@ -59,6 +59,10 @@ def test_summary_of_two_arms(tmp_path):
     for seed in (1, 2):
         write_run(tmp_path / f"vine_s{seed}", start, [1.0] * 30 + [0.5] * 10, seconds=4.0, mc_tokens=300)
         write_run(tmp_path / f"grpo_s{seed}", start, [1.0] * 10 + [0.5] * 30, seconds=0.0, mc_tokens=0)
+    metrics = tmp_path / "vine_s1" / "metrics.jsonl"  # the value diagnostic ran on one seed only
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [{**r, "diag/mc_mae": 0.1} if "time/train" in r else r for r in rows]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "report"
     result = subprocess.run(
         [
@@ -83,6 +87,7 @@ def test_summary_of_two_arms(tmp_path):
     assert diff == pytest.approx(-0.25) and low <= -0.25 <= high and high < 0
     assert vine["cost"]["tokens"] == 400 and grpo["cost"]["tokens"] == 100  # answers + MC tokens per iteration
     assert vine["cost"]["s_iteration"] == 7.0 and grpo["cost"]["s_iteration"] == 3.0  # evaluation left out
+    assert vine["cost"]["diag/mc_mae"] == pytest.approx(0.1) and "diag/mc_mae" not in grpo["cost"]
     assert "| grpo - vine | -25.0" in result.stdout
 
 

@@ -26,8 +26,9 @@ def summary(vine: list[float], grpo: list[float], vine_tokens: float, grpo_token
         entry["cost"] = {"tokens": tokens, "s_iteration": 1.0}
         return entry
 
-    return {"start_pass1": 0.2, "start_slips": {"slips_per_answer": 1.0, "decisions_per_answer": 2.0},
-            "arms": {"grpo": arm(grpo, grpo_tokens, vine), "vine": arm(vine, vine_tokens, None)}}
+    arms = {"grpo": arm(grpo, grpo_tokens, vine), "vine": arm(vine, vine_tokens, None)}
+    arms["vine"]["cost"]["diag/mc_mae"] = 0.05  # the value diagnostic ran on vine only
+    return {"start_pass1": 0.2, "start_slips": {"slips_per_answer": 1.0, "decisions_per_answer": 2.0}, "arms": arms}
 
 
 def test_tokens_to_reach_and_the_gap_at_equal_tokens_by_hand():
@@ -59,3 +60,4 @@ def test_the_table_from_summaries(tmp_path):
     assert "| 4: 1.00 of 2.00, start 20.0% |" in text
     # tokens to reach 50%: d1's grpo passes 0.5 between 0 (0.2) and 100 tokens (0.6): 75; d4's between 100 and 200
     assert "| 75 |" in rows[0] and "| 200 |" in rows[1]
+    assert "| 4 | `vine` | 0.050 |  |  |  |" in text and "| 4 | `grpo` |" not in text  # the diagnostic's table
