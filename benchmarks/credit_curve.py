@@ -9,8 +9,9 @@ starting model (compare_runs.py --slip) say what D is in fact. benchmarks/credit
 this; docs/credit_curve.md reads its output. Writes OUT/credit_curve.md (the table) and, with matplotlib,
 OUT/credit_curve.png (the figure).
 
-"Tokens to reach" a test Pass@1 (--reach) interpolates the mean-over-seeds curve linearly between evaluations,
-against the generated tokens (answers + MC rollouts) of the iterations before it; "-" when it is not reached.
+"Tokens to gain" --gain over the start's test Pass@1 (a fixed accuracy per D: the starts differ) interpolates the
+mean-over-seeds curve linearly between evaluations, against the generated tokens (answers + MC rollouts) of the
+iterations before it; "-" when it is not reached.
 "At vine's tokens" is each arm's mean Pass@1 interpolated at the tokens VinePPO spent by --early iterations (an
 arm that spent fewer tokens by its last evaluation is read at its last), minus VinePPO's: a gap per generated token.
 """
@@ -30,7 +31,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("summaries", nargs="+", type=Path, help="compare_runs.py summary.json files, one per D")
     parser.add_argument("--out", type=Path, required=True, help="folder for credit_curve.md and credit_curve.png")
     parser.add_argument("--early", type=int, default=2, help="the 'after a few iterations' column (default: 2)")
-    parser.add_argument("--reach", type=float, default=0.8, help="test Pass@1 for 'tokens to reach' (default: 0.8)")
+    parser.add_argument("--gain", type=float, default=0.15, help="'tokens to gain': test Pass@1 points over the start, "
+                        "as a fraction (default: 0.15)")
     return parser.parse_args()
 
 
@@ -72,11 +74,12 @@ def diff(summary: dict, arm: str, iteration: int) -> list[float]:
     return [100 * x for x in summary["arms"][arm][str(iteration)]["minus vine"]]
 
 
-def table(results: dict, early: int, last: int, reach: float) -> str:
+def table(results: dict, early: int, last: int, gain: float) -> str:
     lines = [
         f"| D: start slips per answer (of multiplications) | arm | test Pass@1 after {early} | after {last} | "
-        f"minus vine after {early}, points (95% CI) | after {last} | at vine's tokens of {early} iterations | "
-        f"tokens / iteration | seconds / iteration | tokens to reach {reach:.0%} | slips per answer after {last} |",
+        f"minus vine after {early}, points (95% CI) | after {last} | at vine's tokens of iteration {early} | "
+        f"tokens / iteration | seconds / iteration | tokens to gain {100 * gain:.0f} points | "
+        f"slips per answer after {last} |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d, s in sorted(results.items()):
@@ -90,7 +93,7 @@ def table(results: dict, early: int, last: int, reach: float) -> str:
                 "{:+.1f} [{:+.1f}, {:+.1f}]".format(*diff(s, arm, last)),
                 f"{per_token_gap(s, arm, early):+.1f}",
             ]
-            reached = tokens_to_reach(*curve(s, arm), reach)
+            reached = tokens_to_reach(*curve(s, arm), s["start_pass1"] + gain)
             slip = " / ".join(f"{x:.2f}" for x in e.get("slips_per_answer", []))
             lines.append(
                 f"| {head} | `{arm}` | {100 * e[str(early)]['pass1']:.1f}% | {100 * e[str(last)]['pass1']:.1f}% | "
@@ -125,10 +128,10 @@ def figure(results: dict, early: int, last: int, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     ds = sorted(results)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = ((early, f"after iteration {early}"), (last, f"after iteration {last}"), (None, ""))
     for ax, (iteration, title) in zip(axes, panels):
-        for k, arm in enumerate(a for a in ORDER[1:] if any(a in results[d]["arms"] for d in ds)):
+        for k, arm in enumerate(a for a in ORDER[1:4] if any(a in results[d]["arms"] for d in ds)):  # no critic
             xs = [d for d in ds if arm in results[d]["arms"]]
             x = np.array(xs, dtype=float) * (1 + 0.03 * (k - 1.5))  # spread the bars apart
             if iteration is None:
@@ -139,11 +142,11 @@ def figure(results: dict, early: int, last: int, out: Path) -> None:
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ds, [str(d) for d in ds])
-        ax.set_xlabel("D: multiplications per answer, each slipped with chance 0.5 by the start")
+        ax.set_xlabel("D: decisions (multiplications) per answer")
         ax.set_title(title if iteration is None else f"{title} (95% CI)")
+        ax.set_ylabel("test Pass@1 minus VinePPO's, points")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test Pass@1 minus VinePPO's, points")
-    axes[2].set_title(f"at VinePPO's generated tokens of {early} iterations")
+    axes[2].set_title(f"at the tokens VinePPO generated in {early} iteration{'s' * (early > 1)}")
     axes[0].legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(out / "credit_curve.png", dpi=110)
@@ -157,7 +160,7 @@ def main() -> None:
                                     for e in s["arms"].values()))
     if args.early not in iterations:
         raise SystemExit(f"error: not every arm was compared at iteration {args.early}; all at {sorted(iterations)}")
-    text = table(results, args.early, max(iterations), args.reach) + "\n\n" + diagnostic_table(results)
+    text = table(results, args.early, max(iterations), args.gain) + "\n\n" + diagnostic_table(results)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "credit_curve.md").write_text(text + "\n")

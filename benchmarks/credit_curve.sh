@@ -2,10 +2,10 @@
 # The credit-assignment curve (docs/credit_curve.md): for D = 1, 2, 4 decisions per answer, one starting model each
 # (SFT on 4-step arithmetic whose every multiplication is slipped with probability 0.5; --arithmetic-multiply sets
 # the expected number of multiplications), then vine, grpo, rloo and a compute-matched grpo on RL seeds 1, 2, 3, and
-# the critic at D = 4, each for 3 iterations evaluated after every one (on 200 test problems); then benchmarks/compare_runs.py per D and
-# benchmarks/credit_curve.py over the three. One run at a time on all cores: on the 2-core machine it was measured on,
-# two runs of one thread each were slower in all (SFT: 3.2 steps/s together against 3.7 alone). About 90 minutes
-# (measured: docs/credit_curve.md).
+# the critic at D = 4 on seed 1, each for 3 iterations evaluated after every one (on 200 test problems); then
+# benchmarks/compare_runs.py per D and benchmarks/credit_curve.py over the three. One run at a time on all cores: on
+# the 2-core machine it was measured on, two runs of one thread each were slower in all (SFT: 3.2 steps/s together
+# against 3.7 alone). 1 h 50 min there: 12 minutes per starting model, 24-33 minutes per D for its 12 runs.
 #
 #   bash benchmarks/credit_curve.sh [OUT]     # finished runs are skipped: it can be stopped and run again
 #
@@ -52,11 +52,15 @@ run() {  # run D ARM SEED
   local d=$1 arm=$2 seed=$3 dir="$OUT/d$1" extra=()
   local name="$dir/${arm}_s$seed"
   start "$d"
-  if [ -e "$name/checkpoint/trainer_state.pt" ]; then return; fi
-  if [ "$seed" = 1 ] && { [ "$arm" = vine ] || [ "$arm" = critic ]; }; then extra=(--value-diagnostic 8 --diagnostic-rollouts 32); fi
+  if [ -e "$name/evals/$ITERATIONS.json" ]; then return; fi  # finished: its final evaluation is written last
+  if [ -e "$name/checkpoint/trainer_state.pt" ]; then extra+=(--resume); fi  # stopped: go on where it was
+  if [ "$seed" = 1 ] && { [ "$arm" = vine ] || [ "$arm" = critic ]; }; then
+    extra+=(--value-diagnostic 8 --diagnostic-rollouts 32)
+  fi
   if [ "$arm" = grpo_matched ]; then
-    while [ ! -e "$dir/vine_s1/checkpoint/trainer_state.pt" ]; do sleep 10; done  # the other worker runs it
-    read -ra extra <<< "$(matched "$d")"
+    while [ ! -e "$dir/vine_s1/evals/$ITERATIONS.json" ]; do sleep 10; done  # WORKERS > 1: another one runs it
+    read -ra matched_options <<< "$(matched "$d")"
+    extra+=("${matched_options[@]}")
   fi
   python train.py $(setting "$d") --model "$dir/start/init" --sft-steps 0 --advantage "${arm%_matched}" \
     --rl-seed "$seed" --num-iterations "$ITERATIONS" --run-dir "$name" "${extra[@]}" > "$name.log" 2>&1
@@ -72,7 +76,7 @@ job_list() {  # one line per job, in the order the two workers take them
       if [ "$a" != vine ] || [ "$s" != 1 ]; then echo run "$d" $a $s; fi
     done; done
   done
-  for s in 1 2 3; do echo run 4 critic $s; done
+  echo run 4 critic 1
 }
 job_list | xargs -P "$WORKERS" -L 1 bash -c '"$@"' job  # each line runs as its own bash, with the exported functions
 

@@ -49,7 +49,7 @@ def test_the_table_from_summaries(tmp_path):
         (tmp_path / f"d{d}.json").write_text(json.dumps(summary([0.6, 0.8], grpo, 300.0, 100.0)))
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "credit_curve.py"), str(tmp_path / "d1.json"),
-         str(tmp_path / "d4.json"), "--out", str(tmp_path / "out"), "--early", "1", "--reach", "0.5"],
+         str(tmp_path / "d4.json"), "--out", str(tmp_path / "out"), "--early", "1", "--gain", "0.3"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -58,6 +58,7 @@ def test_the_table_from_summaries(tmp_path):
     assert len(rows) == 2
     assert "+0.0 [-1.0, +1.0]" in rows[0] and "-30.0 [-31.0, -29.0]" in rows[1]  # after iteration 1
     assert "| 4: 1.00 of 2.00, start 20.0% |" in text
-    # tokens to reach 50%: d1's grpo passes 0.5 between 0 (0.2) and 100 tokens (0.6): 75; d4's between 100 and 200
+    # tokens to gain 30 points over the start (0.2): d1's grpo passes 0.5 between 0 (0.2) and 100 tokens (0.6): 75;
+    # d4's between 100 (0.3) and 200 (0.5)
     assert "| 75 |" in rows[0] and "| 200 |" in rows[1]
     assert "| 4 | `vine` | 0.050 |  |  |  |" in text and "| 4 | `grpo` |" not in text  # the diagnostic's table
