@@ -17,7 +17,8 @@ from transformers import (
 
 import checkpoint
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the gzip-compressed JSONL shipped in the repository
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT / "data"  # the gzip-compressed JSONL shipped in the repository
 
 # train.py options for end-to-end tests, a few seconds per iteration on 2 CPU cores: 2 prompts x 2 answers, K = 2,
 # short answers, no SFT (add --model: a folder, or tiny for a random model)
@@ -33,6 +34,14 @@ CORPUS = [
     "\nWe have $x+2=5$, so $x=3$. Then $y = 2x = 6$.\nTherefore, the answer is $\\boxed{6}$.\n",
     "\n\n\nProblem: How many apples are left? 12 - 5 = 7 apples.\n#### 7\n",
 ]
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module, for its tests (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_tokenizer(corpus=CORPUS, vocab_size: int = 320) -> PreTrainedTokenizerFast:

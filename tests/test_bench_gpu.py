@@ -2,18 +2,14 @@
 the script cannot rot), the EOS hook gives the EOS probability it promises, and the synthetic tokenizer's steps."""
 
 import functools
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
 import vine
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
-bench_gpu = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_gpu)
+bench_gpu = load_benchmark("bench_gpu")
 
 
 def test_small_run_drives_one_iteration_of_train_py(capsys):

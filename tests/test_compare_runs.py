@@ -1,6 +1,5 @@
 """Tests for benchmarks/compare_runs.py: the paired bootstrap, and a summary of run folders shaped like train.py's."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "benchmarks" / "compare_runs.py")
-compare_runs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_runs)
+compare_runs = load_benchmark("compare_runs")
 
 
 def test_bootstrap_of_a_constant_shift_is_that_shift_and_of_identical_arms_contains_zero():

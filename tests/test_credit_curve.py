@@ -1,7 +1,6 @@
 """Tests for benchmarks/credit_curve.py: hand-computed tokens to reach an accuracy and gaps at equal tokens, and the
 table from compare_runs.py-shaped summaries."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("credit_curve", ROOT / "benchmarks" / "credit_curve.py")
-credit_curve = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(credit_curve)
+credit_curve = load_benchmark("credit_curve")
 
 
 def summary(vine: list[float], grpo: list[float], vine_tokens: float, grpo_tokens: float) -> dict:

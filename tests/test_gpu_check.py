@@ -1,15 +1,10 @@
 """benchmarks/gpu_check.py --small: every check of the GPU check runs on CPU, so the script cannot rot before a GPU
 is lent to run it for real."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_check)
+gpu_check = load_benchmark("gpu_check")
 
 
 def test_small_mode_runs_every_check_and_writes_the_table(tmp_path, capsys):

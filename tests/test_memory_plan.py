@@ -4,8 +4,6 @@ forward pass; the peak of a PPO micro-batch) and against sizes computed by hand.
 
 import copy
 import functools
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +11,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import ppo
 import rollout
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("memory_plan", ROOT / "benchmarks" / "memory_plan.py")
-memory_plan = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(memory_plan)
+memory_plan = load_benchmark("memory_plan")
 
 
 def tiny_config(**overrides) -> LlamaConfig:

@@ -1,16 +1,13 @@
 """Tests for benchmarks/plot_metrics.py: it draws run folders to a PNG, and says how to get matplotlib without it."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("plot_metrics", ROOT / "benchmarks" / "plot_metrics.py")
-plot_metrics = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(plot_metrics)
+plot_metrics = load_benchmark("plot_metrics")
 
 
 def write_run(run_dir: Path, num_iterations: int, eval_every: int) -> None:

@@ -2,22 +2,18 @@
 and --sft-slip-each, and benchmarks/compare_runs.py's slip count. The defaults must give the demo's task unchanged."""
 
 import hashlib
-import importlib.util
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 
 import checkpoint
 import reward
 import train
+from conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "benchmarks" / "compare_runs.py")
-compare_runs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_runs)
+compare_runs = load_benchmark("compare_runs")
 
 # md5 of json.dumps(load_problems("arithmetic", split)) as made by the code before these options existed (54e47ce):
 # the demo, the head-to-head and every test that uses the arithmetic task read these problems.
