@@ -1,9 +1,11 @@
 """Plumbing: the run folder, its lock, atomic saves and their recovery, checkpoints and resume. Safe to skip on a
 first read: nothing here is VinePPO; it is what makes a run of days survive a stop.
 
-A run folder (train.py --run-dir, default runs/<dataset>/) holds metrics.jsonl (one line per iteration), evals/,
-init/ (the starting model when the run made it, with init_args.json), best/ (the policy with the best validation
-Pass@1), checkpoint/ (the model with save_pretrained, trainer_state.pt, run_args.json, critic.pt) and train.lock.
+A run folder (train.py --run-dir, default runs/<dataset>/) holds metrics.jsonl (one line per iteration), evals/
+(every problem's score at each evaluation), samples/ (a few answers per iteration with their credit, --log-samples),
+init/ (the starting model when the run made it, with init_args.json: sft.py), best/ (the policy with the best
+validation Pass@1), checkpoint/ (the model with save_pretrained, trainer_state.pt, run_args.json, critic.pt) and
+train.lock.
 
 What survives what (tests/test_checkpoint.py and tests/test_reliability.py check every row):
 
@@ -47,8 +49,7 @@ import signal
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 try:
     import fcntl  # the run-folder lock (Linux, macOS); without it (Windows) runs are not locked
@@ -126,30 +127,6 @@ def check_run_dir(run_dir: str, *, resume: bool, run_args: dict, may_differ: set
         )
 
 
-def check_init_record(folder: str, made_with: dict) -> None:
-    """Refuse to reuse folder (a run's init/) if its init_args.json records other values of the options that made
-    it: a stale init/ must not pass for the one these options would make."""
-    record = os.path.join(folder, "init_args.json")
-    if not os.path.exists(record):
-        if os.path.exists(folder):  # not made by train.py (which writes the record with the model): copied in
-            raise SystemExit(
-                f"error: {folder} holds no init_args.json, the options that made it, so it cannot be told from one "
-                f"that other options made; delete it to make it again, or pass it as --model {folder} --sft-steps 0"
-            )
-        return
-    try:
-        with open(record) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise damaged(folder, e) from None
-    changed = [k for k, v in made_with.items() if k in saved and saved[k] != v]
-    if changed:
-        raise SystemExit(
-            f"error: {folder} was made with other options ({', '.join(f'{k} {saved[k]}' for k in changed)}); "
-            f"delete {folder} to make it again, or choose another --run-dir"
-        )
-
-
 def trim_metrics(path: str, next_iteration: int) -> None:
     """Drop the metrics.jsonl lines of iterations the checkpoint does not hold (written after it, before a crash),
     so that a resumed run logs each iteration exactly once. The file is rewritten atomically."""
@@ -176,8 +153,7 @@ def trim_metrics(path: str, next_iteration: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Models in and out of folders: a hub id or local folder (with an error a user can act on), or a tiny Llama built
-# in-process (train.py --model tiny, and the tests)
+# Models in and out of folders: a hub id or a local folder, with an error a user can act on
 
 
 def load_model(path: str, device: str):
@@ -201,49 +177,13 @@ def load_model(path: str, device: str):
 
 
 def disable_dropout(model) -> None:
-    """Dropout off everywhere (PAPER_NOTES pitfall 13: the reference and pi_old have no dropout), so that train()
+    """Dropout off everywhere (docs/paper.md pitfall 13: the reference and pi_old have no dropout), so that train()
     mode, needed by gradient checkpointing, changes nothing."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-
-
-def build_tiny_tokenizer(texts: list[str], vocab_size: int = 384, split_digits: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts` (<pad>, <bos>, <eos> are ids 0, 1, 2). With split_digits every
-    digit is its own token, which helps a tiny model add."""
-    tok = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    digits = pre_tokenizers.Digits(individual_digits=True)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level]) if split_digits else byte_level
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-
-
-def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, max_length: int = 512):
-    """A small random Llama-style causal LM: about 1.1M parameters with a 384-token vocabulary."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=hidden_size // 64,
-        num_key_value_heads=hidden_size // 64,
-        max_position_embeddings=max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    return AutoModelForCausalLM.from_config(config)
 
 
 def first_line(error: BaseException) -> str:
@@ -370,10 +310,47 @@ def is_due(iteration: int, *, num_iterations: int, save_every: int) -> bool:
     return iteration + 1 == num_iterations or bool(save_every and (iteration + 1) % save_every == 0)
 
 
+class Run:
+    """What open_run yields. on_stop() saves what a stop must not lose; train.py sets it once it has set the run up
+    (None until then: a stop while loading or in SFT saves nothing)."""
+
+    on_stop = None
+
+
+@contextlib.contextmanager
+def open_run(run_dir: str, *, main: bool, resume: bool, run_args: dict, may_differ: set[str]):
+    """A run in its folder, and the one place that decides what a stop does to it.
+
+    main (rank 0): finish a save that a crash cut (recover_folder), refuse to overwrite another run or to resume one
+    with other settings (check_run_dir), and hold the folder's lock until the run ends (run_dir_lock). Every rank:
+    Ctrl-C and SIGTERM stop the run. The first one raises KeyboardInterrupt where the program is (stop_on_interrupt;
+    inside a `with uninterrupted()` block, at its end) and every later one is ignored; then run.on_stop() saves a
+    checkpoint (nothing while setting up), and the process exits 130. The handlers from before are back on return."""
+    run = Run()
+    previous = {s: signal.signal(s, stop_on_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with run_dir_lock(run_dir) if main else contextlib.nullcontext():
+            if main:
+                check_run_dir(run_dir, resume=resume, run_args=run_args, may_differ=may_differ)
+            try:
+                yield run
+            except KeyboardInterrupt:
+                ignore_interrupts()  # from here on: a second Ctrl-C must not cut the save below
+                if run.on_stop is None:
+                    print("interrupted while setting up (loading, SFT): nothing was saved or changed; run the same "
+                          "command again")
+                else:
+                    run.on_stop()
+                    print("interrupted; continue with --resume")
+                raise SystemExit(130) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def stop_on_interrupt(signum: int, frame) -> None:
-    """The handler of Ctrl-C and SIGTERM while train.py runs: the first one stops the run (KeyboardInterrupt, which
-    train.py turns into a checkpoint and exit 130) and every later one is ignored, so that none can cut that save,
-    however fast they come."""
+    """The handler of Ctrl-C and SIGTERM inside open_run: the first one stops the run (KeyboardInterrupt) and every
+    later one is ignored, so that none can cut the save that follows, however fast they come."""
     ignore_interrupts()
     raise KeyboardInterrupt
 
@@ -386,18 +363,21 @@ def ignore_interrupts() -> None:
 
 
 @contextlib.contextmanager
-def deferred_interrupt():
-    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, so that an update and its checkpoint are never cut
-    halfway. Yields the list of the signals that came so far. When the block ends the handlers from before it are
-    back, and the first signal that came is raised again, to them: one that came late in the block, after the code
-    inside looked at the list, is not lost (train.py's handler is stop_on_interrupt)."""
+def uninterrupted(agree=bool):
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, so that an update and its log line, or a checkpoint
+    save, are never cut halfway; then, if one came, stop the run as open_run does (KeyboardInterrupt, later signals
+    ignored). agree(came: bool) -> bool decides with the other ranks (train.py passes distributed.any_rank), so that
+    a signal that reached one rank stops every rank at the same point. One that comes after they agreed, in the last
+    instants of the block, still stops this rank: it is never lost."""
     pressed = []
     hold = lambda signum, frame: pressed.append(signum)  # noqa: E731
     previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield pressed
+        yield
+        stop = agree(bool(pressed))
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if pressed:
-        signal.raise_signal(pressed[0])
+    if stop or pressed:
+        ignore_interrupts()
+        raise KeyboardInterrupt

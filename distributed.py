@@ -6,7 +6,7 @@ function here is the identity or does nothing.
 What it guarantees, and how train.py uses it (docs/torchrun.md has the measurements):
 - Each rank (process) takes an equal, contiguous share of the iteration's prompts (shard), samples their answers and
   values their step states on its own device, from its own random stream (rank_seed). The official code shards the
-  prompts the same way (PAPER_NOTES.md §1.1 step 1).
+  prompts the same way (docs/paper.md §1.1 step 1).
 - The update is the one-process update: the ranks exchange their episodes (gather_list), so every rank whitens the
   advantages and normalises the loss over the whole minibatch; each backpropagates its share of every minibatch and
   sum_gradients adds the gradients up before clipping and the AdamW step. So the weights stay equal on every rank,
@@ -15,11 +15,12 @@ What it guarantees, and how train.py uses it (docs/torchrun.md has the measureme
   one log line of every rank's; any_rank lets a Ctrl-C on one rank stop every rank at the same point.
 
 Departure from the paper's code: the official code also pools the MC value requests of all ranks and re-shards them
-for balance (PAPER_NOTES.md §6); here a rank whose answers have more steps finishes later and the others wait.
+for balance (docs/paper.md §6); here a rank whose answers have more steps finishes later and the others wait.
 DeepSpeed overlaps the gradient reduction with the backward pass; sum_gradients runs after it, in flat buckets.
 This file imports no project file; only train.py imports it.
 """
 
+import contextlib
 import datetime
 import os
 import sys
@@ -55,6 +56,15 @@ def init(device: str) -> str:
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str):
+    """init on entry (yields this rank's device), close on exit, whatever ends the run."""
+    try:
+        yield init(device)
+    finally:
+        close()
 
 
 def world() -> tuple[int, int]:

@@ -2,7 +2,7 @@
 and the baselines' advantages: the paper's PPO critic (value head, GAE, clipped value loss), GRPO and RLOO.
 
 VinePPO changes only where the advantages come from (vine.py); the policy update is ordinary PPO-clip, shared with the
-paper's PPO baseline (PAPER_NOTES.md §3, §1.3 "trainer side", §7 pitfalls 6-9, 13, 14, §8 pseudocode):
+paper's PPO baseline (docs/paper.md §3, §1.3 "trainer side", §7 pitfalls 6-9, 13, 14, §8 pseudocode):
 
     logprobs   = log softmax(logits / 0.6)[next token]          float32, right-padded batches, causal shift by one
     A          = whiten(token advantages) over one 64-episode minibatch (unbiased var, eps 1e-8)
@@ -17,10 +17,10 @@ micro-batches, AdamW, grad clipping); this file holds the math and imports no pr
 update consumes and its right-padded batches (make_batch, aligned with token_logprobs), the losses, and the paper's
 LR schedule (lr_lambda, DeepSpeed's WarmupDecayLR).
 
-The baselines (train.py --advantage; DESIGN.md "Advantage estimators": critic_advantages, outcome_advantages) give
+The baselines (train.py --advantage: critic_advantages, outcome_advantages) give
 every response token an advantage that the same whitening and clipped loss then use:
 
-    critic     PPO (PAPER_NOTES §3 table, pitfall 16): ValueModel = a copy of the SFT model + a linear head;
+    critic     PPO (docs/paper.md §3 table, pitfall 16): ValueModel = a copy of the SFT model + a linear head;
                reward R on the last response token, GAE with gamma = lambda = 1:  A_t = R - V_old(s_t), G_t = R
                L_value = 0.5 * sum_tokens max((V - G)^2, (clamp(V, V_old - 0.2, V_old + 0.2) - G)^2) / tokens
     grpo       A = (R - mean of the prompt's group) / (std of the group + 1e-4)     (Shao et al. 2024, §4.1.2)
@@ -36,7 +36,8 @@ Departures from the paper's code (ppo_trainer.py):
    single-GPU gradient-accumulation path takes a token mean per micro-batch; its multi-GPU runs (accumulation 1) take a
    token mean per device's share and average the gradients over devices. Both differ slightly from ours when sequence
    lengths vary.
-2. Whitening is meant to be applied once over the whole minibatch (pitfall 6), which matches the paper's multi-GPU runs
+2. Whitening is meant to be applied once over the whole minibatch (docs/paper.md pitfall 6), which matches the paper's
+multi-GPU runs
    (statistics all-reduced over GPUs) and not its gradient-accumulation path (statistics per micro-batch).
 3. The ratio guard is judged on the mean ratio of the whole minibatch. The paper judges each device's micro-batch
    (PPOTrainer._compute_actor_loss) and multiplies its loss by 0, which still lets AdamW take a step on its momentum
@@ -63,11 +64,11 @@ RATIO_THRESHOLD = 10.0  # the paper's ratio guard (ratio_threshold=10): skip a m
 
 @dataclass
 class Episode:
-    """One sampled answer with what the PPO update needs of it (PAPER_NOTES §1.1 step 5, §8), and what the run's
+    """One sampled answer with what the PPO update needs of it (docs/paper.md §1.1 step 5, §8), and what the run's
     credit view (train.py --log-samples) shows of it."""
 
     prompt_ids: list[int]  # BOS + the prompt
-    response_ids: list[int]  # the sampled tokens, then EOS if the answer finished (pitfall 10)
+    response_ids: list[int]  # the sampled tokens, then EOS if the answer finished (docs/paper.md pitfall 10)
     finished: bool  # stopped by EOS or the stop string with an answer (reward.counts_as_finished); else no EOS
     reward: float  # R, the 0/1 grade of the answer
     advantages: list[float]  # one per response token, EOS included; set by the advantage phase
@@ -93,7 +94,8 @@ def make_batch(episodes: list[Episode], pad_id: int, device: str) -> dict:
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists (pitfall 9: the trainer's batches are right-padded). Returns ids and attention mask."""
+    """Right-pad token lists (docs/paper.md pitfall 9: the trainer's batches are right-padded). Returns ids and
+    attention mask."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
@@ -123,15 +125,15 @@ def token_logprobs(
     *,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every next token under the tempered policy (PAPER_NOTES.md §3, pitfalls 8 and 9).
+    """Log-probability of every next token under the tempered policy (docs/paper.md §3, pitfalls 8 and 9).
 
     logprobs[b, t] = log softmax(logits[b, t] / temperature)[input_ids[b, t + 1]]
     entropy[b, t]  = -sum_v p_v log p_v of that same tempered distribution (for logging; no gradient)
 
     Batches must be right-padded (attention_mask[:, 0] == 1, as the paper asserts), so the real tokens of every row sit
     at positions 0..L-1 and need no position-id fix. Positions whose predicted token is padding get logprob 0 and
-    entropy 0; the caller still masks prompt tokens with its response mask. Top-p is not applied (pitfall 8).
-    Memory: log_softmax is never materialised; we gather the chosen logits and subtract the logsumexp, so the one
+    entropy 0; the caller still masks prompt tokens with its response mask. Top-p is not applied (docs/paper.md pitfall
+    8). Memory: log_softmax is never materialised; we gather the chosen logits and subtract the logsumexp, so the one
     (B, T-1, V) float32 tensor kept for backward is the tempered logits (about 2 GB for B=16, T=1024, V=32k). Under bf16
     the .float() copy briefly exists beside it during the division, then is freed. The entropy is computed one
     sequence at a time, so it adds only (T-1, V) tensors.
@@ -178,11 +180,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the masked entries; masked-out entries become 0 (PAPER_NOTES.md §1.3).
+    """(x - mean) / sqrt(var + eps) over the masked entries; masked-out entries become 0 (docs/paper.md §1.3).
 
     var is unbiased (Bessel: sum (x - mean)^2 / (n - 1)), as in the paper's trainer. Call it ONCE over the response
-    tokens of the whole 64-episode minibatch, before splitting it into micro-batches (pitfall 6). If all advantages are
-    equal, var = 0 and every token gets 0 (the eps keeps it finite).
+    tokens of the whole 64-episode minibatch, before splitting it into micro-batches (docs/paper.md pitfall 6). If all
+    advantages are equal, var = 0 and every token gets 0 (the eps keeps it finite).
     """
     mask = mask.bool()
     num = int(mask.sum())
@@ -198,7 +200,7 @@ def ppo_loss(
     clip_eps: float, ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, num_tokens: float | None = None,
     num_seqs: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip loss plus the k3 KL-to-reference loss term (PAPER_NOTES.md §3, pitfalls 7 and 14; §8 pseudocode).
+    """PPO-clip loss plus the k3 KL-to-reference loss term (docs/paper.md §3, pitfalls 7 and 14; §8 pseudocode).
 
     All tensors are (B, T-1) and aligned with token_logprobs; mask is 1 where the predicted token is a response token
     (EOS included) and 0 for prompt tokens and padding. Gradient flows through `logprobs` only.
@@ -256,7 +258,7 @@ def ppo_loss(
 
 
 def kl_to_reference(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, num_seqs: float):
-    """The k3 estimate of KL(pi || pi_ref), summed over the response tokens and divided by num_seqs (PAPER_NOTES §3):
+    """The k3 estimate of KL(pi || pi_ref), summed over the response tokens and divided by num_seqs (docs/paper.md §3):
     k3 = clamp(exp(ref - logprobs) - (ref - logprobs) - 1, 0, 10) per token. All (B, T-1), mask bool; gradient
     through logprobs only."""
     assert ref_logprobs.shape == logprobs.shape, f"{ref_logprobs.shape=} != {logprobs.shape=}"
@@ -287,7 +289,7 @@ def accumulate_stats(total: dict[str, float], stats: dict[str, float]) -> dict[s
 
 
 def ratio_guard_exceeded(stats: dict[str, float], threshold: float = RATIO_THRESHOLD) -> bool:
-    """The paper's ratio guard (PAPER_NOTES.md §3, pitfall 14): True if this minibatch must be skipped.
+    """The paper's ratio guard (docs/paper.md §3, pitfall 14): True if this minibatch must be skipped.
 
     stats are the ppo_loss stats of the WHOLE minibatch (accumulate_stats over its micro-batches), so
     stats["ratio/mean"] is the mean of exp(logprobs - old_logprobs) over all its response tokens. A mean above 10
@@ -302,7 +304,7 @@ def ratio_guard_exceeded(stats: dict[str, float], threshold: float = RATIO_THRES
 
 
 class ValueModel(torch.nn.Module):
-    """The PPO baseline's critic (PAPER_NOTES §3 "Critic"; official models/pretrained_with_value_head.py): the
+    """The PPO baseline's critic (docs/paper.md §3 "Critic"; official models/pretrained_with_value_head.py): the
     transformer of a copy of the SFT policy (its LM head dropped) and a linear head hidden -> 1 on the last hidden
     state, weight ~ N(0, 1/sqrt(hidden + 1)), bias 0. forward(ids, mask)[b, t] = V(prompt + tokens 0..t of row b),
     the value of the state after reading token t, in float32."""
@@ -335,9 +337,14 @@ class ValueModel(torch.nn.Module):
             out += [values[j, : len(s)].cpu() for j, s in enumerate(chunk)]
         return out
 
+    def state_values(self, states: list[list[int]], pad_id: int, batch_size: int) -> list[float]:
+        """V(s) of whole states (prompt + a response prefix): the value at a state's last token (docs/paper.md §3:
+        V(s_0) is read at the last prompt token). The value diagnostic's critic_values (vine.value_diagnostic)."""
+        return [float(v[-1]) for v in self.predict(states, pad_id, batch_size)]
+
 
 def gae(rewards: list[float], values: list[float], *, gamma: float = 1.0, lam: float = 1.0) -> tuple[list, list]:
-    """Generalised advantage estimation over one answer's response tokens (Schulman et al. 2016, eq. 16; PAPER_NOTES
+    """Generalised advantage estimation over one answer's response tokens (Schulman et al. 2016, eq. 16; docs/paper.md
     §3 "PPO reward / returns"). values[t] = V_old(s_t), the state before token t; the state after the last token is
     terminal (value 0, finished or not).
 
@@ -363,7 +370,7 @@ def value_loss(
     clip_range: float = 0.2,
     num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The critic's clipped value loss (PAPER_NOTES §3 "Value loss"; official _compute_critics_loss), all (B, T-1):
+    """The critic's clipped value loss (docs/paper.md §3 "Value loss"; official _compute_critics_loss), all (B, T-1):
 
         V_clipped = clamp(V, V_old - clip_range, V_old + clip_range)
         L_value   = 0.5 * sum(max((V - G)^2, (V_clipped - G)^2) * mask) / num_tokens
@@ -412,7 +419,7 @@ def group_advantages(rewards: list[float], group_size: int, method: str) -> list
 
 
 def critic_advantages(model: ValueModel, episodes: list[Episode], pad_id: int, batch_size: int) -> dict:
-    """The paper's PPO (PAPER_NOTES §3 "PPO reward / returns", pitfall 16): V_old of every state from the critic,
+    """The paper's PPO (docs/paper.md §3 "PPO reward / returns", pitfall 16): V_old of every state from the critic,
     once per iteration before the update (episode.old_values); the reward R on the last response token (EOS if
     present); GAE with gamma = lambda = 1, so every token gets A_t = R - V_old(s_t) and the return G_t = R
     (episode.advantages, episode.returns). Returns the mean V_old(s_0), the critic's guess of the training accuracy."""
@@ -435,12 +442,12 @@ def outcome_advantages(episodes: list[Episode], group_size: int, method: str) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The learning-rate schedule of the paper's PPO trainer (DeepSpeed's, PAPER_NOTES §3)
+# The learning-rate schedule of the paper's PPO trainer (DeepSpeed's, docs/paper.md §3)
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int) -> float:
     """LR multiplier of optimizer step `step` (0-based) under DeepSpeed's WarmupDecayLR as the paper ran it
-    (PAPER_NOTES §3; deepspeed/runtime/lr_schedules.py of DeepSpeed 0.14.1, the official code's pin):
+    (docs/paper.md §3; deepspeed/runtime/lr_schedules.py of DeepSpeed 0.14.1, the official code's pin):
 
         gamma(i) = log(i + 1) / log(W)                  for i < W, with W = max(2, warmup_steps)   (log warmup)
         gamma(i) = max(0, (T - i) / max(1, T - W))      for i >= W, T = total_steps                (linear decay)

@@ -1,9 +1,9 @@
 r"""The task layer: load problems, format the prompt, extract and grade final answers.
 
-Paper: VinePPO (arXiv:2410.01679), PAPER_NOTES.md §4.1 (prompt and SFT format), §4.3 (GSM8K reward), §4.4 (MATH
-reward and splits). A third data set, `arithmetic`, is ours: short synthetic multi-step word problems in the GSM8K
-answer format, so that a ~1-5M-parameter model trained from scratch on a CPU can be SFT-warmed to an imperfect
-accuracy in minutes and then improved by RL (demos and tests).
+Paper: VinePPO (arXiv:2410.01679); what its official code does: docs/paper.md §4.1 (prompt and SFT format), §4.3
+(GSM8K reward), §4.4 (MATH reward and splits). A third data set, `arithmetic`, is ours: short synthetic multi-step word
+problems in the GSM8K answer format, so that a ~1-5M-parameter model trained from scratch on a CPU can be SFT-warmed
+to an imperfect accuracy in minutes and then improved by RL (demos and tests).
 
     prompt   = format_prompt(question, dataset)      "[MATH_TASK] Problem:\n{question}\n\nSolution:"
     response = "\n" + worked solution + "\n"         GSM8K/arithmetic end with "#### 72\n", MATH with \boxed{..}
@@ -46,12 +46,13 @@ from math_verify import parse, verify
 
 DATASETS = ("gsm8k", "math", "arithmetic")
 SPLITS = ("train", "validation", "test")
-STOP_STRINGS = ("\n\n\nProblem:",)  # the paper's stop string (PAPER_NOTES §1.1, §7.11)
-PROMPT_TEMPLATE = "[MATH_TASK] Problem:\n{question}\n\nSolution:"  # §4.1, §9: no space or newline after "Solution:"
+STOP_STRINGS = ("\n\n\nProblem:",)  # the paper's stop string (docs/paper.md §1.1, pitfall 11)
+# docs/paper.md §4.1, §9: no space or newline after "Solution:"
+PROMPT_TEMPLATE = "[MATH_TASK] Problem:\n{question}\n\nSolution:"
 
 DATA_DIR = Path(__file__).resolve().parent / "data"  # the copies shipped with the repository (data/README.md)
 # Local JSONL file behind each split (plain, or gzip-compressed with ".gz" added); "validation" is a seeded subset of
-# the "train" file (§4.3, §4.4).
+# the "train" file (docs/paper.md §4.3, §4.4).
 SOURCE_FILES = {"gsm8k": {"train": "train.jsonl", "test": "test.jsonl"},
                 "math": {"train": "prm800k_train.jsonl", "test": "math500_test.jsonl"}}
 # The same files on the Hugging Face hub: (repository, config, split). The PRM800K train split (12,000 problems =
@@ -60,7 +61,7 @@ SOURCE_FILES = {"gsm8k": {"train": "train.jsonl", "test": "test.jsonl"},
 HUB_SOURCES = {"train.jsonl": ("openai/gsm8k", "main", "train"), "test.jsonl": ("openai/gsm8k", "main", "test"),
                "prm800k_train.jsonl": ("zzy1123/MATH_train_test_split", None, "train"),
                "math500_test.jsonl": ("HuggingFaceH4/MATH-500", None, "test")}
-NUM_VALIDATION = {"gsm8k": 373, "math": 500}  # §4.3: ~373 GSM8K problems held out; §4.4: 11,500 + 500
+NUM_VALIDATION = {"gsm8k": 373, "math": 500}  # docs/paper.md §4.3: ~373 GSM8K problems held out; §4.4: 11,500 + 500
 VALIDATION_SEED = 2410  # fixed, so every run holds out the same problems
 ARITHMETIC_SPLITS = {"train": (20_000, 0), "validation": (500, 1), "test": (500, 2)}  # (num_problems, seed)
 
@@ -88,8 +89,8 @@ def check_dataset(dataset: str) -> None:
 def load_problems(dataset: str, split: str, data_dir: str | Path | None = None, **difficulty) -> list[dict]:
     """Problems of one split as dicts with "question", "answer" (gold final answer) and "solution".
 
-    "solution" is the SFT response of §4.1: "\\n" + worked solution + "\\n" (GSM8K without its <<..>> calculator
-    annotations, ending "#### 72\\n"; MATH ending with \\boxed{..}), so grade(solution, answer) == 1.0.
+    "solution" is the SFT response of docs/paper.md §4.1: "\\n" + worked solution + "\\n" (GSM8K without its <<..>>
+    calculator annotations, ending "#### 72\\n"; MATH ending with \\boxed{..}), so grade(solution, answer) == 1.0.
     data_dir: None reads the copies shipped in the repository's data/ folder; a folder path reads a folder of the
     same layout (gsm8k/*.jsonl and math/*.jsonl, plain or .gz), or the data set's own subfolder; "hub" downloads
     the same files from the Hugging Face hub. The arithmetic data set is generated and ignores data_dir; difficulty
@@ -183,7 +184,7 @@ def row_to_problem(row: dict, dataset: str) -> dict:
         return {"question": row["problem"].strip(), "answer": row["answer"], "solution": "\n" + row["solution"] + "\n"}
     if "####" not in row["answer"]:
         raise ValueError("GSM8K answer has no '####' final-answer line")
-    # §4.1: the SFT target is the GSM8K answer without its calculator annotations, e.g. "48/2 = <<48/2=24>>24".
+    # docs/paper.md §4.1: the SFT target is the GSM8K answer without its calculator annotations ("<<48/2=24>>").
     solution = re.sub(r"<<.*?>>", "", row["answer"], flags=re.DOTALL)
     final_answer = row["answer"].rsplit("####", 1)[1].strip()
     return {"question": row["question"].strip(), "answer": final_answer, "solution": "\n" + solution + "\n"}
@@ -259,7 +260,8 @@ def make_arithmetic_problems(
 
 
 def format_prompt(question: str, dataset: str) -> str:
-    """The paper's zero-shot prompt (§4.1), the same for every data set; the response starts with "\\n"."""
+    """The paper's zero-shot prompt (docs/paper.md §4.1), the same for every data set; the response starts with
+    "\\n"."""
     check_dataset(dataset)
     return PROMPT_TEMPLATE.format(question=question)
 
@@ -302,9 +304,10 @@ def slipped_solution(solution: str, each: float | None = None, rng: random.Rando
 def extract_answer(text: str, dataset: str) -> str | None:
     """The final answer in a response, or None when it has none.
 
-    GSM8K/arithmetic (§4.3): everything after the LAST "####", stripped ("#### 72\\nextra" gives "72\\nextra",
-    which then fails to match: the paper's behaviour, kept). "The answer is 72" without "####" gives None: the
-    paper's original-format extractor accepts nothing else. MATH (§4.4): the contents of the last \\boxed{..}.
+    GSM8K/arithmetic (docs/paper.md §4.3): everything after the LAST "####", stripped ("#### 72\\nextra" gives
+    "72\\nextra", which then fails to match: the paper's behaviour, kept). "The answer is 72" without "####" gives None:
+    the paper's original-format extractor accepts nothing else. MATH (docs/paper.md §4.4): the contents of the last
+    \\boxed{..}.
     """
     if dataset in ("gsm8k", "arithmetic"):
         position = text.rfind("####")
@@ -315,7 +318,7 @@ def extract_answer(text: str, dataset: str) -> str | None:
 
 
 def counts_as_finished(response: str, dataset: str) -> bool:
-    """Does an answer that stopped by itself (EOS or stop string) count as finished? (PAPER_NOTES §4.3, pitfall 10)
+    """Does an answer that stopped by itself (EOS or stop string) count as finished? (docs/paper.md §4.3, pitfall 10)
 
     The official code marks a GSM8K answer from which no final answer can be extracted (no "####") as unfinished:
     reward 0 and no EOS token appended, like an answer cut by the length limit. Its MATH extractor always returns
@@ -355,8 +358,9 @@ def last_boxed_content(text: str) -> str | None:
 def grade(response: str, gold_answer: str, dataset: str) -> float:
     """Reward of a response: 1.0 if its final answer equals the gold answer, else 0.0; never raises on any strings.
 
-    GSM8K/arithmetic (§4.3): pred.replace(",", "").lower() == gold.strip().replace(",", "").lower(), no numeric
-    normalisation ("72.0" and "$72" are wrong). MATH (§4.4): the last \\boxed answer is equivalent to the gold
+    GSM8K/arithmetic (docs/paper.md §4.3): pred.replace(",", "").lower() == gold.strip().replace(",", "").lower(), no
+    numeric normalisation ("72.0" and "$72" are wrong). MATH (docs/paper.md §4.4): the last \\boxed answer is equivalent
+    to the gold
     answer under math-verify. A response without a parsable answer gets 0.0.
     """
     if not isinstance(response, str) or not isinstance(gold_answer, str):

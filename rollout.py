@@ -1,12 +1,13 @@
 """Sampling from a Hugging Face causal LM with its KV cache, with prefix reuse for the MC value rollouts.
 
-VinePPO spends most of its compute here (PAPER_NOTES.md §1.2, §6): N answers per prompt, then K continuations from
+VinePPO spends most of its compute here (docs/paper.md §1.2, §6): N answers per prompt, then K continuations from
 every step state of every answer. One function, `sample`, serves both uses:
 
     answers:      sample(model, prompts, num_samples=N, **vars(sampling))  # sample j of prompt i: row i * N + j
     MC rollouts:  sample(model, states, num_samples=K, **vars(sampling))   # a state: prompt + an answer's first tokens
 
-with one Sampling value for both (T, top-p, length budget, end tokens, stop strings), as pitfall 1 requires.
+with one Sampling value for both (T, top-p, length budget, end tokens, stop strings), as docs/paper.md pitfall 1
+requires.
 
 How it works (plain PyTorch + the model's own forward, no vLLM):
   1. Prefix reuse. The states s_0..s_n of one answer are nested: each is a prefix of the next. For every prefix we
@@ -34,7 +35,7 @@ How it works (plain PyTorch + the model's own forward, no vLLM):
 Sampling follows vLLM (the paper's sampler): logits / temperature, top-p (nucleus), one draw from the renormalised
 nucleus with a seeded torch.Generator; temperature 0 is greedy argmax. Log-probabilities are float32
 log_softmax(logits / temperature) of the sampled token (raw logits when greedy), before top-p, as the trainer computes
-them (PAPER_NOTES.md §7.8). Under bf16 autocast the logits are cast to float32 first.
+them (docs/paper.md pitfall 8). Under bf16 autocast the logits are cast to float32 first.
 
 What bounds speed (measured on CPU, benchmarks/bench_rollout.py): with many rows, attention over the cache dominates
 and is memory-bound. Every row reads its own copy of its prefix's keys/values (K copies per prefix, and the masked
@@ -69,7 +70,7 @@ from transformers import StaticCache
 # num_layers * num_kv_heads * head_dim * (key bytes + value bytes) per token; under bf16 autocast the keys stay
 # float32 (the rotary embedding's float32 cos/sin promote them; tests/test_memory_plan.py measures it), so 2**18
 # tokens is ~8.3 GiB for a 1.1B Llama (22 layers, 4 KV heads of 64), ~0.2 GB for the tests' tiny models. Lower it
-# if sampling runs out of memory; benchmarks/memory_plan.py says what fits.
+# if sampling runs out of memory; tools/memory_plan.py says what fits.
 DEFAULT_MAX_BATCH_TOKENS = 2**18
 # Prefill forward passes (plan_prefill_passes): at most this many tokens per pass, roots x longest root of the pass,
 # and no root shorter than PREFILL_MIN_FILL x the pass's longest (the rest of its row is padding, computed and thrown
@@ -88,7 +89,7 @@ DECODE_KWARGS = dict(skip_special_tokens=False, clean_up_tokenization_spaces=Fal
 
 @dataclass(frozen=True)
 class Sampling:
-    """The settings of `sample` that the answers and the MC continuations of their step states must share (PAPER_NOTES
+    """The settings of `sample` that the answers and the MC continuations of their step states must share (docs/paper.md
     pitfall 1: T = 0.6, top-p 0.9, the same length budget and stop strings). train.py builds one value and hands it
     to both, sample(model, prefixes, num_samples=K, **vars(sampling)), so the two cannot drift apart."""
 
@@ -230,7 +231,7 @@ def plan_prefill_passes(root_lens: list[int]) -> list[tuple[int, int]]:
 def prefill(
     model, prefixes: list[list[int]], device: torch.device
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """Forward passes over the chunk's roots, several roots per pass (PAPER_NOTES.md §6: prefix KV shared by its K
+    """Forward passes over the chunk's roots, several roots per pass (docs/paper.md §6: prefix KV shared by its K
     rollouts).
 
     Roots go longest first, in the passes of plan_prefill_passes, each right-padded to its longest root (pad id 0,
@@ -451,7 +452,7 @@ def sample(
     """num_samples continuations of every prefix in prompt_ids; sample j of prefix i is at index i * num_samples + j.
 
     A row stops at EOS (finished; EOS not returned), at a stop string (finished; cut before it, see find_stop_cut) or
-    at its length limit min(max_new_tokens, max_length - len(prefix)) (not finished), PAPER_NOTES.md §1.1, §4.3.
+    at its length limit min(max_new_tokens, max_length - len(prefix)) (not finished), docs/paper.md §1.1, §4.3.
     Each prefix's KV cache is computed once, nested prefixes are sliced from one pass over the longest (module doc).
     The model runs in eval mode under torch.inference_mode (its train/eval mode is restored on return)."""
     assert tokenizer is not None or not stop_strings, "stop_strings need a tokenizer to decode the response"

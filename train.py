@@ -1,28 +1,29 @@
-"""VinePPO training, the only script. It reads as the paper's loop: Args, then main -> the loop -> one iteration ->
-its phases in the order they run, then setup. A reader who stops at the "Setup" banner has read the whole loop.
+"""VinePPO training, the only script. It reads as the paper's loop: Args, then main -> train -> one_iteration -> its
+phases in the order they run, then setup. A reader who stops at the "Setup" banner has read the whole loop.
 
     python train.py --dataset arithmetic                  # the CPU demo: a tiny model, SFT then VinePPO, 12-18 min
     python train.py --dataset gsm8k                       # the paper's GSM8K + RhoMath-1.1B recipe (one GPU)
     python train.py --help                                # every option, with its default
     torchrun --nproc_per_node 4 train.py --dataset gsm8k  # the same loop, data-parallel over 4 GPUs
 
-One iteration (PAPER_NOTES.md §1.1, §8), phase by phase in file order:
+One iteration (paper §4; what the official code does: docs/paper.md §1.1, §8), phase by phase in file order:
     evaluate_and_keep_best       every --eval-every iterations, before the update (iteration 0 is the start)
     sample_problems, sample_and_grade, make_episodes          rollout.sample, reward.grade
     vine_advantages | ppo.critic_advantages | ppo.outcome_advantages  the estimator (--advantage)
-    run_value_diagnostic         optional (--value-diagnostic): how good are the values, paper §5.3
+    run_value_diagnostic         optional (--value-diagnostic): how good are the values (vine.value_diagnostic)
     ppo_update                   old_and_ref_logprobs, then epochs x minibatches of minibatch_backward (ppo.ppo_loss)
     write_log, write_samples     one line per iteration; a few answers with their credit (--log-samples)
-    save_checkpoint              the plumbing is in checkpoint.py and distributed.py
+The starting model (the demo's tiny model, the supervised warm-up) is sft.py's; checkpoints, resume and what a
+Ctrl-C does are checkpoint.py's (open_run, uninterrupted); torchrun is distributed.py's.
 
 Where this script departs from the paper's code:
 1. Sampling runs in the training process (rollout.py, no vLLM); the MC rollouts share the answers' policy snapshot
-   and settings (one rollout.Sampling value), as in the paper (pitfall 1).
+   and settings (one rollout.Sampling value), as in the paper (docs/paper.md pitfall 1).
 2. The ratio guard judges the whole minibatch and skips its optimizer step (ppo_update says why); the official code
    zeroes each micro-batch's loss and still steps AdamW. The LR schedule advances either way, as there.
 3. Every sampled answer is an episode; the paper fills or subsamples to exactly 512 when some fail to parse.
-4. --sft-steps, --sft-answer-only, --sft-slip(-each) (a supervised warm-up) and --arithmetic-* are ours, for the
-   CPU demo and benchmarks (docs/head_to_head.md, docs/credit_curve.md): the paper starts from SFT models.
+4. --sft-steps, --sft-answer-only, --sft-slip(-each) (a supervised warm-up, sft.py) and --arithmetic-* are ours, for
+   the CPU demo and benchmarks (docs/head_to_head.md, docs/credit_curve.md): the paper starts from SFT models.
 5. float32 master weights under bf16 autocast on CUDA (the paper: bf16 weights, DeepSpeed's float32 master copy).
 6. The arithmetic defaults (DATASET_DEFAULTS) are ours, sized for a CPU; gsm8k and math use the paper's.
 7. GRPO and RLOO take only their advantages from their papers and keep this loop's token-level whitening, PPO-clip,
@@ -38,16 +39,14 @@ import functools
 import json
 import math
 import os
+import itertools
 import random
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple, NoReturn
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from transformers import HfArgumentParser, PreTrainedTokenizerFast
 
 import checkpoint
@@ -55,12 +54,13 @@ import distributed
 import ppo
 import reward
 import rollout
+import sft
 import vine
 
-ADVANTAGES = ("vine", "critic", "grpo", "rloo")  # --advantage: the four estimators (DESIGN.md)
+ADVANTAGES = ("vine", "critic", "grpo", "rloo")  # --advantage: the four estimators, the one multi-way choice
 
 # Per-dataset defaults of the options whose default is None in Args: the paper's GSM8K and MATH recipes with
-# RhoMath-1.1B (PAPER_NOTES.md §3, §9) and, for arithmetic, the README's CPU demo (about 12 minutes on 2 cores).
+# RhoMath-1.1B (docs/paper.md §3, §9) and, for arithmetic, the README's CPU demo (12-18 minutes on 2 cores).
 # This table is the one place they live; an option given on the command line overrides it.
 # fmt: off
 DATASET_DEFAULTS = {
@@ -115,7 +115,7 @@ class Args:
     arithmetic_steps: int = option(3, "Arithmetic only: steps (lines of working) per problem.")
     arithmetic_multiply: float = option(0.15, "Arithmetic only: chance that a step doubles or triples (where the "
                                         "result stays <= 999) instead of adding or subtracting.")
-    # the VinePPO iteration (PAPER_NOTES §9)
+    # the VinePPO iteration (docs/paper.md §9)
     num_iterations: int = per_dataset("num_iterations", "RL iterations.")
     prompts_per_iteration: int = option(64, "Problems sampled per iteration.")
     samples_per_prompt: int = option(8, "Answers sampled per problem (episodes = prompts x samples).")
@@ -127,7 +127,7 @@ class Args:
     max_new_tokens: int = per_dataset("max_new_tokens", "Most tokens in one answer or continuation.")
     max_length: int = per_dataset("max_length", "Most tokens in prompt + answer (+ EOS); longer ones are unfinished.")
     max_prompt_length: int = option(1512, "Problems with longer prompts are dropped.")
-    # PPO (PAPER_NOTES §3)
+    # PPO (docs/paper.md §3)
     num_epochs: int = option(2, "PPO epochs over each iteration's episodes.")
     minibatch_size: int = option(64, "Episodes per optimizer step (advantages are whitened over it).")
     micro_batch_size: int = per_dataset("micro_batch_size", "Episodes per forward pass (gradient accumulation); "
@@ -155,10 +155,10 @@ class Args:
     eval_samples: int = per_dataset("eval_samples", "Samples per problem for Pass@1 (the paper: 16).")
     eval_temperature: float = option(0.35, "Sampling temperature of the Pass@1 evaluation.")
     value_diagnostic: int = option(0, "Every iteration, measure the MC values (and the critic's) of this many answers' "
-                                   "states against --diagnostic-rollouts rollouts each (paper §5.3; 0: off).")
+                                   "states against --diagnostic-rollouts rollouts each (paper §7; 0: off).")
     diagnostic_rollouts: int = option(64, "MC rollouts per state of the value diagnostic's reference values.")
     log_samples: int = option(4, "Every iteration, write this many answers with their steps, values and advantages "
-                              "to run_dir/samples/<iteration>.jsonl, for benchmarks/show_credit.py (0: off). They "
+                              "to run_dir/samples/<iteration>.jsonl, for tools/show_credit.py (0: off). They "
                               "are drawn apart: training draws the same either way.")
     save_every: int = option(10, "Checkpoint every this many iterations (and at the end, and on Ctrl-C).")
     stop_after: int = option(0, "Checkpoint and stop after this many iterations of this invocation (0: run on).")
@@ -193,32 +193,21 @@ def seeded(seed: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# main -> run -> train_loop -> one_iteration
+# main -> train -> one_iteration
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    # seeding (cleanrl): every random choice below flows from args.seed (the starting model) or args.rl_seed (RL)
-    random.seed(args.seed)
-    np.random.seed(args.seed % 2**32)
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.device = distributed.init(args.device)  # launched by torchrun: join the other ranks
-    # Ctrl-C and SIGTERM (kill, a job scheduler's preemption, torchrun passing on a stop) stop the run; later ones
-    # are ignored, so that none cuts the checkpoint the first one asked for (checkpoint.stop_on_interrupt)
-    previous = {s: signal.signal(s, checkpoint.stop_on_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with checkpoint.run_dir_lock(args.run_dir) if distributed.is_main() else contextlib.nullcontext():
-            run(args)  # one train.py per run folder
-    finally:
-        distributed.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+@dataclass
+class Problem:
+    """One problem as the loop uses it: a row of reward.load_problems with its prompt's token ids (to_problems)."""
+
+    question: str
+    answer: str  # the gold final answer, which reward.grade compares with
+    solution: str  # the gold worked solution (sft.py's target)
+    prompt_ids: list[int]  # BOS + the paper's zero-shot prompt (docs/paper.md §4.1); the response starts with "\n"
 
 
 class Critic(NamedTuple):
-    """The PPO baseline's value model with its own AdamW and schedule (--advantage critic; PAPER_NOTES §3)."""
+    """The PPO baseline's value model with its own AdamW and schedule (--advantage critic; docs/paper.md §3)."""
 
     model: ppo.ValueModel
     optimizer: torch.optim.Optimizer
@@ -229,92 +218,67 @@ class Critic(NamedTuple):
 class State:
     """What the loop reads and updates, and where the run stands (made by set_up)."""
 
-    train_problems: list[dict]
-    val_problems: list[dict]
-    test_problems: list[dict]
+    train_problems: list[Problem]
+    val_problems: list[Problem]
+    test_problems: list[Problem]
     policy: torch.nn.Module
     reference: torch.nn.Module | None  # the frozen initial (SFT) policy; None when --kl-coef 0
     critic: Critic | None  # --advantage critic only
     tokenizer: PreTrainedTokenizerFast
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampling: rollout.Sampling  # the answers' sampling settings, which their MC rollouts share (pitfall 1)
+    sampling: rollout.Sampling  # the answers' settings, which their MC rollouts share (docs/paper.md pitfall 1)
     next_iteration: int = 0  # the policy holds the updates of the iterations before this one
     saved_at: int | None = None  # the next_iteration of the checkpoint on disk (None: this invocation saved none)
     best_val: float = -1.0  # the best validation Pass@1 so far; best/ holds that policy
 
 
-def run(args: Args) -> None:
-    """Set up, then train from where the run stands. Ctrl-C (or SIGTERM) outside an update saves a checkpoint of the
-    last finished update and exits 130. Under torchrun every rank runs this on its share; rank 0 logs and saves."""
-    if distributed.is_main():
-        run_args = dataclasses.asdict(args)
-        checkpoint.check_run_dir(args.run_dir, resume=args.resume, run_args=run_args, may_differ=RESUME_MAY_DIFFER)
-    distributed.barrier()
-    print(json.dumps(dataclasses.asdict(args), indent=1))
-    try:
-        state = set_up(args)
-    except KeyboardInterrupt:
-        stop_interrupted(None, args)
-    if args.wandb and distributed.is_main():
-        import wandb
-
-        wandb.init(project="vineppo", config=dataclasses.asdict(args), resume="allow")
-    with open(os.path.join(args.run_dir, "metrics.jsonl") if distributed.is_main() else os.devnull, "a") as metrics:
-        try:
-            train_loop(state, metrics, args)
-        except KeyboardInterrupt:  # outside an update (evaluating, sampling, values) or once it and its save are done
-            stop_interrupted(state, args)
+def main(argv: list[str] | None = None) -> None:
+    """A run: the options, then (under torchrun) the process group, the run folder (refused if it holds another run,
+    locked while this one trains), the setup and the training. A Ctrl-C or SIGTERM at any point stops the run with a
+    checkpoint of the last finished update and exit 130, and --resume continues exactly there (checkpoint.open_run).
+    Under torchrun every rank runs all of this on its share of the work; rank 0 prints, logs and saves."""
+    args = parse_args(argv)
+    seed_everything(args)
+    with (
+        distributed.process_group(args.device) as args.device,  # torchrun: join the other ranks, one GPU each
+        checkpoint.open_run(args.run_dir, main=distributed.is_main(), resume=args.resume,
+                            run_args=dataclasses.asdict(args), may_differ=RESUME_MAY_DIFFER) as run,
+    ):
+        state = set_up(args)  # data, models, optimizers and, with --resume, the checkpoint's state
+        run.on_stop = functools.partial(save_checkpoint, state, args)  # what a stop saves from here on
+        train(state, args)
 
 
-def stop_interrupted(state: State | None, args: Args) -> NoReturn:
-    """The end of a run stopped by Ctrl-C or SIGTERM: further ones are ignored from here (a second Ctrl-C must not
-    cut the save), the policy is saved unless the checkpoint on disk already holds it (it holds exactly the updates
-    of the iterations before state.next_iteration, so the checkpoint resumes there), and the exit code is 130.
-    state None: stopped while setting up (loading, SFT), when nothing is saved."""
-    checkpoint.ignore_interrupts()
-    if state is None:
-        print("interrupted while setting up (loading, SFT): nothing was saved or changed; run the same command again")
-        sys.exit(130)
-    if state.saved_at != state.next_iteration:
-        save_checkpoint(state, args)
-    print("interrupted; continue with --resume")
-    sys.exit(130)
-
-
-def train_loop(state: State, metrics_file, args: Args) -> None:
-    """The iterations from state.next_iteration to --num-iterations (or --stop-after of them), then the evaluation
-    of the final policy."""
+def train(state: State, args: Args) -> None:
+    """The iterations from where the run stands to --num-iterations (or --stop-after of them), each checkpointed when
+    due, then the evaluation of the final policy."""
     first = state.next_iteration
-    for iteration in range(first, args.num_iterations):
-        log = {"iteration": iteration}
-        if args.eval_every and iteration % args.eval_every == 0:  # before the update: iteration 0 is the start
-            log.update(evaluate_and_keep_best(state, iteration, args))
-        done = iteration + 1 - first
-        save = done == args.stop_after or checkpoint.is_due(
-            iteration, num_iterations=args.num_iterations, save_every=args.save_every
-        )
-        if one_iteration(state, iteration, log, save, metrics_file, args):  # stopped by a signal on another rank
-            stop_interrupted(state, args)
-        if done == args.stop_after:
-            return
+    last = min(args.num_iterations, first + args.stop_after) if args.stop_after else args.num_iterations
+    for iteration in range(first, last):
+        one_iteration(state, iteration, args)
+        if checkpoint.is_due(iteration, num_iterations=last, save_every=args.save_every):  # and after the last
+            with checkpoint.uninterrupted(distributed.any_rank):  # a Ctrl-C or SIGTERM waits until it is saved
+                save_checkpoint(state, args)
+    if args.stop_after and last - first == args.stop_after:  # stopped here; --resume goes on
+        return
     if args.eval_every:  # -------- evaluate the final policy
-        final = {"iteration": args.num_iterations, **evaluate_and_keep_best(state, args.num_iterations, args)}
-        print(format_log(final))
-        metrics_file.write(json.dumps(final) + "\n")
+        write_log({"iteration": args.num_iterations, **evaluate_and_keep_best(state, args.num_iterations, args)}, args)
     print_where_results_went(args, state.best_val)
 
 
-def one_iteration(state: State, iteration: int, log: dict, save: bool, metrics_file, args: Args) -> bool:
-    """Sample and grade answers, their advantages, the PPO update, the log line and (if save) a checkpoint
-    (PAPER_NOTES §1.1 steps 1-6). A Ctrl-C or SIGTERM during the update or the save is held until both are done,
-    then raised again (checkpoint.deferred_interrupt); returns True when one on another rank stops every rank here
-    (the checkpoint is then saved too)."""
+def one_iteration(state: State, iteration: int, args: Args) -> dict:
+    """One VinePPO iteration (docs/paper.md §1.1 steps 1-6, §8): evaluate when due, sample and grade answers, their
+    advantages, the PPO update and the log line. A Ctrl-C or SIGTERM during the update waits until it and its log
+    line are written (checkpoint.uninterrupted). Returns the log."""
     policy, tokenizer, pad_id = state.policy, state.tokenizer, state.tokenizer.pad_token_id
     generator = seeded(args.rl_seed + iteration)  # per iteration: a resumed run draws what an uninterrupted one does
+    log = {"iteration": iteration}
+    if args.eval_every and iteration % args.eval_every == 0:  # -------- evaluate, before the update: 0 is the start
+        log.update(evaluate_and_keep_best(state, iteration, args))
     # -------- sample answers and grade them
     timer = time.time()
-    problems = distributed.shard(sample_problems(state.train_problems, tokenizer, iteration, args))  # a rank's share
+    problems = distributed.shard(sample_problems(state.train_problems, iteration, args))  # this rank's share
     rollouts, rewards = sample_and_grade(policy, tokenizer, problems, state.sampling, generator, args)
     episodes = make_episodes(tokenizer, problems, rollouts, rewards, args)
     log["time/sample"], timer = time.time() - timer, time.time()
@@ -335,8 +299,8 @@ def one_iteration(state: State, iteration: int, log: dict, save: bool, metrics_f
     log = distributed.combine_logs(log, SUMMED_KEYS)  # several ranks: one log, and every rank gets every episode
     episodes = distributed.gather_list(episodes)
     log.update(reward_signal([e.reward for e in episodes], iteration, args))
-    # -------- PPO update, log, checkpoint; Ctrl-C and SIGTERM wait until the block ends: no half update or save
-    with checkpoint.deferred_interrupt() as pressed:
+    # -------- PPO update and the log line: a Ctrl-C or SIGTERM waits until both are done (no half update)
+    with checkpoint.uninterrupted(distributed.any_rank):
         log.update(
             ppo_update(policy, state.reference, state.critic, state.optimizer, state.scheduler, episodes, pad_id,
                        generator, args)
@@ -344,24 +308,21 @@ def one_iteration(state: State, iteration: int, log: dict, save: bool, metrics_f
         check_finite_weights(policy, state.critic, iteration)
         state.next_iteration = iteration + 1
         log["time/train"] = time.time() - timer
-        if distributed.is_main():
-            write_log(log, episodes, state.scheduler, metrics_file, args)
-            write_samples(tokenizer, problems, rollouts, episodes, logged, iteration, args)
-        stop = distributed.any_rank(bool(pressed))  # Ctrl-C on any rank stops every rank here
-        if stop or save:
-            save_checkpoint(state, args)
-    return stop
+        log.update(episode_stats(episodes, state.scheduler))
+        write_log(log, args)
+        write_samples(tokenizer, problems, rollouts, episodes, logged, iteration, args)
+    return log
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Evaluation (PAPER_NOTES §4.5): test and validation Pass@1, greedy accuracy, the best policy by validation
+# Evaluation (docs/paper.md §4.5): test and validation Pass@1, greedy accuracy, the best policy by validation
 
 
 def evaluate_and_keep_best(state: State, iteration: int, args: Args) -> dict:
     """The evaluation phase: evaluate, write each problem's scores to run_dir/evals/<iteration>.json
-    (benchmarks/compare_runs.py pairs runs with them), and save the policy to run_dir/best/ when its validation
+    (tools/compare_runs.py pairs runs with them), and save the policy to run_dir/best/ when its validation
     Pass@1 beats every earlier evaluation of the run (the paper reports the checkpoint with the best validation
-    accuracy, §4.5). Returns the metrics, timed."""
+    accuracy, docs/paper.md §4.5). Returns the metrics, timed."""
     start = time.time()
     metrics = evaluate(
         state.policy, state.tokenizer, state.test_problems, state.val_problems, state.sampling, args, iteration
@@ -383,10 +344,10 @@ def evaluate_and_keep_best(state: State, iteration: int, args: Args) -> dict:
 
 
 def evaluate(model, tokenizer, test_problems, val_problems, sampling: rollout.Sampling, args: Args, iteration: int):
-    """Pass@1 as the paper measures it (§4.5): the mean accuracy of eval_samples answers per problem at T = 0.35, on
-    the test and the validation problems; and the accuracy of the greedy answer to each test problem. The answers'
-    settings otherwise (sampling). The draws depend on --seed and the iteration only, so runs from one starting model
-    are evaluated on the same problems with the same random numbers (paired). metrics["per_problem"] holds each
+    """Pass@1 as the paper measures it (docs/paper.md §4.5): the mean accuracy of eval_samples answers per problem at T
+    = 0.35, on the test and the validation problems; and the accuracy of the greedy answer to each test problem. The
+    answers' settings otherwise (sampling). The draws depend on --seed and the iteration only, so runs from one starting
+    model are evaluated on the same problems with the same random numbers (paired). metrics["per_problem"] holds each
     problem's score, for comparisons. With several ranks each evaluates its share of the problems from a generator
     of its own (runs are paired with runs of the same number of ranks) and every rank gets all the scores."""
     generator = seeded(args.seed + EVAL_SEED_OFFSET * (iteration + 1))
@@ -397,12 +358,11 @@ def evaluate(model, tokenizer, test_problems, val_problems, sampling: rollout.Sa
         ("eval/val_pass1", val_problems, args.eval_samples, args.eval_temperature),
     ]:
         mine = distributed.shard(problems)
-        prompts = encode_prompts(tokenizer, [p["question"] for p in mine], args.dataset)
         outs = sample_answers(
-            model, tokenizer, prompts, num_samples=num_samples,
+            model, tokenizer, [p.prompt_ids for p in mine], num_samples=num_samples,
             sampling=dataclasses.replace(sampling, temperature=temperature), generator=generator, args=args,
         )
-        golds = [p["answer"] for p in mine for _ in range(num_samples)]
+        golds = [p.answer for p in mine for _ in range(num_samples)]
         rewards = grade_all(tokenizer, outs, golds, args.dataset)
         scores = np.array(distributed.gather_list(rewards)).reshape(len(problems), num_samples)
         metrics[name], per_problem[name] = float(scores.mean()), scores.mean(axis=1).tolist()
@@ -410,37 +370,19 @@ def evaluate(model, tokenizer, test_problems, val_problems, sampling: rollout.Sa
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Sampling and grading (PAPER_NOTES §1.1 steps 1-3, §4.3)
+# Sampling and grading (docs/paper.md §1.1 steps 1-3, §4.3)
 
 
-def sample_problems(train_problems: list[dict], tokenizer, iteration: int, args: Args) -> list[tuple[list[int], str]]:
-    """The iteration's (prompt ids, gold answer) pairs: the train split reshuffled with rl_seed + iteration, the first
-    prompts_per_iteration whose prompt has at most longest_prompt(args) tokens (§1.1 step 1; §3 prompt filter)."""
+def sample_problems(train_problems: list[Problem], iteration: int, args: Args) -> list[Problem]:
+    """The iteration's problems: the train split reshuffled with rl_seed + iteration, the first prompts_per_iteration
+    whose prompt has at most longest_prompt(args) tokens (docs/paper.md §1.1 step 1; §3, the prompt filter)."""
     order = random.Random(args.rl_seed + iteration).sample(range(len(train_problems)), len(train_problems))
-    problems = []
-    for i in order:
-        prompt_ids = encode_prompt(tokenizer, train_problems[i]["question"], args.dataset)
-        if len(prompt_ids) <= longest_prompt(args):
-            problems.append((prompt_ids, train_problems[i]["answer"]))
-        if len(problems) == args.prompts_per_iteration:
-            break
-    return problems
-
-
-def encode_prompt(tokenizer, question: str, dataset: str) -> list[int]:
-    """Prompt ids: BOS + the paper's zero-shot template (PAPER_NOTES §4.1); the response starts with "\\n"."""
-    return encode_prompts(tokenizer, [question], dataset)[0]
-
-
-def encode_prompts(tokenizer, questions: list[str], dataset: str) -> list[list[int]]:
-    """encode_prompt of many questions in one tokenizer call."""
-    texts = [reward.format_prompt(question, dataset) for question in questions]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    fitting = (train_problems[i] for i in order if len(train_problems[i].prompt_ids) <= longest_prompt(args))
+    return list(itertools.islice(fitting, args.prompts_per_iteration))
 
 
 def sampling_settings(args: Args, model, tokenizer) -> rollout.Sampling:
-    """The answers' sampling settings, which their MC rollouts share (PAPER_NOTES §1.1 step 3, pitfall 1): T, top-p,
+    """The answers' sampling settings, which their MC rollouts share (docs/paper.md §1.1 step 3, pitfall 1): T, top-p,
     the paper's stop string, every end token of the model, and max_length - 1 - (prefix length) new tokens at most,
     so that prefix + tokens + EOS fit in max_length (the official 2047 for 2048)."""
     return rollout.Sampling(
@@ -459,19 +401,19 @@ def sample_answers(policy, tokenizer, prompts, *, num_samples, sampling: rollout
 
 
 def sample_and_grade(policy, tokenizer, problems, sampling: rollout.Sampling, generator, args: Args):
-    """samples_per_prompt answers per prompt at the sampling temperature (§1.1 step 3), answer j of prompt i at
-    i * samples_per_prompt + j, and their rewards R (§4.3: 0 when unfinished). Returns (Rollouts, rewards)."""
-    prompts = [prompt_ids for prompt_ids, _ in problems]
+    """samples_per_prompt answers per prompt at the sampling temperature (docs/paper.md §1.1 step 3), answer j of prompt
+    i at i * samples_per_prompt + j, and their rewards R (docs/paper.md §4.3: 0 when unfinished). Returns (Rollouts,
+    rewards)."""
     rollouts = sample_answers(
-        policy, tokenizer, prompts, num_samples=args.samples_per_prompt, sampling=sampling, generator=generator,
-        args=args,
+        policy, tokenizer, [p.prompt_ids for p in problems], num_samples=args.samples_per_prompt, sampling=sampling,
+        generator=generator, args=args,
     )
-    golds = [gold for _, gold in problems for _ in range(args.samples_per_prompt)]
+    golds = [p.answer for p in problems for _ in range(args.samples_per_prompt)]
     return rollouts, grade_all(tokenizer, rollouts, golds, args.dataset)
 
 
 def grade_all(tokenizer, rollouts: rollout.Rollouts, answers: list[str], dataset: str) -> list[float]:
-    """R = grade(text) for finished answers and 0 for unfinished ones (PAPER_NOTES §4.3, pitfall 10)."""
+    """R = grade(text) for finished answers and 0 for unfinished ones (docs/paper.md §4.3, pitfall 10)."""
     return [
         reward.grade(tokenizer.decode(ids, **rollout.DECODE_KWARGS), gold, dataset) if done else 0.0
         for ids, gold, done in zip(rollouts.response_ids, answers, rollouts.finished)
@@ -480,11 +422,12 @@ def grade_all(tokenizer, rollouts: rollout.Rollouts, answers: list[str], dataset
 
 def make_episodes(tokenizer, problems, rollouts: rollout.Rollouts, rewards: list[float], args: Args) -> list:
     """One Episode per answer, its advantages still empty. A GSM8K answer with no "####" line is unfinished, as in the
-    official code (§4.3); EOS is appended to finished answers only (§1.3, pitfall 10): the end token the answer
+    official code (docs/paper.md §4.3); EOS is appended to finished answers only (docs/paper.md §1.3, pitfall 10): the
+    end token the answer
     sampled (a model may have several, rollout.stop_token_ids), or the tokenizer's after a stop string."""
     episodes = []
     for i, ids in enumerate(rollouts.response_ids):
-        prompt_ids = problems[i // args.samples_per_prompt][0]
+        prompt_ids = problems[i // args.samples_per_prompt].prompt_ids
         text = tokenizer.decode(ids, **rollout.DECODE_KWARGS)
         finished = rollouts.finished[i] and reward.counts_as_finished(text, args.dataset)
         eos = tokenizer.eos_token_id if rollouts.eos[i] is None else rollouts.eos[i]  # the end token it sampled
@@ -494,20 +437,24 @@ def make_episodes(tokenizer, problems, rollouts: rollout.Rollouts, rewards: list
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Advantages: VinePPO's MC values (§1.2, §1.3); the baselines' are in ppo.py (DESIGN.md "Advantage estimators")
+# Advantages: VinePPO's MC values (docs/paper.md §1.2, §1.3); the baselines' are in ppo.py
 
 
 def vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, generator, args: Args) -> dict:
-    """VinePPO's credit assignment for every answer (§1.2, §1.3): split into steps, MC values of the step states
-    from the same policy snapshot and sampling settings (pitfall 1), A_i = r_i + V(s_{i+1}) - V(s_i) per step, each
-    token carrying its step's A_i and the EOS of a finished answer the last token's (pitfall 10)."""
-    prompts = [prompt_ids for prompt_ids, _ in problems for _ in range(args.samples_per_prompt)]
-    golds = [gold for _, gold in problems for _ in range(args.samples_per_prompt)]
+    """VinePPO's credit assignment for every answer (paper §4; docs/paper.md §1.2, §1.3): split into steps, MC values
+    of the step states from the same policy snapshot and sampling settings (docs/paper.md pitfall 1), A_i = r_i +
+    V(s_{i+1}) -
+    V(s_i) per step, each token carrying its step's A_i and the EOS of a finished answer the last token's (pitfall
+    10). vine.estimate_values runs under --bf16's autocast. Returns its stats."""
+    answers = [p for p in problems for _ in range(args.samples_per_prompt)]  # answer i's problem
     steps, token_steps = vine.answer_steps(tokenizer, rollouts.response_ids, args.dataset)
-    values, stats = monte_carlo_values(
-        policy, tokenizer, prompts, rollouts.response_ids, token_steps, golds, args.num_mc_rollouts, sampling,
-        generator, args,
-    )
+    with autocast(args):
+        values, stats = vine.estimate_values(
+            policy, tokenizer, [p.prompt_ids for p in answers], rollouts.response_ids, token_steps,
+            [p.answer for p in answers], args.dataset, num_mc_rollouts=args.num_mc_rollouts,
+            max_value_steps=args.max_value_steps or None, sampling=sampling, generator=generator,
+            show_progress=distributed.is_main(),
+        )
     for i, e in enumerate(episodes):
         e.values = values[i]
         step_advs = vine.step_advantages(values[i], e.reward, len(steps[i]))
@@ -518,66 +465,42 @@ def vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, g
     return stats
 
 
-def monte_carlo_values(policy, tokenizer, prompts, responses, token_steps, golds, k, sampling, generator, args):
-    """vine.estimate_values with k rollouts per state, the answers' sampling settings (pitfall 1) and
-    --max-value-steps, under --bf16's autocast. Returns (values per answer, stats)."""
-    with autocast(args):
-        return vine.estimate_values(
-            policy, tokenizer, prompts, responses, token_steps, golds, args.dataset, num_mc_rollouts=k,
-            max_value_steps=args.max_value_steps or None, sampling=sampling, generator=generator,
-            show_progress=distributed.is_main(),
-        )
-
-
 def run_value_diagnostic(state: State, problems, rollouts, iteration: int, args: Args) -> dict:
-    """value_diagnostic on --value-diagnostic answers of this iteration, drawn with their own seeded generator."""
+    """vine.value_diagnostic on --value-diagnostic answers of this iteration, drawn with their own seeded generator
+    (training draws nothing less or more): --diagnostic-rollouts reference rollouts per state against a fresh K-rollout
+    MC estimate and, with --advantage critic, the critic's values before this iteration's update."""
     generator = seeded(args.rl_seed + DIAGNOSTIC_SEED_OFFSET * (iteration + 1))
     picked = torch.randperm(len(rollouts.response_ids), generator=generator)[: args.value_diagnostic].tolist()
-    prompts = [problems[i // args.samples_per_prompt][0] for i in picked]
-    golds = [problems[i // args.samples_per_prompt][1] for i in picked]
+    answers = [problems[i // args.samples_per_prompt] for i in picked]
     responses = [rollouts.response_ids[i] for i in picked]
     _, steps = vine.answer_steps(state.tokenizer, responses, args.dataset)
-    return value_diagnostic(
-        state.policy, state.critic, state.tokenizer, prompts, responses, steps, golds, state.sampling, generator, args
-    )[0]
-
-
-def value_diagnostic(policy, critic, tokenizer, prompts, responses, steps, golds, sampling, generator, args):
-    """How well the value estimates match the truth on sampled answers' step states (paper §5.3 "why the critic
-    fails", PAPER_NOTES §5.3): the reference V(s) is the mean reward of --diagnostic-rollouts MC rollouts from s (the
-    paper: 256), compared with a fresh K-rollout MC estimate (what VinePPO uses) and, if there is one, the critic's
-    prediction before this iteration's update. Logged per estimator: vine.value_errors (mean absolute error, ranking
-    accuracy over pairs of states of one answer). Runs from its own generator: training draws nothing less or more.
-    Returns (stats, per-answer values by name) for tests."""
-    per_answer = {}
-    for name, k in (("reference", args.diagnostic_rollouts), ("mc", args.num_mc_rollouts)):
-        per_answer[name], _ = monte_carlo_values(policy, tokenizer, prompts, responses, steps, golds, k, sampling,
-                                                 generator, args)
-    if critic is not None:  # V(s) is the critic's value at the last token of s (§3: V(s_0) at the last prompt token)
-        states, state_index, _ = vine.value_states(prompts, responses, steps, golds, args.max_value_steps or None)
-        seqs = [list(prompt) + list(prefix) for prompt, prefix, _ in states]
-        with autocast(args):
-            unique = [float(v[-1]) for v in critic.model.predict(seqs, tokenizer.pad_token_id, args.micro_batch_size)]
-        per_answer["critic"] = [[unique[u] for u in indices] for indices in state_index]
-    reference = per_answer["reference"]
-    stats = {"diag/states": sum(len(v) for v in reference)}
-    for name in ("mc", "critic"):
-        if name in per_answer:
-            stats.update(vine.value_errors(per_answer[name], reference, prefix=f"diag/{name}"))
-    return stats, per_answer
+    critic_values = None
+    if state.critic is not None:
+        critic_values = functools.partial(
+            state.critic.model.state_values, pad_id=state.tokenizer.pad_token_id, batch_size=args.micro_batch_size
+        )
+    with autocast(args):
+        stats, _ = vine.value_diagnostic(
+            state.policy, state.tokenizer, [p.prompt_ids for p in answers], responses, steps,
+            [p.answer for p in answers], args.dataset, num_mc_rollouts=args.num_mc_rollouts,
+            reference_rollouts=args.diagnostic_rollouts, max_value_steps=args.max_value_steps or None,
+            sampling=state.sampling, generator=generator, critic_values=critic_values,
+            show_progress=distributed.is_main(),
+        )
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The PPO update (PAPER_NOTES §3, §8): old and reference logprobs once, then epochs x minibatches x micro-batches
+# The PPO update (docs/paper.md §3, §8): old and reference logprobs once, then epochs x minibatches x micro-batches
 
 
 def ppo_update(
     policy, reference, critic, optimizer, scheduler, episodes: list[ppo.Episode], pad_id: int, generator, args
 ) -> dict:
     """num_epochs passes over the episodes in shuffled minibatches of minibatch_size, one AdamW step each with the
-    gradient norm clipped (§3, §8); the critic, if any, takes a step of its own AdamW on every minibatch (the ratio
-    guard is the policy's alone, as in the official code). A minibatch whose loss or gradient is not finite moves
-    no weight (clipped_step). The guard (mean ratio > 10) is judged on the whole minibatch and skips the step, so
+    gradient norm clipped (docs/paper.md §3, §8); the critic, if any, takes a step of its own AdamW on every minibatch
+    (the ratio guard is the policy's alone, as in the official code). A minibatch whose loss or gradient is not finite
+    moves no weight (clipped_step). The guard (mean ratio > 10) is judged on the whole minibatch and skips the step, so
     --micro-batch-size stays a memory setting that never changes results, and a skipped step cannot move the weights
     on AdamW's momentum (departure 2). Returns the stats averaged over the optimizer steps, and the skip counts.
     episodes: the iteration's episodes, the same on every rank (several ranks: see minibatch_backward)."""
@@ -624,8 +547,8 @@ def ppo_update(
 
 
 def old_and_ref_logprobs(policy, reference, episodes: list[ppo.Episode], pad_id: int, args: Args) -> None:
-    """pi_old and reference logprobs of every episode, once per iteration before the update (pitfall 13). With
-    several ranks each computes its share and receives the others'."""
+    """pi_old and reference logprobs of every episode, once per iteration before the update (docs/paper.md pitfall 13).
+    With several ranks each computes its share and receives the others'."""
     mine = distributed.shard(episodes)
     with torch.no_grad(), autocast(args):
         for start in range(0, len(mine), args.micro_batch_size):
@@ -647,8 +570,8 @@ def old_and_ref_logprobs(policy, reference, episodes: list[ppo.Episode], pad_id:
 
 def minibatch_backward(policy, critic, minibatch: list[ppo.Episode], pad_id: int, args: Args) -> dict:
     """Gradient of the clipped PPO loss + KL over one minibatch, accumulated over micro-batches (memory only: the
-    advantages are whitened and the losses normalised over the whole minibatch, pitfalls 6 and 7); with a critic,
-    also the gradient of its value loss on the same micro-batches (critic_backward). Returns the ppo_loss (and
+    advantages are whitened and the losses normalised over the whole minibatch, docs/paper.md pitfalls 6 and 7); with a
+    critic, also the gradient of its value loss on the same micro-batches (critic_backward). Returns the ppo_loss (and
     value_loss) stats, summed over the micro-batches into minibatch means (ppo.accumulate_stats).
 
     With several ranks, every rank holds the whole minibatch (so the whitening statistics and the normalisers are
@@ -682,7 +605,7 @@ def minibatch_backward(policy, critic, minibatch: list[ppo.Episode], pad_id: int
         )
         loss.backward()
         s["policy/entropy"] = float((entropy * batch["mask"]).sum()) / num_tokens
-        if critic is not None:  # the paper's PPO: the critic learns from the same micro-batch (§3 "Value loss")
+        if critic is not None:  # the paper's PPO: the critic learns on the same micro-batch (docs/paper.md §3)
             s.update(critic_backward(critic, chunk, batch, num_tokens, args))
         stats = ppo.accumulate_stats(stats, s)
     if distributed.world()[1] > 1:
@@ -767,21 +690,25 @@ def reward_signal(rewards: list[float], iteration: int, args: Args) -> dict:
     return {"reward/no_signal_groups": no_signal}
 
 
-def write_log(log: dict, episodes: list[ppo.Episode], scheduler, metrics_file, args) -> None:
-    """Add the iteration's sample statistics to its log, print one line and append it to metrics.jsonl (and wandb)."""
+def episode_stats(episodes: list[ppo.Episode], scheduler) -> dict:
+    """The iteration's sample statistics for its log line (the README's metrics table)."""
     all_advs = [a for e in episodes for a in e.advantages]
-    log.update(
-        {
-            "reward/mean": float(np.mean([e.reward for e in episodes])),
-            "response/length": float(np.mean([len(e.response_ids) - e.finished for e in episodes])),  # without EOS
-            "response/unfinished": 1.0 - float(np.mean([e.finished for e in episodes])),
-            "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])) if all_advs else 1.0,
-            "lr": scheduler.get_last_lr()[0],
-        }
-    )
+    return {
+        "reward/mean": float(np.mean([e.reward for e in episodes])),
+        "response/length": float(np.mean([len(e.response_ids) - e.finished for e in episodes])),  # without EOS
+        "response/unfinished": 1.0 - float(np.mean([e.finished for e in episodes])),
+        "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])) if all_advs else 1.0,
+        "lr": scheduler.get_last_lr()[0],
+    }
+
+
+def write_log(log: dict, args: Args) -> None:
+    """Rank 0: print the log as one line and append it to run_dir/metrics.jsonl (and to wandb with --wandb)."""
+    if not distributed.is_main():
+        return
     print(format_log(log))
-    metrics_file.write(json.dumps(log) + "\n")
-    metrics_file.flush()
+    with open(os.path.join(args.run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(log) + "\n")
     if args.wandb:
         import wandb
 
@@ -804,18 +731,15 @@ def pick_samples(episodes: list[ppo.Episode], iteration: int, args: Args) -> lis
 def write_samples(tokenizer, problems, rollouts, episodes: list[ppo.Episode], picked, iteration: int, args) -> None:
     """The picked answers (pick_samples) to run_dir/samples/<iteration>.jsonl, one record per line, the file written
     whole (a resumed iteration replaces it), and to wandb as a Table: the question, gold answer, reward, finished,
-    the estimator and vine.credit_record's steps. benchmarks/show_credit.py shows them."""
+    the estimator and vine.credit_record's steps. tools/show_credit.py shows them."""
     if not picked:
         return
-    before, after = reward.PROMPT_TEMPLATE.split("{question}")
     records = []
     for i in picked:
-        e = episodes[i]
-        prompt = tokenizer.decode(e.prompt_ids, skip_special_tokens=True)
+        e, problem = episodes[i], problems[i // args.samples_per_prompt]
         records.append({
-            "iteration": iteration, "answer_index": i, "estimator": args.advantage,
-            "question": prompt.removeprefix(before).removesuffix(after),
-            "gold": problems[i // args.samples_per_prompt][1], "reward": e.reward, "finished": e.finished,
+            "iteration": iteration, "answer_index": i, "estimator": args.advantage, "question": problem.question,
+            "gold": problem.answer, "reward": e.reward, "finished": e.finished,
             **vine.credit_record(tokenizer, e, rollouts.response_ids[i], args.dataset),
         })
         if args.advantage in ("grpo", "rloo"):  # one advantage for the whole answer
@@ -834,12 +758,15 @@ def write_samples(tokenizer, problems, rollouts, episodes: list[ppo.Episode], pi
 
 
 def format_log(log: dict) -> str:
-    """One readable line per iteration (STYLE.md Logging); the README explains each metric."""
+    """One readable line per iteration, as nanoGPT prints; the README explains each metric."""
     return " | ".join([f"it {log['iteration']}"] + [f"{k} {v:.4g}" for k, v in log.items() if k != "iteration"])
 
 
 def save_checkpoint(state: State, args: Args) -> None:
-    """checkpoint.save_checkpoint of the run as it stands: rank 0 saves (every rank holds the same weights)."""
+    """checkpoint.save_checkpoint of the run as it stands, unless the checkpoint on disk already holds it (a stop
+    right after a scheduled save saves nothing more): rank 0 saves (every rank holds the same weights)."""
+    if state.saved_at == state.next_iteration:
+        return
     if distributed.is_main():
         checkpoint.save_checkpoint(
             os.path.join(args.run_dir, "checkpoint"), state.policy, state.tokenizer, state.optimizer, state.scheduler,
@@ -856,18 +783,31 @@ def print_where_results_went(args: Args, best_val: float) -> None:
     if best_val >= 0:
         print(f"best:       {os.path.join(args.run_dir, 'best')} (validation Pass@1 {best_val:.4f})")
     curves = os.path.join(args.run_dir, "curves.png")
-    print(f"curves:     python benchmarks/plot_metrics.py {args.run_dir}   (writes {curves}; needs matplotlib)")
+    print(f"curves:     python tools/plot_metrics.py {args.run_dir}   (writes {curves}; needs matplotlib)")
 
 
 # =====================================================================================================================
-# Setup: options, data, models, the supervised warm-up, optimizers, resume. The training loop ends above.
+# Setup: seeds, data, models (the supervised warm-up is sft.py's), options, optimizers, resume. The loop ends above.
+
+
+def seed_everything(args: Args) -> None:
+    """cleanrl's seeding block: Python's, NumPy's and torch's global generators from --seed (the tiny model's weights,
+    SFT), and torch's thread count. RL draws from generators of its own (seeded)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def set_up(args: Args) -> State:
     """Data, models, optimizers and, with --resume, the checkpoint's state (checkpoint.restore_checkpoint)."""
-    train_problems, val_problems, test_problems = load_data(args)
-    policy, reference, tokenizer = load_models(args, train_problems)
-    check_prompts_fit(train_problems, tokenizer, args)
+    distributed.barrier()  # several ranks: the others wait for rank 0's check of the run folder (checkpoint.open_run)
+    print(json.dumps(dataclasses.asdict(args), indent=1))
+    rows = load_data(args)  # train, validation, test: reward.load_problems' dicts
+    policy, reference, tokenizer = load_models(args, rows[0])
+    train_problems, val_problems, test_problems = (to_problems(split, tokenizer, args.dataset) for split in rows)
+    check_prompts_fit(train_problems, args)
     critic = load_critic(args)
     optimizer, scheduler = make_optimizer(policy, args)
     state = State(train_problems, val_problems, test_problems, policy, reference, critic, tokenizer, optimizer,
@@ -880,6 +820,10 @@ def set_up(args: Args) -> State:
         state.saved_at = state.next_iteration
         if distributed.is_main():
             checkpoint.trim_metrics(os.path.join(args.run_dir, "metrics.jsonl"), state.next_iteration)
+    if args.wandb and distributed.is_main():
+        import wandb
+
+        wandb.init(project="vineppo", config=dataclasses.asdict(args), resume="allow")
     return state
 
 
@@ -1005,58 +949,76 @@ def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
     return splits[0], splits[1][: args.eval_problems or None], splits[2][: args.eval_problems or None]
 
 
+def to_problems(rows: list[dict], tokenizer, dataset: str) -> list[Problem]:
+    """reward.load_problems' rows as Problems, each with its prompt's ids: BOS + the paper's zero-shot template
+    (docs/paper.md §4.1), all in one tokenizer call."""
+    texts = [reward.format_prompt(row["question"], dataset) for row in rows]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [Problem(r["question"], r["answer"], r["solution"], bos + prompt) for r, prompt in zip(rows, ids)]
+
+
 def longest_prompt(args: Args) -> int:
     """Prompts longer than this are dropped: --max-prompt-length, and room for one answer token and EOS."""
     return min(args.max_prompt_length, args.max_length - 2)
 
 
-def check_prompts_fit(train_problems: list[dict], tokenizer, args: Args) -> None:
+def check_prompts_fit(train_problems: list[Problem], args: Args) -> None:
     """Stop before training if fewer than prompts_per_iteration training prompts fit (sample_problems)."""
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, [p["question"] for p in train_problems], args.dataset)]
-    fit = sum(n <= longest_prompt(args) for n in lengths)
+    fit = sum(len(p.prompt_ids) <= longest_prompt(args) for p in train_problems)
     if fit < args.prompts_per_iteration:
         raise SystemExit(
-            f"error: only {fit} of {len(lengths)} training prompts are at most {longest_prompt(args)} tokens "
+            f"error: only {fit} of {len(train_problems)} training prompts are at most {longest_prompt(args)} tokens "
             f"(--max-prompt-length {args.max_prompt_length}, --max-length {args.max_length}), fewer than "
             f"--prompts-per-iteration {args.prompts_per_iteration}; raise the limits or lower that option"
         )
 
 
 # The options that make run_dir/init (a tiny model and its SFT): init_args.json records them, and a later run that
-# would reuse init/ with other values is refused (checkpoint.check_init_record).
+# would reuse init/ with other values is refused (sft.check_init_record).
 INIT_OPTIONS = ("dataset", "model", "data_dir", "seed", "max_length", "sft_steps", "sft_lr", "sft_batch_size")
 INIT_OPTIONS += ("sft_answer_only", "sft_slip", "max_grad_norm", "bf16")  # --bf16: the SFT runs under autocast
 INIT_OPTIONS += ("sft_slip_each", "arithmetic_steps", "arithmetic_multiply")
 
 
 def start_model(args: Args) -> str:
-    """Where the initial (SFT) policy lives: run_dir/init/ when this run makes it (a tiny model, or --sft-steps),
-    else --model itself."""
+    """Where the initial (SFT) policy lives: --model itself, or run_dir/init/ when this run makes it (make_init)."""
     made_here = args.model == "tiny" or args.sft_steps > 0
     return os.path.join(args.run_dir, "init") if made_here else args.model
 
 
-def load_models(args: Args, train_problems: list[dict]):
-    """The policy to train and the frozen reference, the initial (SFT) policy (PAPER_NOTES §3; pitfall 13).
-
-    A tiny model, or any model given --sft-steps, is made here once and kept in run_dir/init/: the RL start and the
-    reference (by rank 0 when there are several). With --resume the policy comes from run_dir/checkpoint/. No
-    reference is loaded when kl_coef = 0."""
-    start = start_model(args)
-    made_with = {name: getattr(args, name) for name in INIT_OPTIONS}
-    if start != args.model:
-        checkpoint.check_init_record(start, made_with)
-    if start != args.model and not os.path.exists(os.path.join(start, "config.json")) and distributed.is_main():
+def make_init(args: Args, train_rows: list[dict]) -> None:
+    """Make run_dir/init/ (start_model) unless it is there: a tiny model or --model, then --sft-steps of SFT
+    (sft.py, departure 4), saved with the options that made it; made once, by rank 0, and refused when those
+    options differ from this run's (sft.check_init_record)."""
+    folder, made_with = start_model(args), {name: getattr(args, name) for name in INIT_OPTIONS}
+    sft.check_init_record(folder, made_with)
+    if distributed.is_main() and not os.path.exists(os.path.join(folder, "config.json")):
         if args.model == "tiny":
-            tokenizer = checkpoint.build_tiny_tokenizer([p["question"] + p["solution"] for p in train_problems[:20000]])
-            policy = checkpoint.build_tiny_model(tokenizer, max_length=args.max_length).to(args.device)
+            tokenizer = sft.build_tiny_tokenizer([p["question"] + p["solution"] for p in train_rows[:20000]])
+            policy = sft.build_tiny_model(tokenizer, max_length=args.max_length).to(args.device)
         else:
             policy, tokenizer = checkpoint.load_model(args.model, args.device)
-        check_prompts_fit(train_problems, tokenizer, args)  # before SFT, which can take hours: nothing written yet
+        problems = to_problems(train_rows, tokenizer, args.dataset)
+        check_prompts_fit(problems, args)  # before SFT, which can take hours: nothing written yet
         if args.sft_steps:
-            sft(policy, tokenizer, train_problems, args)
-        checkpoint.save_folder(start, policy, tokenizer, {"init_args.json": made_with})
+            rng = random.Random(args.seed)
+            examples = sft.sft_examples(tokenizer, problems, args.dataset, answer_only=args.sft_answer_only,
+                                        slip=args.sft_slip, slip_each=args.sft_slip_each, rng=rng)
+            sft.sft(policy, tokenizer, examples, steps=args.sft_steps, lr=args.sft_lr, batch_size=args.sft_batch_size,
+                    max_grad_norm=args.max_grad_norm, device=args.device, rng=rng,
+                    autocast=functools.partial(autocast, args))
+        sft.save_init(folder, policy, tokenizer, made_with)
     distributed.barrier()  # several ranks: the others wait until rank 0 has made init/
+
+
+def load_models(args: Args, train_rows: list[dict]):
+    """The policy to train and the frozen reference, the initial (SFT) policy (docs/paper.md §3; pitfall 13), made
+    first when this run makes it (make_init); with --resume the policy comes from run_dir/checkpoint/. No reference
+    is loaded when kl_coef = 0."""
+    start = start_model(args)
+    if start != args.model:
+        make_init(args, train_rows)
     resume_from = os.path.join(args.run_dir, "checkpoint")
     policy, tokenizer = checkpoint.load_model(resume_from if args.resume else start, args.device)
     if args.gradient_checkpointing:  # active in train mode only (ppo_update), where the KV cache is off
@@ -1071,62 +1033,17 @@ def load_models(args: Args, train_problems: list[dict]):
 
 
 def autocast(args: Args):
-    """bf16 autocast on the policy's device type with --bf16 (DESIGN.md: CUDA optional, one code path), else
-    nothing: float32."""
+    """bf16 autocast on the policy's device type with --bf16 (CUDA optional, one code path: the same code runs in
+    float32 on CPU), else nothing: float32."""
     if args.bf16:
         return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def sft_examples(tokenizer, problems: list[dict], args: Args, rng: random.Random) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids + EOS) per problem: the gold solution, or with probability --sft-answer-only the
-    bare answer line (reward.answer_only_solution), so that the model learns to answer both with and without working
-    and RL has to learn which pays (the CPU demo); or, with probability --sft-slip, the solution with its first
-    multiplication slipped into an addition (reward.slipped_solution), a mistake in one kind of step for RL to
-    unlearn (the head-to-head); or, with --sft-slip-each, each multiplication slipped with that chance."""
-    examples = []
-    for p in problems:
-        solution = p["solution"]
-        if args.sft_answer_only and rng.random() < args.sft_answer_only:  # no draw at 0: the same run as without
-            solution = reward.answer_only_solution(p["answer"], args.dataset)
-        elif args.sft_slip and rng.random() < args.sft_slip:
-            solution = reward.slipped_solution(solution)
-        elif args.sft_slip_each:
-            solution = reward.slipped_solution(solution, args.sft_slip_each, rng)
-        response_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        examples.append((encode_prompt(tokenizer, p["question"], args.dataset), response_ids))
-    return examples
-
-
-def sft(model, tokenizer, problems: list[dict], args: Args) -> None:
-    """Next-token cross-entropy on prompt + solution + EOS, loss on the response tokens only, cosine LR decay
-    (departure 4: the paper starts from released SFT checkpoints, PAPER_NOTES §4.1)."""
-    rng = random.Random(args.seed)
-    examples = sft_examples(tokenizer, problems, args, rng)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.sft_steps))
-    )
-    model.train()
-    for _ in (bar := tqdm(range(args.sft_steps), desc="sft", dynamic_ncols=True)):
-        chunk = rng.sample(examples, min(args.sft_batch_size, len(examples)))
-        episodes = [ppo.Episode(p, r, finished=True, reward=0.0, advantages=[0.0] * len(r)) for p, r in chunk]
-        batch = ppo.make_batch(episodes, tokenizer.pad_token_id, args.device)
-        with autocast(args):
-            logprobs = ppo.token_logprobs(model, batch["input_ids"], batch["attention_mask"], 1.0)  # (B, T-1)
-        loss = -ppo.masked_mean(logprobs, batch["mask"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-
-
 def load_critic(args: Args) -> Critic | None:
     """With --advantage critic: a full copy of the initial (SFT) policy with a fresh value head (head seeded by
-    rl_seed), and an AdamW at the policy's learning rate and schedule (§3 "Critic", pitfall 16); else None.
+    rl_seed), and an AdamW at the policy's learning rate and schedule (docs/paper.md §3 "Critic", pitfall 16); else
+    None.
     --resume then loads its saved weights and optimizer (checkpoint.restore_checkpoint)."""
     if args.advantage != "critic":
         return None
@@ -1138,7 +1055,8 @@ def load_critic(args: Args) -> Critic | None:
 
 
 def make_optimizer(policy, args: Args):
-    """AdamW (betas 0.9, 0.999, eps 1e-8, no weight decay) with the warmup-then-linear-decay schedule (§3)."""
+    """AdamW (betas 0.9, 0.999, eps 1e-8, no weight decay) with the warmup-then-linear-decay schedule (docs/paper.md
+    §3)."""
     episodes_per_iteration = args.prompts_per_iteration * args.samples_per_prompt
     steps_per_iteration = args.num_epochs * math.ceil(episodes_per_iteration / args.minibatch_size)
     total_steps = args.num_iterations * steps_per_iteration

@@ -8,7 +8,7 @@ What runs: a random-initialised model with RhoMath-1.1B's architecture (memory_p
 22 layers, hidden 2048, 4 KV heads, vocabulary 32000; nothing is downloaded) is saved to a temporary folder and
 loaded by train.load_models, so the policy (float32, gradient checkpointing on CUDA) and the bf16 reference are set
 up exactly as for training (--small: train.py's CPU defaults, float32 and no checkpointing). Then train.py's own
-functions run one iteration (PAPER_NOTES.md §1.1) with the Args that train.parse_args gives for --dataset gsm8k
+functions run one iteration (docs/paper.md §1.1) with the Args that train.parse_args gives for --dataset gsm8k
 (64 prompts x 8 answers, K = 9, micro-batch 8, max_new_tokens 1024, bf16 autocast; options below scale them down):
     sample answers      train.sample_and_grade (rollout.sample), then train.make_episodes
     HF generate         model.generate on the same prompts and settings, for comparison (not part of an iteration)
@@ -58,8 +58,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # memory_plan
 import memory_plan  # noqa: E402
 import train  # noqa: E402
 
@@ -114,12 +115,12 @@ def set_eos_probability(module, inputs, logits, *, eos_token_id: int, probabilit
 
 
 def synthetic_problems(num_prompts: int, lengths: tuple[int, int], tokenizer, generator) -> list:
-    """train.py's (prompt ids, gold answer) pairs: BOS + random word ids, lengths uniform in [lo, hi]; gold "0"."""
+    """train.Problems whose prompt ids are BOS + random word ids, lengths uniform in [lo, hi]; gold answer "0"."""
     problems = []
     for _ in range(num_prompts):
         length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=generator))
         words = torch.randint(3, len(tokenizer), (length - 1,), generator=generator).tolist()  # no special token
-        problems.append(([tokenizer.bos_token_id] + words, "0"))
+        problems.append(train.Problem("", "0", "", [tokenizer.bos_token_id] + words))
     return problems
 
 
@@ -187,7 +188,7 @@ def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
         temperature=args.temperature,
     )
     policy.get_output_embeddings().register_forward_hook(hook)
-    prompts = [prompt_ids for prompt_ids, _ in problems]
+    prompts = [p.prompt_ids for p in problems]
     # warm-up (CUDA kernels, cuBLAS handles) outside the timers, drawing from the global RNG, not the run's generator
     short = dataclasses.replace(args, max_new_tokens=2)
     sampling = train.sampling_settings(args, policy, tokenizer)
@@ -359,7 +360,7 @@ def print_worst_case(config, args) -> None:
     gib, status = memory_plan.GiB, memory_plan.fit_status(plan["peak"], plan["usable"])
     print(
         f"memory plan, sequences of {args.max_length} tokens (the worst case): peak {plan['peak'] / gib:.1f} GiB "
-        f"of {plan['gpu'] / gib:.1f} GiB, fits: {status} (python benchmarks/memory_plan.py --help to explore)"
+        f"of {plan['gpu'] / gib:.1f} GiB, fits: {status} (python tools/memory_plan.py --help to explore)"
     )
 
 
@@ -399,7 +400,7 @@ def print_report(results: dict, config, args) -> None:
         f"PPO: loss {loss:.4g}, grad norm {grad_norm:.4g}, skipped minibatches {skipped}, LM head max |change| "
         f"{results['weight_change']:.2e}; longest episode {longest} tokens"
     )
-    print(f"\nmemory plan (benchmarks/memory_plan.py) for these settings, sequences of {longest} tokens:")
+    print(f"\nmemory plan (tools/memory_plan.py) for these settings, sequences of {longest} tokens:")
     for key, label in memory_plan.COMPONENTS:
         print(f"  {label:48s} {plan[key] / unit[0]:8.2f} {unit[1]}")
     if args.device.startswith("cuda"):

@@ -126,7 +126,8 @@ def timed(fn, *args, **kwargs):
     return tokens, seconds, tokens / seconds
 
 
-def main():
+def parse_args() -> tuple[argparse.Namespace, set[str]]:
+    """The command line, and the set of workloads it asks for (checked: flops and bf16 reuse others' numbers)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small workloads, a smoke run")
     parser.add_argument("--flat", action="store_true", help="near-uniform next-token distributions")
@@ -139,86 +140,95 @@ def main():
     )
     parser.add_argument("--repeats", type=int, default=5, help="repeats of workloads 5 and 6 (medians printed)")
     cli = parser.parse_args()
-    quick, workloads = cli.quick, set(cli.workloads.split(","))
+    workloads = set(cli.workloads.split(","))
     assert workloads <= {"plain", "mc", "flops", "bf16", "small", "fixed"}, f"unknown workload in {cli.workloads}"
     assert "flops" not in workloads or {"plain", "mc"} <= workloads, "flops needs plain and mc"
     assert "bf16" not in workloads or "plain" in workloads, "bf16 needs plain"
-    torch.set_num_threads(cli.threads)
-    model = make_bench_model(flat=cli.flat)
-    params = count_matmul_params(model)
+    return cli, workloads
+
+
+def random_tokens(generator: torch.Generator, n: int) -> list[int]:
+    """n token ids drawn uniformly from the vocabulary, leaving out pad, BOS and EOS (0, 1, 2)."""
+    return torch.randint(3, VOCAB, (n,), generator=generator).tolist()
+
+
+def draw_inputs(num_prompts: int, num_answers: int) -> tuple[list, list, list]:
+    """Three lists of token ids from one seeded generator, drawn in this order: the prompts of workloads 1, 4 and 5
+    (50-150 tokens), the answers whose prefixes are workload 2's states (300 tokens), workload 6's prompts (32)."""
     g = torch.Generator().manual_seed(0)
-    rand = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
-    print(f"model: Llama 256x6, vocab {VOCAB}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
-          f"({params / 1e6:.1f}M in matmuls); threads {torch.get_num_threads()}; quick={quick}; flat={cli.flat}")
+    prompts = [random_tokens(g, int(n)) for n in torch.randint(50, 150, (num_prompts,), generator=g)]
+    answers = [random_tokens(g, 300) for _ in range(num_answers)]
+    short_prompts = [random_tokens(g, 32) for _ in range(64)]
+    return prompts, answers, short_prompts
 
-    # prompts are drawn whatever --workloads says, so every workload sees the same ones in every run
-    num_prompts, max_new = (64, 48) if quick else (64, 200)
-    prompts = [rand(int(n)) for n in torch.randint(50, 150, (num_prompts,), generator=g)]
-    num_answers, num_states, k, mc_new = (8, 5, 9, 48) if quick else (32, 5, 9, 200)
-    answers = [rand(300) for _ in range(num_answers)]
-    short_prompts = [rand(32) for _ in range(64)]
-    run_sample(model, prompts[:4], num_samples=1, max_new_tokens=4, seed=0)  # warm-up
-    run_generate(model, prompts[:4], num_samples=1, max_new_tokens=4, seed=0)
 
-    # ---- 1. plain sampling: one batch of 64 prompts, 1 sample each
-    if "plain" in workloads:
-        tok_g, sec_g, tps_g = timed(run_generate, model, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
-        tok_s, sec_s, tps_s = timed(run_sample, model, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
-        print(
-            f"\n[1] plain sampling, {num_prompts} prompts of 50-150 tokens, max_new_tokens={max_new}, T=0.6 "
-            f"top-p 0.9"
-        )
-        print(f"  generate: {tok_g:6d} tokens in {sec_g:6.2f} s = {tps_g:7.0f} tok/s")
-        print(
-            f"  sample:   {tok_s:6d} tokens in {sec_s:6.2f} s = {tps_s:7.0f} tok/s   ratio sample/generate = "
-            f"{tps_s / tps_g:.2f}x"
-        )
+def bench_plain(model, prompts, max_new: int) -> tuple[float, float]:
+    """[1] plain sampling: one batch of the prompts, 1 sample each. Returns the tokens/s of generate and of sample."""
+    tok_g, sec_g, tps_g = timed(run_generate, model, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
+    tok_s, sec_s, tps_s = timed(run_sample, model, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
+    print(
+        f"\n[1] plain sampling, {len(prompts)} prompts of 50-150 tokens, max_new_tokens={max_new}, T=0.6 "
+        f"top-p 0.9"
+    )
+    print(f"  generate: {tok_g:6d} tokens in {sec_g:6.2f} s = {tps_g:7.0f} tok/s")
+    print(
+        f"  sample:   {tok_s:6d} tokens in {sec_s:6.2f} s = {tps_s:7.0f} tok/s   ratio sample/generate = "
+        f"{tps_s / tps_g:.2f}x"
+    )
+    return tps_g, tps_s
 
-    # ---- 2. MC-shaped workload: answers x states x K, nested prefixes of 100-300 tokens
-    if "mc" in workloads:
-        states = [a[:n] for a in answers for n in torch.linspace(100, 300, num_states).long().tolist()]
-        tok_r, sec_r, tps_r = timed(run_sample, model, states, num_samples=k, max_new_tokens=mc_new, seed=1)
-        # the naive loop is slow: time it on a subset of the states and scale to all of them (stated below)
-        subset = states[:: 2 if quick else 8]  # every 8th: all 5 state lengths appear
-        start, tok_n = time.perf_counter(), 0
-        for i, state in enumerate(subset):
-            tok_n += run_generate(model, [state], num_samples=k, max_new_tokens=mc_new, seed=100 + i)
-        sec_n = (time.perf_counter() - start) * len(states) / len(subset)
-        tps_n = tok_n * len(states) / len(subset) / sec_n
-        print(
-            f"\n[2] MC workload: {num_answers} answers x {num_states} states (100-300 tokens) x K={k}, up to "
-            f"{mc_new} new tokens"
-        )
-        print(
-            f"  naive generate(num_return_sequences={k}) per state: {sec_n:7.2f} s (timed on {len(subset)} of "
-            f"{len(states)} states, scaled) = {tps_n:6.0f} tok/s"
-        )
-        print(
-            f"  sample, prefix reuse:                           {sec_r:7.2f} s ({tok_r} tokens) = {tps_r:6.0f} "
-            f"tok/s"
-        )
-        print(f"  speed-up (tok/s ratio) = {tps_r / tps_n:.2f}x")
 
-    # ---- 3. fraction of the machine's matmul throughput
-    if "flops" in workloads:
-        flops32, flops16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
-        print(f"\n[3] measured matmul: float32 {flops32 / 1e9:.1f} GFLOP/s, bfloat16 {flops16 / 1e9:.1f} GFLOP/s")
-        for name, tps in [("generate, plain", tps_g), ("sample, plain", tps_s), ("sample, MC", tps_r)]:
-            print(
-                f"  {name:16s} 2 x {params / 1e6:.1f}M x {tps:6.0f} tok/s = {2 * params * tps / 1e9:5.2f} GFLOP/s = "
-                f"{2 * params * tps / flops32:6.1%} of float32 matmul"
-            )
+def bench_mc(model, answers, *, num_states: int, k: int, mc_new: int, quick: bool) -> float:
+    """[2] the MC-shaped workload: answers x states x K, nested prefixes of 100-300 tokens, by sample with prefix
+    reuse against a loop of generate(num_return_sequences=K) per state. Returns sample's tokens/s."""
+    states = [a[:n] for a in answers for n in torch.linspace(100, 300, num_states).long().tolist()]
+    tok_r, sec_r, tps_r = timed(run_sample, model, states, num_samples=k, max_new_tokens=mc_new, seed=1)
+    # the naive loop is slow: time it on a subset of the states and scale to all of them (stated below)
+    subset = states[:: 2 if quick else 8]  # every 8th: all 5 state lengths appear
+    start, tok_n = time.perf_counter(), 0
+    for i, state in enumerate(subset):
+        tok_n += run_generate(model, [state], num_samples=k, max_new_tokens=mc_new, seed=100 + i)
+    sec_n = (time.perf_counter() - start) * len(states) / len(subset)
+    tps_n = tok_n * len(states) / len(subset) / sec_n
+    print(
+        f"\n[2] MC workload: {len(answers)} answers x {num_states} states (100-300 tokens) x K={k}, up to "
+        f"{mc_new} new tokens"
+    )
+    print(
+        f"  naive generate(num_return_sequences={k}) per state: {sec_n:7.2f} s (timed on {len(subset)} of "
+        f"{len(states)} states, scaled) = {tps_n:6.0f} tok/s"
+    )
+    print(
+        f"  sample, prefix reuse:                           {sec_r:7.2f} s ({tok_r} tokens) = {tps_r:6.0f} "
+        f"tok/s"
+    )
+    print(f"  speed-up (tok/s ratio) = {tps_r / tps_n:.2f}x")
+    return tps_r
 
-    # ---- 4. float32 vs bfloat16 weights on CPU, the plain workload
-    if "bf16" in workloads:
-        model_bf16 = make_bench_model(flat=cli.flat).to(torch.bfloat16)
-        tok_b, sec_b, tps_b = timed(run_sample, model_bf16, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
+
+def bench_flops(params: int, throughputs: list[tuple[str, float]]) -> None:
+    """[3] the fraction of the machine's matmul throughput that each (name, tokens/s) of workloads 1 and 2 achieves."""
+    flops32, flops16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
+    print(f"\n[3] measured matmul: float32 {flops32 / 1e9:.1f} GFLOP/s, bfloat16 {flops16 / 1e9:.1f} GFLOP/s")
+    for name, tps in throughputs:
         print(
-            f"\n[4] sample with bfloat16 weights: {tok_b} tokens in {sec_b:.2f} s = {tps_b:.0f} tok/s; "
-            f"bf16/fp32 = {tps_b / tps_s:.2f}x"
+            f"  {name:16s} 2 x {params / 1e6:.1f}M x {tps:6.0f} tok/s = {2 * params * tps / 1e9:5.2f} GFLOP/s = "
+            f"{2 * params * tps / flops32:6.1%} of float32 matmul"
         )
 
-    # ---- 5. and 6. fixed-length jobs (EOS disabled) against one batched generate, medians of --repeats runs
+
+def bench_bf16(flat: bool, prompts, max_new: int, tps_s: float) -> None:
+    """[4] sample with bfloat16 weights on CPU on the plain workload, against its float32 tokens/s tps_s."""
+    model_bf16 = make_bench_model(flat=flat).to(torch.bfloat16)
+    tok_b, sec_b, tps_b = timed(run_sample, model_bf16, prompts, num_samples=1, max_new_tokens=max_new, seed=0)
+    print(
+        f"\n[4] sample with bfloat16 weights: {tok_b} tokens in {sec_b:.2f} s = {tps_b:.0f} tok/s; "
+        f"bf16/fp32 = {tps_b / tps_s:.2f}x"
+    )
+
+
+def bench_fixed(model, prompts, short_prompts, workloads: set[str], repeats: int) -> None:
+    """[5] and [6]: fixed-length jobs (EOS disabled) against one batched generate, medians of repeats runs."""
     fixed = []
     if "small" in workloads:
         fixed.append(("[5] small job: 8 prompts of 50-150 tokens x 64 new tokens, greedy", prompts[:8], True))
@@ -227,10 +237,37 @@ def main():
         fixed.append(("[6] 64 prompts of 32 tokens x 64 new tokens, T=0.6 top-p 0.9", short_prompts, False))
     for name, job_prompts, greedy in fixed:
         tps_g, tps_s, ratio = compare_fixed_length(
-            model, job_prompts, max_new_tokens=64, greedy=greedy, repeats=cli.repeats
+            model, job_prompts, max_new_tokens=64, greedy=greedy, repeats=repeats
         )
-        print(f"\n{name}, no EOS, median of {cli.repeats}")
+        print(f"\n{name}, no EOS, median of {repeats}")
         print(f"  generate: {tps_g:7.0f} tok/s   sample: {tps_s:7.0f} tok/s   ratio sample/generate = {ratio:.2f}x")
+
+
+def main():
+    cli, workloads = parse_args()
+    quick = cli.quick
+    torch.set_num_threads(cli.threads)
+    model = make_bench_model(flat=cli.flat)
+    params = count_matmul_params(model)
+    print(f"model: Llama 256x6, vocab {VOCAB}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
+          f"({params / 1e6:.1f}M in matmuls); threads {torch.get_num_threads()}; quick={quick}; flat={cli.flat}")
+
+    # prompts are drawn whatever --workloads says, so every workload sees the same ones in every run
+    num_prompts, max_new = (64, 48) if quick else (64, 200)
+    num_answers, num_states, k, mc_new = (8, 5, 9, 48) if quick else (32, 5, 9, 200)
+    prompts, answers, short_prompts = draw_inputs(num_prompts, num_answers)
+    run_sample(model, prompts[:4], num_samples=1, max_new_tokens=4, seed=0)  # warm-up
+    run_generate(model, prompts[:4], num_samples=1, max_new_tokens=4, seed=0)
+
+    if "plain" in workloads:
+        tps_g, tps_s = bench_plain(model, prompts, max_new)
+    if "mc" in workloads:
+        tps_r = bench_mc(model, answers, num_states=num_states, k=k, mc_new=mc_new, quick=quick)
+    if "flops" in workloads:
+        bench_flops(params, [("generate, plain", tps_g), ("sample, plain", tps_s), ("sample, MC", tps_r)])
+    if "bf16" in workloads:
+        bench_bf16(cli.flat, prompts, max_new, tps_s)
+    bench_fixed(model, prompts, short_prompts, workloads, cli.repeats)
 
 
 if __name__ == "__main__":

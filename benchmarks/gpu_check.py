@@ -9,10 +9,10 @@ tests/test_bf16.py). What is left for a GPU is what this runs, in order:
             On CPU they skip.
 2. bench    benchmarks/bench_gpu.py, one iteration at the paper's sizes on a random RhoMath-1.1B-shaped model with
             HF generate on 8 prompts only: per phase, seconds and torch.cuda.max_memory_allocated beside the peak
-            that benchmarks/memory_plan.py predicts (--small: bench_gpu.py --small).
+            that tools/memory_plan.py predicts (--small: bench_gpu.py --small).
 3. train    train.py itself, 2 iterations of --advantage vine and of critic with --bf16 --gradient-checkpointing, on a
             random model of RhoMath-1.1B's layout (22 layers, hidden 2048, 32 heads, 4 KV heads) whose vocabulary is
-            a byte-level BPE trained here on the shipped GSM8K questions (checkpoint.build_tiny_tokenizer, 8,000
+            a byte-level BPE trained here on the shipped GSM8K questions (sft.build_tiny_tokenizer, 8,000
             tokens instead of 32,000), on GSM8K prompts: 8 prompts x 4 answers, K = 3, 192 new tokens. A random model
             scores 0, so this checks that the loop runs, fits and stays finite, not that it learns.
 Then one table (check, result, seconds, peak GiB, planned GiB), printed and written to --out.
@@ -33,11 +33,12 @@ from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_gpu
+sys.path.insert(0, str(ROOT / "tools"))  # memory_plan
 import bench_gpu  # noqa: E402
-import checkpoint  # noqa: E402
 import memory_plan  # noqa: E402
 import reward  # noqa: E402
+import sft  # noqa: E402
 import train  # noqa: E402
 
 TRAIN_SIZES = {  # step 3: train.py options on the GPU, and with --small
@@ -77,7 +78,7 @@ def make_model(folder: str, small: bool) -> None:
     """Step 3's start: a tokenizer trained on the GSM8K questions and solutions, and a random model of
     RhoMath-1.1B's layout (--small: bench_gpu's tiny one) with that vocabulary, saved to folder."""
     problems = reward.load_problems("gsm8k", "train")
-    tokenizer = checkpoint.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems],
+    tokenizer = sft.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems],
                                                 vocab_size=512 if small else 8000)
     config = bench_gpu.small_config() if small else memory_plan.tinyllama_config()
     config.vocab_size = len(tokenizer)

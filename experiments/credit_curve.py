@@ -1,11 +1,11 @@
 """The credit-assignment curve: how far each estimator is from VinePPO as the number of decisions per answer D grows,
-per iteration and per generated token, from one benchmarks/compare_runs.py summary.json per D.
+per iteration and per generated token, from one tools/compare_runs.py summary.json per D.
 
-    python benchmarks/credit_curve.py runs/curve/d1/report/summary.json runs/curve/d2/report/summary.json \
+    python experiments/credit_curve.py runs/curve/d1/report/summary.json runs/curve/d2/report/summary.json \
         runs/curve/d4/report/summary.json --out runs/curve/report
 
 D is read from each summary's path (.../d<D>/report/summary.json or .../d<D>.json); the slips per answer of the
-starting model (compare_runs.py --slip) say what D is in fact. benchmarks/credit_curve.sh makes the runs and calls
+starting model (compare_runs.py --slip) say what D is in fact. experiments/credit_curve.sh makes the runs and calls
 this; docs/credit_curve.md reads its output. Writes OUT/credit_curve.md (the table) and, with matplotlib,
 OUT/credit_curve.png (the figure).
 
@@ -107,7 +107,7 @@ def table(results: dict, early: int, last: int, gain: float) -> str:
 
 
 def diagnostic_table(results: dict) -> str:
-    """The value diagnostic (train.py --value-diagnostic, paper §5.3) of the runs that had it, per D."""
+    """The value diagnostic (train.py --value-diagnostic, paper §7) of the runs that had it, per D."""
     lines = ["| D | arm | MC value MAE (K rollouts vs the reference) | critic MAE | MC rank acc. | critic rank acc. |",
              "|---|---|---|---|---|---|"]
     keys = ("diag/mc_mae", "diag/critic_mae", "diag/mc_rank_acc", "diag/critic_rank_acc")

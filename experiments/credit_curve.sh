@@ -3,11 +3,11 @@
 # (SFT on 4-step arithmetic whose every multiplication is slipped with probability 0.5; --arithmetic-multiply sets
 # the expected number of multiplications), then vine, grpo, rloo and a compute-matched grpo on RL seeds 1, 2, 3, and
 # the critic at D = 4 on seed 1, each for 3 iterations evaluated after every one (on 200 test problems); then
-# benchmarks/compare_runs.py per D and benchmarks/credit_curve.py over the three. One run at a time on all cores: on
+# tools/compare_runs.py per D and experiments/credit_curve.py over the three. One run at a time on all cores: on
 # the 2-core machine it was measured on, two runs of one thread each were slower in all (SFT: 3.2 steps/s together
 # against 3.7 alone). 1 h 50 min there: 12 minutes per starting model, 24-33 minutes per D for its 12 runs.
 #
-#   bash benchmarks/credit_curve.sh [OUT]     # finished runs are skipped: it can be stopped and run again
+#   bash experiments/credit_curve.sh [OUT]     # finished runs are skipped: it can be stopped and run again
 #
 # grpo_matched: GRPO given VinePPO's generated tokens (answers + MC rollouts) per iteration, measured on vine_s1 of
 # the same D: S = round(8 x ratio) answers per problem for the same 64 problems, with --minibatch-size 8 x S so
@@ -81,8 +81,8 @@ job_list() {  # one line per job, in the order the two workers take them
 job_list | xargs -P "$WORKERS" -L 1 bash -c '"$@"' job  # each line runs as its own bash, with the exported functions
 
 for d in 1 2 4; do
-  python benchmarks/compare_runs.py "$OUT/d$d"/*_s[0-9]*/ --out "$OUT/d$d/report" --at 1 2 3 --slip
+  python tools/compare_runs.py "$OUT/d$d"/*_s[0-9]*/ --out "$OUT/d$d/report" --at 1 2 3 --slip
 done
 mkdir -p docs/credit_curve
 for d in 1 2 4; do cp "$OUT/d$d/report/summary.json" "docs/credit_curve/d$d.json"; done  # the parts that are committed
-python benchmarks/credit_curve.py docs/credit_curve/d{1,2,4}.json --out docs/credit_curve --early 1
+python experiments/credit_curve.py docs/credit_curve/d{1,2,4}.json --out docs/credit_curve --early 1

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The README's head-to-head of advantage estimators: one starting model (SFT only, no RL), then VinePPO, the PPO
 # critic, GRPO and RLOO from that same model on RL seeds 1, 2, 3, each evaluated after every iteration, then
-# benchmarks/compare_runs.py. Two queues of runs side by side, one thread each (two 2-thread torch processes would
+# tools/compare_runs.py. Two queues of runs side by side, one thread each (two 2-thread torch processes would
 # slow each other 15-50x). About an hour on 2 CPU cores with the value diagnostic (DIAGNOSTIC=16, the default) for
 # vine and critic, 45 minutes without (DIAGNOSTIC=0).
 #
-#   bash benchmarks/head_to_head.sh [OUT [SETTING...]]     # finished runs are skipped
+#   bash experiments/head_to_head.sh [OUT [SETTING...]]     # finished runs are skipped
 #
 # OUT defaults to runs/h2h; SETTING (train.py options shared by the starting model and every arm) defaults to the
 # "slip" setting: --dataset arithmetic --sft-answer-only 0 --sft-slip 0.5.
@@ -35,4 +35,4 @@ run() {  # run ADVANTAGE SEED: one arm on one RL seed, from the shared starting 
     run $a $s; done; done ) &
 ( for a in vine critic grpo rloo; do run $a 2; done; run grpo 3; run rloo 3 ) &
 wait
-python benchmarks/compare_runs.py "$OUT"/*_s[0-9]*/ --out "$OUT/report" --at 1 2 10
+python tools/compare_runs.py "$OUT"/*_s[0-9]*/ --out "$OUT/report" --at 1 2 10

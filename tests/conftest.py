@@ -18,7 +18,7 @@ from transformers import (
     Qwen2Config,
 )
 
-import checkpoint
+import sft
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT / "data"  # the gzip-compressed JSONL shipped in the repository
@@ -39,9 +39,10 @@ CORPUS = [
 ]
 
 
-def load_benchmark(name: str):
-    """benchmarks/<name>.py as a module, for its tests (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+def load_script(path: str):
+    """A script as a module, for its tests: path is relative to the repository and without .py, e.g.
+    "tools/compare_runs" (tools/, experiments/ and benchmarks/ are folders of scripts, not packages)."""
+    spec = importlib.util.spec_from_file_location(Path(path).name, ROOT / f"{path}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -50,7 +51,7 @@ def load_benchmark(name: str):
 def make_tokenizer(corpus=CORPUS, vocab_size: int = 320) -> PreTrainedTokenizerFast:
     """train.py's byte-level BPE tokenizer trained on a few lines, digits merged: <pad>=0, <bos>=1, <eos>=2, and
     tokens such as ".\n" and "#### 7" that span step boundaries."""
-    return checkpoint.build_tiny_tokenizer(corpus, vocab_size, split_digits=False)
+    return sft.build_tiny_tokenizer(corpus, vocab_size, split_digits=False)
 
 
 def make_model(family: str, vocab_size: int, seed: int = 0):
@@ -68,6 +69,13 @@ def make_model(family: str, vocab_size: int, seed: int = 0):
     else:
         raise ValueError(family)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def problem(tokenizer, question: str, dataset: str, answer: str = "72"):
+    """A train.Problem with its prompt ids, as train.set_up makes them (no gold solution)."""
+    import train  # here, not at the top: conftest is imported before the tests that patch train's modules
+
+    return train.to_problems([{"question": question, "answer": answer, "solution": ""}], tokenizer, dataset)[0]
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ import math
 import torch
 
 import vine
-from conftest import load_benchmark
+from conftest import load_script
 
-bench_gpu = load_benchmark("bench_gpu")
+bench_gpu = load_script("benchmarks/bench_gpu")
 
 
 def test_small_run_drives_one_iteration_of_train_py(capsys):

@@ -52,6 +52,7 @@ def runs(tmp_path_factory, sft_model) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("advantage", ESTIMATORS)
 def test_each_estimator_trains_under_bf16_and_checkpointing(runs, sft_model, advantage):
     rows = metrics(runs[advantage])
@@ -67,6 +68,7 @@ def test_each_estimator_trains_under_bf16_and_checkpointing(runs, sft_model, adv
         assert all(0 <= r["diag/critic_mae"] < 10 and torch.isfinite(torch.tensor(r["critic/loss"])) for r in rows)
 
 
+@pytest.mark.slow
 def test_the_options_turn_on_autocast_the_bf16_reference_and_checkpointing(tmp_path, sft_model):
     args = train.parse_args(start(sft_model) + GPU_PATH + ["--advantage", "critic", "--run_dir", str(tmp_path)])
     assert args.device == "cpu" and args.bf16 and args.gradient_checkpointing
@@ -83,6 +85,7 @@ def test_the_options_turn_on_autocast_the_bf16_reference_and_checkpointing(tmp_p
         assert torch.ones(2, 2).mm(torch.ones(2, 2)).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_weights(tmp_path, runs, sft_model, monkeypatch):
     monkeypatch.setattr(reward, "grade", parity)
     argv = start(sft_model) + GPU_PATH + DIAGNOSTIC + ["--run_dir", str(tmp_path)]
@@ -93,6 +96,7 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, runs, sft_model, monke
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
 
 
+@pytest.mark.slow
 def test_checkpointing_changes_no_number(tmp_path, runs, sft_model, monkeypatch):
     """Recomputing the activations in the backward pass gives the same gradients: the run without it is identical
     (measured bit for bit here; the bound allows other CPUs' kernels float noise)."""

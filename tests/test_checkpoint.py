@@ -1,6 +1,6 @@
 """checkpoint.py, the run folder's plumbing: the lock, atomic saves and their recovery, a checkpoint that restores
-exactly, the metrics trimmed to the checkpoint, the init/ options record. The end-to-end cases (a run killed, a
-second train.py on the folder, a full disk) are in tests/test_reliability.py."""
+exactly, the metrics trimmed to the checkpoint, what a stop does (open_run, uninterrupted). The end-to-end cases (a run
+killed, a second train.py on the folder, a full disk) are in tests/test_reliability.py."""
 
 import json
 import os
@@ -111,13 +111,6 @@ def test_trim_metrics_drops_the_lines_past_the_checkpoint(tmp_path):
     checkpoint.trim_metrics(str(path), 3)
     assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [0, 1, 2]
     checkpoint.trim_metrics(str(tmp_path / "missing.jsonl"), 3)  # nothing to trim: nothing happens
-
-
-def test_an_init_folder_made_with_other_options_is_refused(tmp_path):
-    (tmp_path / "init_args.json").write_text(json.dumps({"sft_steps": 2, "seed": 1}))
-    checkpoint.check_init_record(str(tmp_path), {"sft_steps": 2, "seed": 1, "new_option": 3})  # same (and newer)
-    with pytest.raises(SystemExit, match="made with other options \\(sft_steps 2\\); delete"):
-        checkpoint.check_init_record(str(tmp_path), {"sft_steps": 3, "seed": 1})
 
 
 def test_checkpoints_are_due_every_save_every_iterations_and_at_the_end():

@@ -1,4 +1,4 @@
-"""Tests for benchmarks/compare_runs.py: the paired bootstrap, and a summary of run folders shaped like train.py's."""
+"""Tests for tools/compare_runs.py: the paired bootstrap, and a summary of run folders shaped like train.py's."""
 
 import json
 import subprocess
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_benchmark
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-compare_runs = load_benchmark("compare_runs")
+compare_runs = load_script("tools/compare_runs")
 
 
 def test_bootstrap_of_a_constant_shift_is_that_shift_and_of_identical_arms_contains_zero():
@@ -52,6 +52,7 @@ def write_run(path: Path, start: list[float], final: list[float], seconds: float
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@pytest.mark.slow
 def test_summary_of_two_arms(tmp_path):
     start = [0.5] * 40
     for seed in (1, 2):
@@ -65,7 +66,7 @@ def test_summary_of_two_arms(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "compare_runs.py"),
+            str(ROOT / "tools" / "compare_runs.py"),
             *map(str, tmp_path.glob("*_s*")),
             "--out",
             str(out),
@@ -89,13 +90,14 @@ def test_summary_of_two_arms(tmp_path):
     assert "| grpo - vine | -25.0" in result.stdout
 
 
+@pytest.mark.slow
 def test_runs_from_different_starting_models_are_refused(tmp_path):
     write_run(tmp_path / "vine_s1", [0.5] * 4, [1.0] * 4, seconds=1.0, mc_tokens=0)
     write_run(tmp_path / "grpo_s1", [0.0] * 4, [1.0] * 4, seconds=1.0, mc_tokens=0)
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "compare_runs.py"),
+            str(ROOT / "tools" / "compare_runs.py"),
             *map(str, tmp_path.glob("*_s*")),
             "--out",
             str(tmp_path / "out"),

@@ -1,4 +1,4 @@
-"""Tests for benchmarks/credit_curve.py: hand-computed tokens to reach an accuracy and gaps at equal tokens, and the
+"""Tests for experiments/credit_curve.py: hand-computed tokens to reach an accuracy and gaps at equal tokens, and the
 table from compare_runs.py-shaped summaries."""
 
 import json
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_benchmark
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-credit_curve = load_benchmark("credit_curve")
+credit_curve = load_script("experiments/credit_curve")
 
 
 def summary(vine: list[float], grpo: list[float], vine_tokens: float, grpo_tokens: float) -> dict:
@@ -46,7 +46,7 @@ def test_the_table_from_summaries(tmp_path):
     for d, grpo in ((1, [0.6, 0.8]), (4, [0.3, 0.5])):
         (tmp_path / f"d{d}.json").write_text(json.dumps(summary([0.6, 0.8], grpo, 300.0, 100.0)))
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "credit_curve.py"), str(tmp_path / "d1.json"),
+        [sys.executable, str(ROOT / "experiments" / "credit_curve.py"), str(tmp_path / "d1.json"),
          str(tmp_path / "d4.json"), "--out", str(tmp_path / "out"), "--early", "1", "--gain", "0.3"],
         capture_output=True, text=True, timeout=120,
     )

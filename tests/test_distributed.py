@@ -111,6 +111,7 @@ def torchrun(nproc: int, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_a_two_process_run_logs_once_per_iteration_saves_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
     argv = TINY + ["--model", "tiny", "--num_iterations", "2", "--threads", "1", "--run_dir", str(run_dir)]

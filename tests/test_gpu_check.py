@@ -1,12 +1,14 @@
 """benchmarks/gpu_check.py --small: every check of the GPU check runs on CPU, so the script cannot rot before a GPU
 is lent to run it for real."""
 
+import pytest
 import torch
-from conftest import load_benchmark
+from conftest import load_script
 
-gpu_check = load_benchmark("gpu_check")
+gpu_check = load_script("benchmarks/gpu_check")
 
 
+@pytest.mark.slow
 def test_small_mode_runs_every_check_and_writes_the_table(tmp_path, capsys):
     threads = torch.get_num_threads()
     rows = gpu_check.main(["--small", "--out", str(tmp_path / "check.md")])

@@ -1,4 +1,4 @@
-"""Tests for benchmarks/memory_plan.py: its bytes against tensors measured on CPU (a tiny Llama's parameters,
+"""Tests for tools/memory_plan.py: its bytes against tensors measured on CPU (a tiny Llama's parameters,
 gradients and AdamW state, the reference and the critic; rollout's KV-cache buffers; what autograd saves in a
 forward pass; the peak of a PPO micro-batch) and against sizes computed by hand."""
 
@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import ppo
 import rollout
-from conftest import load_benchmark
+from conftest import load_script
 
-memory_plan = load_benchmark("memory_plan")
+memory_plan = load_script("tools/memory_plan")
 
 
 def tiny_config(**overrides) -> LlamaConfig:

@@ -1,13 +1,13 @@
-"""Tests for benchmarks/plot_metrics.py: it draws run folders to a PNG, and says how to get matplotlib without it."""
+"""Tests for tools/plot_metrics.py: it draws run folders to a PNG, and says how to get matplotlib without it."""
 
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
+from conftest import load_script
 
-plot_metrics = load_benchmark("plot_metrics")
+plot_metrics = load_script("tools/plot_metrics")
 
 
 def write_run(run_dir: Path, num_iterations: int, eval_every: int) -> None:

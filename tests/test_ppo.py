@@ -3,6 +3,7 @@ numbers, micro-batching == one pass, and the ratio guard; the baselines' pieces 
 head, GRPO and RLOO advantages) against hand-computed numbers. CPU only, a few seconds."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -12,10 +13,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ppo import (
     RATIO_THRESHOLD,
+    Episode,
     ValueModel,
     accumulate_stats,
+    critic_advantages,
     gae,
     group_advantages,
+    lr_lambda,
     masked_mean,
     masked_whiten,
     ppo_loss,
@@ -388,6 +392,35 @@ def test_value_head_initialisation_and_output():
     assert torch.allclose(values[1, :3], critic(ids[1:, :3] % 32, mask[1:, :3])[0], atol=1e-5)
 
 
+def tiny_episodes(num: int, seed: int = 0) -> list[Episode]:
+    """num unfinished episodes with reward 0 (no EOS): one prompt, random responses and advantages."""
+    rng = random.Random(seed)
+    episodes = []
+    for _ in range(num):
+        response = [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 6))]
+        episodes.append(Episode([1, 5, 6, 7], response, False, 0.0, [rng.uniform(-1, 1) for _ in response]))
+    return episodes
+
+
+def test_critic_advantages_are_reward_minus_old_value_with_the_reward_on_the_last_token():
+    critic = ValueModel(make_model("llama", VOCAB, seed=1), generator=torch.Generator().manual_seed(0))
+    episodes = tiny_episodes(3)
+    episodes[0].response_ids.append(2)  # a finished, right answer: R = 1 on its EOS
+    episodes[0].finished, episodes[0].reward = True, 1.0
+    critic_advantages(critic, episodes, PAD, batch_size=2)
+    for e in episodes:
+        p, r = len(e.prompt_ids), len(e.response_ids)
+        with torch.no_grad():
+            values = critic(torch.tensor([e.prompt_ids + e.response_ids]), torch.ones(1, p + r, dtype=torch.long))
+        v_old = values[0, p - 1 : p - 1 + r]  # V(state before response token t) is read at position p - 1 + t
+        assert e.advantages == pytest.approx((e.reward - v_old).tolist(), abs=1e-5)  # GAE, lambda = 1: R - V_old
+        assert e.returns == pytest.approx([e.reward] * r)
+        assert torch.allclose(e.old_values, values[0, :-1], atol=1e-6)
+    states = [e.prompt_ids + e.response_ids[:1] for e in episodes]  # state_values: V at each state's last token
+    expected = [float(e.old_values[len(e.prompt_ids)]) for e in episodes]
+    assert critic.state_values(states, PAD, batch_size=2) == pytest.approx(expected, abs=1e-5)
+
+
 def test_group_advantages_by_hand():
     rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # three prompts, three answers each; the last all right
     rloo = group_advantages(rewards, 3, "rloo")  # R - mean of the other two
@@ -400,3 +433,17 @@ def test_group_advantages_by_hand():
     assert group_advantages([0.0, 0.0], 2, "grpo") == [0.0, 0.0]
     with pytest.raises(AssertionError):
         group_advantages([1.0, 0.0, 1.0], 2, "rloo")  # not whole groups
+
+
+def test_lr_schedule_is_deepspeeds_warmup_decay_as_its_engine_steps_it():
+    """DeepSpeed 0.14.1 WarmupDecayLR, W = 4 warmup steps, T = 20: gamma(i) = log(i + 1) / log(4) for i < 4, then
+    (20 - i) / 16; optimizer step s runs at gamma(s - 1) and step 0 at the optimizer's own (peak) rate."""
+    lr = lambda s: lr_lambda(s, warmup_steps=4, total_steps=20)  # noqa: E731
+    assert lr(0) == 1.0  # before the engine's first scheduler step
+    assert lr(1) == 0.0  # gamma(0) = log(1) / log(4)
+    assert lr(2) == pytest.approx(0.5) and lr(3) == pytest.approx(math.log(3) / math.log(4))  # log(2) / log(4)
+    assert lr(4) == pytest.approx(1.0) and lr(5) == 1.0  # gamma(3) = log(4) / log(4); gamma(4) = 16 / 16
+    assert lr(6) == pytest.approx(15 / 16) and lr(20) == pytest.approx(1 / 16) and lr(21) == 0.0 and lr(30) == 0.0
+    # DeepSpeed raises W to 2 so that log(W) > 0: with W = 0 or 1 the second step runs at 0, the third at the peak
+    for w in (0, 1):
+        assert [lr_lambda(s, warmup_steps=w, total_steps=10) for s in range(4)] == [1.0, 0.0, 1.0, 1.0]

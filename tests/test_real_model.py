@@ -28,7 +28,7 @@ import train
 import vine
 from conftest import TINY
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 NUM_PROMPTS = 3  # GSM8K test problems 0-2: prompts of 81, 41 and 72 tokens with SmolLM2's tokenizer
 GREEDY_TOKENS = 20  # problem 2's greedy answer ends with EOS after 19 tokens, the others hit this limit
@@ -60,7 +60,7 @@ def prompts(policy) -> list[list[int]]:
     """train.py's GSM8K prompts (BOS + the paper's zero-shot template) of the first test problems."""
     _, tokenizer = policy
     problems = reward.load_problems("gsm8k", "test")[:NUM_PROMPTS]
-    return train.encode_prompts(tokenizer, [p["question"] for p in problems], "gsm8k")
+    return [p.prompt_ids for p in train.to_problems(problems, tokenizer, "gsm8k")]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_greedy_sample_equals_generate(policy, prompts):
 def test_sampled_logprobs_equal_the_trainers_forward_pass(policy, prompts, sampled):
     """The logprob rollout.sample records for each sampled token (KV-cache decoding, tempered, before top-p) equals
     ppo.token_logprobs of a fresh right-padded forward pass over prompt + response at the same temperature, the
-    number PPO's ratio divides by (PAPER_NOTES §7.8), within 1e-4 in float32."""
+    number PPO's ratio divides by (docs/paper.md pitfall 8), within 1e-4 in float32."""
     model, tokenizer = policy
     seqs = [prompts[i // SAMPLES] + r for i, r in enumerate(sampled.response_ids)]
     ids, attention_mask = ppo.pad_right(seqs, tokenizer.pad_token_id, "cpu")  # pad = EOS: the mask hides it
@@ -138,7 +138,7 @@ def test_sampled_logprobs_equal_the_trainers_forward_pass(policy, prompts, sampl
 # pass). Measured here on the 3 prompts, 2 answers of up to 48 tokens each (221 tokens): largest difference 0.35,
 # mean 0.029 (float32: 2.4e-5 and 2.8e-6). The bounds leave room for other CPUs' kernels; a misaligned position
 # differs by nats. PPO's ratio never divides by the sampler's logprobs: the trainer recomputes pi_old in its own
-# pass (pitfall 13), so the first epoch's ratio is exactly 1 either way.
+# pass (docs/paper.md pitfall 13), so the first epoch's ratio is exactly 1 either way.
 BF16_REAL_MAX, BF16_REAL_MEAN = 1.0, 0.1
 
 
@@ -221,7 +221,8 @@ def test_one_training_iteration_on_gsm8k(real_model_dir, tmp_path):
     assert model.generation_config.eos_token_id == 2
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["next_iteration"] == 1
-    prompt = train.encode_prompt(tokenizer, "What is 2 + 3?", "gsm8k")
+    (problem,) = train.to_problems([{"question": "What is 2 + 3?", "answer": "5", "solution": ""}], tokenizer, "gsm8k")
+    prompt = problem.prompt_ids
     out = rollout.sample(model, [prompt], num_samples=1, max_new_tokens=4, temperature=0.0, top_p=1.0, eos_token_id=2)
     assert len(out.response_ids[0]) > 0 or out.finished[0]
 

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_model
+from conftest import TINY, make_model, problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoint
 import ppo
 import reward
+import sft
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
 
 
 def nan_episodes(tokenizer) -> list:
-    prompt = train.encode_prompt(tokenizer, "Tom has 3 pens.", "arithmetic")
+    prompt = problem(tokenizer, "Tom has 3 pens.", "arithmetic").prompt_ids
     episodes = [ppo.Episode(prompt, [5, 6, 7], False, 0.0, [0.5, -0.5, 1.0]) for _ in range(4)]
     episodes[2].advantages = [float("nan"), 0.0, 0.0]  # one bad number whitens every advantage of its minibatch to NaN
     return episodes
@@ -88,6 +89,7 @@ def test_non_finite_weights_stop_the_run_before_any_save(tokenizer):
 # 2. two runs in one folder
 
 
+@pytest.mark.slow
 def test_a_second_run_in_a_locked_folder_stops_and_names_the_first(tmp_path):
     with checkpoint.run_dir_lock(str(tmp_path)):
         result = cli(*QUICK, "--num_iterations", "1", "--run_dir", str(tmp_path), cwd=tmp_path)
@@ -99,6 +101,7 @@ def test_a_second_run_in_a_locked_folder_stops_and_names_the_first(tmp_path):
 # 3, 4. saves are atomic, and a save cut between its two renames is recovered (unit tests: tests/test_checkpoint.py)
 
 
+@pytest.mark.slow
 def test_resume_finds_a_checkpoint_stranded_by_a_crash_between_renames(tmp_path):
     train.main(QUICK + ["--num_iterations", "2", "--stop_after", "1", "--run_dir", str(tmp_path)])
     # the state between save_folder's two renames: the previous save moved to .old, the new one complete in .tmp
@@ -108,6 +111,7 @@ def test_resume_finds_a_checkpoint_stranded_by_a_crash_between_renames(tmp_path)
     assert read_iterations(tmp_path) == [0, 1]
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_keeps_the_previous_save(tmp_path, monkeypatch):
     train.main(QUICK + ["--num_iterations", "2", "--stop_after", "1", "--run_dir", str(tmp_path)])
     saved = (tmp_path / "checkpoint" / "trainer_state.pt").read_bytes()
@@ -126,6 +130,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_save(tmp_path, monkeypat
 # 5. each iteration exactly once in metrics.jsonl
 
 
+@pytest.mark.slow
 def test_lines_written_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     train.main(QUICK + ["--num_iterations", "3", "--run_dir", str(whole)])
@@ -137,6 +142,7 @@ def test_lines_written_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     assert metrics_without_times(parts) == metrics_without_times(whole)
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_does_not_repeat_its_final_evaluation(tmp_path):
     argv = QUICK + ["--num_iterations", "1", "--eval_every", "1", "--run_dir", str(tmp_path)]
     train.main(argv)
@@ -145,6 +151,7 @@ def test_resuming_a_finished_run_does_not_repeat_its_final_evaluation(tmp_path):
     assert read_iterations(tmp_path) == [0, 1]
 
 
+@pytest.mark.slow
 def test_an_empty_metrics_file_left_by_a_crash_does_not_block_a_fresh_start(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     train.main(QUICK + ["--num_iterations", "1", "--run_dir", str(tmp_path)])
@@ -155,6 +162,7 @@ def test_an_empty_metrics_file_left_by_a_crash_does_not_block_a_fresh_start(tmp_
 # 6. a stale init/ is refused
 
 
+@pytest.mark.slow
 def test_an_init_made_with_other_options_is_refused(tmp_path):
     argv = QUICK + ["--num_iterations", "0", "--sft_batch_size", "4", "--run_dir", str(tmp_path)]
     train.main(argv + ["--sft_steps", "2"])  # makes init/ (no iteration, no metrics)
@@ -202,6 +210,7 @@ def test_every_bad_option_is_listed_at_once():
     assert len(str(stopped.value).splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_prompts_that_cannot_fit_are_refused_before_training(tmp_path):
     for extra, message in [
         (["--max_prompt_length", "5"], "only 0 of .* training prompts are at most 5 tokens"),
@@ -211,6 +220,7 @@ def test_prompts_that_cannot_fit_are_refused_before_training(tmp_path):
             train.main(QUICK + ["--num_iterations", "1", "--run_dir", str(tmp_path / extra[0])] + extra)
 
 
+@pytest.mark.slow
 def test_data_and_folder_problems_are_one_line(tmp_path):
     data = tmp_path / "data" / "gsm8k"
     data.mkdir(parents=True)
@@ -222,27 +232,29 @@ def test_data_and_folder_problems_are_one_line(tmp_path):
         "cannot hold out 373 validation problems from 300",
     )
     (data / "train.jsonl").write_bytes(row.encode() + b"\n" + b'{"question": "\xff"}\n')
-    one_line_error(
-        cli("--dataset", "gsm8k", "--data_dir", str(tmp_path / "data"), "--run_dir", str(tmp_path / "r"), cwd=tmp_path),
-        "train.jsonl, line 2: .*utf-8",
-    )
-    one_line_error(cli(*QUICK, "--run_dir", "/dev/null/run", cwd=tmp_path), "cannot write to /dev/null/run")
+    with pytest.raises(SystemExit, match="^error: .*train.jsonl, line 2: .*utf-8"):  # in-process: the same path
+        train.main(["--dataset", "gsm8k", "--data_dir", str(tmp_path / "data"), "--run_dir", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="^error: cannot write to /dev/null/run"):
+        train.main(QUICK + ["--run_dir", "/dev/null/run"])
 
 
-def test_ctrl_c_during_sft_says_nothing_was_saved(tmp_path, monkeypatch):
-    def interrupted(*args):
+@pytest.mark.slow
+def test_ctrl_c_during_sft_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "sft", interrupted)
+    monkeypatch.setattr(sft, "sft", interrupted)
     with pytest.raises(SystemExit) as stopped:
         train.main(QUICK + ["--sft_steps", "5", "--run_dir", str(tmp_path)])
     assert stopped.value.code == 130 and not (tmp_path / "init").exists()
+    assert "interrupted while setting up (loading, SFT): nothing was saved" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 9. the run folder's path is not a setting; extending a run is refused with the reason
 
 
+@pytest.mark.slow
 def test_resume_accepts_another_spelling_of_the_path_and_explains_extending(tmp_path, monkeypatch):
     argv = QUICK + ["--num_iterations", "1"]
     train.main(argv + ["--run_dir", str(tmp_path / "run")])
@@ -320,7 +332,7 @@ def test_a_minibatch_of_empty_answers_is_skipped_not_a_crash(tokenizer):
     a minibatch of only those has no token to whiten or learn from (found on SmolLM2, tests/test_real_model.py)."""
     args = train.parse_args(["--dataset", "arithmetic", "--minibatch_size", "2", "--micro_batch_size", "1"])
     model = make_model("llama", len(tokenizer))
-    prompt = train.encode_prompt(tokenizer, "Tom has 3 pens.", "arithmetic")
+    prompt = problem(tokenizer, "Tom has 3 pens.", "arithmetic").prompt_ids
     episodes = [ppo.Episode(prompt, [], False, 0.0, []) for _ in range(2)]
     optimizer, scheduler = train.make_optimizer(model, args)
     before = [p.detach().clone() for p in model.parameters()]
@@ -329,6 +341,7 @@ def test_a_minibatch_of_empty_answers_is_skipped_not_a_crash(tokenizer):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.slow
 def test_sigterm_stops_like_ctrl_c_with_a_checkpoint_of_the_last_update(tmp_path):
     """A job scheduler's preemption (SIGTERM) saves the policy after the last finished update, as Ctrl-C does."""
     run_dir = tmp_path / "run"
@@ -356,6 +369,7 @@ def test_sigterm_stops_like_ctrl_c_with_a_checkpoint_of_the_last_update(tmp_path
     assert state["next_iteration"] == len(read_iterations(run_dir)) >= 1
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_during_a_checkpoint_save_stops_the_run_once_the_save_is_complete(tmp_path, monkeypatch):
     """A Ctrl-C that arrives while a scheduled checkpoint is written (here: from inside the save) stops the run with
     exit 130 once the save is complete, and --resume continues there. It used to land in a list that nobody read
@@ -379,6 +393,7 @@ def test_a_ctrl_c_during_a_checkpoint_save_stops_the_run_once_the_save_is_comple
 # The reliability round (issue 21): one test per finding, each failing on the code before its fix
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_during_the_save_that_the_first_started_waits_for_it(tmp_path, monkeypatch):
     """The double Ctrl-C people press: the first stops the run (here in the evaluation before iteration 1, with no
     checkpoint on disk yet), the second comes while that checkpoint is written. The save completes; exit 130."""
@@ -403,6 +418,7 @@ def test_a_second_ctrl_c_during_the_save_that_the_first_started_waits_for_it(tmp
     assert state["next_iteration"] == 1 and not (tmp_path / "checkpoint.tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_burst_of_signals_ends_with_exit_130_and_a_checkpoint(tmp_path):
     """SIGTERM and SIGINT, alternately every few milliseconds until the process has exited: the exit code of a stop is
     130 however many signals come (it was 143 or -2 when one landed after the handlers were restored)."""
@@ -431,6 +447,7 @@ def test_a_burst_of_signals_ends_with_exit_130_and_a_checkpoint(tmp_path):
     assert state["next_iteration"] == len(read_iterations(run_dir)) >= 1
 
 
+@pytest.mark.slow
 def test_max_batch_tokens_changes_the_draws_so_resume_refuses_another_value(tmp_path):
     argv = QUICK + ["--num_iterations", "2", "--run_dir", str(tmp_path)]
     train.main(argv + ["--stop_after", "1"])
@@ -438,6 +455,7 @@ def test_max_batch_tokens_changes_the_draws_so_resume_refuses_another_value(tmp_
         train.main(argv + ["--resume", "--max_batch_tokens", "512"])
 
 
+@pytest.mark.slow
 def test_options_that_resume_lets_differ_change_no_training_number(tmp_path):
     """--value-diagnostic draws from its own stream and --eval-problems changes only what is evaluated: a run
     resumed with them differs from an uninterrupted one in no training metric and no weight."""
@@ -455,6 +473,7 @@ def test_options_that_resume_lets_differ_change_no_training_number(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_the_model_is_written_is_one_line(tmp_path, stopped_run, monkeypatch):
     """safetensors reports a full disk with its own SafetensorError, which the save let through as a traceback."""
     import transformers.modeling_utils
@@ -474,6 +493,7 @@ def test_a_full_disk_while_the_model_is_written_is_one_line(tmp_path, stopped_ru
     assert not (run_dir / "checkpoint.tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_line_with_nothing_half_written(tmp_path):
     """ulimit -f: the model file cannot be written (the first save is init/, 4.5 MB)."""
     command = f"ulimit -f 1000; exec {sys.executable} {ROOT / 'train.py'} " + " ".join(QUICK)
@@ -507,6 +527,7 @@ DAMAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_checkpoint_is_named_as_damaged_with_what_is_left(tmp_path, stopped_run, damage):
     run_dir = tmp_path / "run"
@@ -520,6 +541,7 @@ def test_a_damaged_checkpoint_is_named_as_damaged_with_what_is_left(tmp_path, st
     assert "--model" in message and "hub" not in message, message
 
 
+@pytest.mark.slow
 def test_a_cut_last_line_of_the_metrics_is_dropped_on_resume(tmp_path, stopped_run):
     """What a power loss leaves: the last line of metrics.jsonl cut in the middle."""
     run_dir = tmp_path / "run"
@@ -541,11 +563,12 @@ def test_device_cuda_without_cuda_and_a_seed_too_large_are_one_line_each():
             train.parse_args(["--dataset", "arithmetic", *argv])
 
 
+@pytest.mark.slow
 def test_no_prompt_that_fits_is_found_before_sft_and_nothing_is_written(tmp_path, monkeypatch):
-    def sft(*args):
+    def too_early(*args, **kwargs):
         raise AssertionError("SFT ran before the prompts were checked")
 
-    monkeypatch.setattr(train, "sft", sft)
+    monkeypatch.setattr(sft, "sft", too_early)
     with pytest.raises(SystemExit, match="only 0 of .* training prompts are at most 1 tokens"):
         train.main(QUICK + ["--num_iterations", "3", "--sft_steps", "5", "--max_length", "3", "--run_dir",
                             str(tmp_path)])

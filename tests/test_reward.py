@@ -23,7 +23,7 @@ def test_every_gsm8k_gold_solution_grades_correct(data_dir):
     assert len(problems) == 8792
     for i, p in enumerate(problems):
         assert p["solution"].startswith("\n") and p["solution"].endswith(f"#### {p['answer']}\n"), p["solution"]
-        assert "<<" not in p["solution"], "calculator annotations must be removed (§4.1)"
+        assert "<<" not in p["solution"], "calculator annotations must be removed (docs/paper.md §4.1)"
         assert reward.grade(p["solution"], p["answer"], "gsm8k") == 1.0, p
         assert reward.grade(reward.answer_only_solution(p["answer"], "gsm8k"), p["answer"], "gsm8k") == 1.0, p
         j = (i + 1) % len(problems)  # the next problem whose answer differs, even after removing commas
@@ -69,7 +69,7 @@ GSM8K_CASES = [  # (response, extracted answer, gold, reward)
     ("\n#### 1080\n", "1080", "1,080", 1.0),  # departure 1: commas removed from the gold too
     ("\n#### -5\n", "-5", "-5", 1.0),
     ("\n#### 3.5\n", "3.5", "3.5", 1.0),
-    ("\n#### 3.50\n", "3.50", "3.5", 0.0),  # exact string match, no numeric normalisation (§4.3)
+    ("\n#### 3.50\n", "3.50", "3.5", 0.0),  # exact string match, no numeric normalisation (docs/paper.md §4.3)
     ("\n#### 72.0\n", "72.0", "72", 0.0),
     ("\n#### $72\n", "$72", "72", 0.0),
     ("\nThe answer is 72.\n", None, "72", 0.0),  # the paper accepts only "####"
@@ -244,7 +244,7 @@ STEP_LINE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)$")
 def check_arithmetic_problem(p: dict, num_steps: int, max_number: int):
     """Every step line is a true fact that continues from the previous result; the answer line comes last."""
     lines = p["solution"].split("\n")
-    assert lines[0] == "" and lines[-1] == "", "the response starts and ends with a newline (§4.1)"
+    assert lines[0] == "" and lines[-1] == "", "the response starts and ends with a newline (docs/paper.md §4.1)"
     assert lines[-2] == f"#### {p['answer']}", "the answer line is the last line"
     start = int(re.match(r"^\w+ has (\d+) \w+\.$", lines[1]).group(1))
     assert 1 <= start <= max_number and p["question"].startswith(lines[1])

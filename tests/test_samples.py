@@ -1,22 +1,20 @@
-"""The credit view: train.py --log-samples records (run_dir/samples/) and benchmarks/show_credit.py."""
+"""The credit view: train.py --log-samples records (run_dir/samples/) and tools/show_credit.py."""
 
 import html.parser
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, parity
+from conftest import TINY, load_script, parity
 from transformers import AutoModelForCausalLM
 
 import ppo
 import reward
 import train
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import show_credit  # noqa: E402
+show_credit = load_script("tools/show_credit")
 
 ESTIMATORS = ("vine", "critic", "grpo", "rloo")
 # 2 prompts x 4 answers, minibatches of 4: each logged answer is whitened with 3 others, twice (two epochs)
@@ -69,6 +67,7 @@ def runs(tmp_path_factory, sft_model) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("advantage", ESTIMATORS)
 def test_records_hold_the_values_and_advantages_the_update_used(runs, advantage):
     run = runs[advantage]
@@ -119,6 +118,7 @@ def check_steps(r: dict, e: ppo.Episode, used: list[list[float]]) -> None:
         assert all(a == r["advantage"] for a in e.advantages)
 
 
+@pytest.mark.slow
 def test_resume_writes_each_iteration_once(tmp_path, sft_model, monkeypatch):
     monkeypatch.setattr(reward, "grade", parity)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -130,6 +130,7 @@ def test_resume_writes_each_iteration_once(tmp_path, sft_model, monkeypatch):
     assert all(len(records) == 3 for records in read_samples(parts).values())
 
 
+@pytest.mark.slow
 def test_log_samples_0_writes_nothing_and_changes_no_training_number(tmp_path, runs, sft_model, monkeypatch):
     monkeypatch.setattr(reward, "grade", parity)
     off = tmp_path / "off"
@@ -144,7 +145,7 @@ def test_log_samples_0_writes_nothing_and_changes_no_training_number(tmp_path, r
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# benchmarks/show_credit.py
+# tools/show_credit.py
 
 
 class Page(html.parser.HTMLParser):
@@ -176,6 +177,7 @@ class Page(html.parser.HTMLParser):
             self.answers[-1][-1] += data
 
 
+@pytest.mark.slow
 def test_the_page_is_valid_and_shows_every_step_of_every_record(runs, tmp_path):
     folders = [runs[a]["run_dir"] for a in ESTIMATORS]
     show_credit.main([str(f) for f in folders] + ["--html", str(tmp_path / "credit.html")])
@@ -198,6 +200,7 @@ def test_the_page_is_valid_and_shows_every_step_of_every_record(runs, tmp_path):
     assert page.answers == newlines(expected)  # an HTML parser reads every CR as LF
 
 
+@pytest.mark.slow
 def test_terminal_and_picture(runs, tmp_path, capsys):
     show_credit.main([str(runs["vine"]["run_dir"]), "--iteration", "1"])
     out = capsys.readouterr().out

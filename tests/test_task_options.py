@@ -1,5 +1,5 @@
 """Tests for the arithmetic task's difficulty options (docs/credit_curve.md): --arithmetic-steps, --arithmetic-multiply
-and --sft-slip-each, and benchmarks/compare_runs.py's slip count. The defaults must give the demo's task unchanged."""
+and --sft-slip-each, and tools/compare_runs.py's slip count. The defaults must give the demo's task unchanged."""
 
 import hashlib
 import json
@@ -8,12 +8,12 @@ import random
 
 import pytest
 
-import checkpoint
+import sft
 import reward
 import train
-from conftest import load_benchmark
+from conftest import load_script
 
-compare_runs = load_benchmark("compare_runs")
+compare_runs = load_script("tools/compare_runs")
 
 # md5 of json.dumps(load_problems("arithmetic", split)) as made by the code before these options existed (54e47ce):
 # the demo, the head-to-head and every test that uses the arithmetic task read these problems.
@@ -87,9 +87,15 @@ def test_sft_slip_each_in_the_warm_up():
     args = train.parse_args(["--dataset", "arithmetic", "--arithmetic-steps", "4", "--arithmetic-multiply", "1.0",
                              "--sft-answer-only", "0", "--sft-slip-each", "0.5"])
     problems = train.load_data(args)[1][:200]
-    tokenizer = checkpoint.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
-    first = train.sft_examples(tokenizer, problems, args, random.Random(3))
-    assert first == train.sft_examples(tokenizer, problems, args, random.Random(3)), "deterministic for a seed"
+    tokenizer = sft.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
+
+    def examples(rng: random.Random) -> list[tuple[list[int], list[int]]]:
+        return sft.sft_examples(tokenizer, train.to_problems(problems, tokenizer, "arithmetic"), "arithmetic",
+                                answer_only=args.sft_answer_only, slip=args.sft_slip, slip_each=args.sft_slip_each,
+                                rng=rng)
+
+    first = examples(random.Random(3))
+    assert first == examples(random.Random(3)), "deterministic for a seed"
     rng = random.Random(3)
     texts = [reward.slipped_solution(p["solution"], 0.5, rng) for p in problems]
     assert [tokenizer.decode(r[:-1]) for _, r in first] == texts  # exactly slipped_solution's draws

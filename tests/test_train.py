@@ -14,13 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import checkpoint
 import ppo
 import reward
 import rollout
 import train
-import vine
-from conftest import TINY, make_model, parity
+from conftest import TINY, make_model, parity, problem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +42,7 @@ def parity_reward(monkeypatch):
     monkeypatch.setattr(reward, "grade", parity)
 
 
+@pytest.mark.slow
 def test_smoke_run_trains_and_saves_a_loadable_checkpoint(tmp_path, sft_model, parity_reward):
     train.main(
         TINY + ["--model", str(sft_model), "--num_iterations", "2", "--run_dir", str(tmp_path), "--eval_every", "1"]
@@ -69,6 +68,7 @@ def test_smoke_run_trains_and_saves_a_loadable_checkpoint(tmp_path, sft_model, p
     assert state["next_iteration"] == 2
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, sft_model, parity_reward):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     argv = TINY + ["--model", str(sft_model), "--num_iterations", "3"]
@@ -82,20 +82,6 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, sft_mod
     a = AutoModelForCausalLM.from_pretrained(whole / "checkpoint")
     b = AutoModelForCausalLM.from_pretrained(parts / "checkpoint")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-
-
-def test_lr_schedule_is_deepspeeds_warmup_decay_as_its_engine_steps_it():
-    """DeepSpeed 0.14.1 WarmupDecayLR, W = 4 warmup steps, T = 20: gamma(i) = log(i + 1) / log(4) for i < 4, then
-    (20 - i) / 16; optimizer step s runs at gamma(s - 1) and step 0 at the optimizer's own (peak) rate."""
-    lr = lambda s: ppo.lr_lambda(s, warmup_steps=4, total_steps=20)  # noqa: E731
-    assert lr(0) == 1.0  # before the engine's first scheduler step
-    assert lr(1) == 0.0  # gamma(0) = log(1) / log(4)
-    assert lr(2) == pytest.approx(0.5) and lr(3) == pytest.approx(math.log(3) / math.log(4))  # log(2) / log(4)
-    assert lr(4) == pytest.approx(1.0) and lr(5) == 1.0  # gamma(3) = log(4) / log(4); gamma(4) = 16 / 16
-    assert lr(6) == pytest.approx(15 / 16) and lr(20) == pytest.approx(1 / 16) and lr(21) == 0.0 and lr(30) == 0.0
-    # DeepSpeed raises W to 2 so that log(W) > 0: with W = 0 or 1 the second step runs at 0, the third at the peak
-    for w in (0, 1):
-        assert [ppo.lr_lambda(s, warmup_steps=w, total_steps=10) for s in range(4)] == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_arithmetic_defaults_are_the_measured_cpu_demo():
@@ -115,7 +101,7 @@ def test_per_dataset_defaults_fill_only_what_the_command_line_leaves_out():
 
 def tiny_episodes(tokenizer, num: int, seed: int = 0) -> list:
     rng = random.Random(seed)
-    prompt = train.encode_prompt(tokenizer, "Tom has 3 pens.", "arithmetic")
+    prompt = problem(tokenizer, "Tom has 3 pens.", "arithmetic").prompt_ids
     episodes = []
     for _ in range(num):
         response = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randint(2, 6))]
@@ -142,7 +128,8 @@ def test_a_minibatch_the_ratio_guard_skips_moves_no_weight_but_advances_the_sche
 def test_answers_and_continuations_leave_room_for_eos_within_max_length(tokenizer, monkeypatch):
     """The official budget is max_length - 1 - prefix length tokens (2047 - P for max_length 2048), for the answers
     and for the MC continuations of their step states."""
-    prompt = train.encode_prompt(tokenizer, "Natalia sold clips.", "gsm8k")
+    natalia = problem(tokenizer, "Natalia sold clips.", "gsm8k")
+    prompt = natalia.prompt_ids
     args = train.parse_args(["--dataset", "gsm8k", "--max_length", str(len(prompt) + 6), "--samples_per_prompt", "8"])
     args.device, args.num_mc_rollouts = "cpu", 2
     calls = []  # per rollout.sample call: (prefix length, response length) of every row
@@ -155,7 +142,7 @@ def test_answers_and_continuations_leave_room_for_eos_within_max_length(tokenize
 
     monkeypatch.setattr(rollout, "sample", recording_sample)
     model = make_model("llama", len(tokenizer))
-    problems, generator = [(prompt, "72")], torch.Generator().manual_seed(0)
+    problems, generator = [natalia], torch.Generator().manual_seed(0)
     sampling = train.sampling_settings(args, model, tokenizer)
     rollouts, rewards = train.sample_and_grade(model, tokenizer, problems, sampling, generator, args)
     episodes = train.make_episodes(tokenizer, problems, rollouts, rewards, args)
@@ -166,7 +153,7 @@ def test_answers_and_continuations_leave_room_for_eos_within_max_length(tokenize
 
 
 def test_a_gsm8k_answer_without_a_final_answer_is_unfinished_reward_0_and_no_eos(tokenizer):
-    prompt = train.encode_prompt(tokenizer, "Natalia sold clips.", "gsm8k")
+    natalia = problem(tokenizer, "Natalia sold clips.", "gsm8k")
     texts = ["\nNatalia sold 48/2 = 24 clips in May.\n", "\nNatalia sold 48/2 = 24 clips in May.\n#### 72\n"]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     eos = [tokenizer.eos_token_id] * 2
@@ -175,15 +162,16 @@ def test_a_gsm8k_answer_without_a_final_answer_is_unfinished_reward_0_and_no_eos
     args.device, args.max_new_tokens = "cpu", 8
     rewards = train.grade_all(tokenizer, rollouts, ["72", "72"], "gsm8k")
     model = make_model("llama", len(tokenizer))
-    episodes = train.make_episodes(tokenizer, [(prompt, "72")], rollouts, rewards, args)
+    episodes = train.make_episodes(tokenizer, [natalia], rollouts, rewards, args)
     sampling = train.sampling_settings(args, model, tokenizer)
-    train.vine_advantages(model, tokenizer, [(prompt, "72")], rollouts, episodes, sampling, torch.Generator(), args)
+    train.vine_advantages(model, tokenizer, [natalia], rollouts, episodes, sampling, torch.Generator(), args)
     assert rewards == [0.0, 1.0]
     assert not episodes[0].finished and episodes[0].response_ids == ids[0], "no answer: unfinished, no EOS"
     assert episodes[1].finished and episodes[1].response_ids == ids[1] + [tokenizer.eos_token_id]
     assert [len(e.advantages) for e in episodes] == [len(ids[0]), len(ids[1]) + 1]
 
 
+@pytest.mark.slow
 def test_refuses_a_run_dir_that_holds_another_runs_checkpoint(tmp_path, sft_model):
     argv = TINY + ["--model", str(sft_model), "--num_iterations", "1", "--run_dir", str(tmp_path)]
     train.main(argv)
@@ -205,26 +193,36 @@ def run_cli(*argv, tmp_path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path):
+    """Bad input stops the run with one line starting "error:". Two cases run the real command line (an unreachable
+    hub: the launcher's environment sets offline mode); the rest call train.main, where anything but SystemExit with
+    that line (a traceback on the command line) fails the test."""
     bad = tmp_path / "bad" / "gsm8k"
     bad.mkdir(parents=True)
     (bad / "train.jsonl").write_text('{"question": "q", "answer": "a\\n#### 1"}\nnot json\n')
     (bad / "test.jsonl").write_text('{"question": "q", "answer": "a\\n#### 1"}\n')
-    cases = [
-        (["--dataset", "gsm9k"], "unknown dataset"),
+    for argv, message in [
         (["--dataset", "gsm8k", "--model", "no-such-org/no-such-model"], "local folder"),
-        (["--dataset", "gsm8k", "--model", str(tmp_path / "missing")], "local folder"),
-        (["--dataset", "gsm8k", "--data_dir", str(tmp_path / "bad")], "train.jsonl.*line 2"),
         (["--dataset", "gsm8k", "--data_dir", "hub"], "no --data-dir"),  # the hub is unreachable: use shipped data
-        (["--dataset", "arithmetic", "--sft_answer_only", "1.5"], "fraction in \\[0, 1\\]"),
-    ]
-    for argv, message in cases:
+    ]:
         result = run_cli(*argv, tmp_path=tmp_path)
         assert result.returncode != 0, argv
         assert "Traceback" not in result.stderr, (argv, result.stderr[-2000:])
         assert any(re.search(message, line) for line in result.stderr.splitlines()), (argv, result.stderr)
+    for argv, message in [
+        (["--dataset", "gsm9k"], "unknown dataset"),
+        (["--dataset", "gsm8k", "--model", str(tmp_path / "missing")], "local folder"),
+        (["--dataset", "gsm8k", "--data_dir", str(tmp_path / "bad")], "train.jsonl.*line 2"),
+        (["--dataset", "arithmetic", "--sft_answer_only", "1.5"], "fraction in \\[0, 1\\]"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            train.main(["--run_dir", str(tmp_path / "run"), *argv])
+        assert str(stopped.value).startswith("error: ") and len(str(stopped.value).splitlines()) == 1, argv
+        assert re.search(message, str(stopped.value)), (argv, stopped.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interrupt_at", [0, 1])
 def test_ctrl_c_saves_a_checkpoint_that_resumes_where_the_policy_is(tmp_path, sft_model, monkeypatch, interrupt_at):
     """Ctrl-C in the evaluation before iteration 0 (no update yet) or in the final one (after iteration 0's update)."""
@@ -244,6 +242,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_where_the_policy_is(tmp_path, sf
     assert state["next_iteration"] == interrupt_at
 
 
+@pytest.mark.slow
 def test_best_keeps_the_policy_with_the_highest_validation_pass1_across_resume(tmp_path, sft_model, monkeypatch):
     val = {0: 0.2, 1: 0.5, 2: 0.3}  # iteration -> validation Pass@1; iteration 2 is the final evaluation
     monkeypatch.setattr(train, "evaluate", lambda *a: {"eval/pass1": 0.0, "eval/val_pass1": val[a[-1]]})
@@ -261,36 +260,11 @@ def test_best_keeps_the_policy_with_the_highest_validation_pass1_across_resume(t
     assert state["best_val_pass1"] == 0.5
 
 
-def test_sft_answer_only_cuts_a_seeded_fraction_of_solutions_to_the_answer_line():
-    problems = reward.load_problems("arithmetic", "validation")  # 500 problems
-    tokenizer = checkpoint.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
-
-    def examples(fraction: float, rng: random.Random) -> list[tuple[list[int], list[int]]]:
-        args = train.parse_args(["--dataset", "arithmetic", "--sft_answer_only", str(fraction)])
-        return train.sft_examples(tokenizer, problems, args, rng)
-
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-    gold = [ids(p["solution"]) for p in problems]
-    bare = [ids(reward.answer_only_solution(p["answer"], "arithmetic")) for p in problems]
-    prompts = [train.encode_prompt(tokenizer, p["question"], "arithmetic") for p in problems]
-    rng = random.Random(0)
-    assert examples(0.0, rng) == list(zip(prompts, gold))
-    assert rng.random() == random.Random(0).random()  # fraction 0 draws nothing: the run is as without the option
-    assert examples(1.0, random.Random(0)) == list(zip(prompts, bare))
-    half = examples(0.5, random.Random(0))
-    assert half == examples(0.5, random.Random(0))  # seeded
-    assert [p for p, _ in half] == prompts
-    assert all(r == g or r == b for (_, r), g, b in zip(half, gold, bare))
-    num_bare = sum(r == b for (_, r), b in zip(half, bare))
-    assert abs(num_bare - 250) < 4 * math.sqrt(500 * 0.25), num_bare  # Binomial(500, 0.5): within 4 sigma
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The baselines (--advantage critic | grpo | rloo), the value diagnostic, the RL seed, the slipped SFT set
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("advantage", ["critic", "grpo", "rloo"])
 def test_each_baseline_trains_through_the_cli(tmp_path, sft_model, parity_reward, advantage):
     argv = TINY + ["--model", str(sft_model), "--num_iterations", "2", "--run_dir", str(tmp_path)]
@@ -312,6 +286,7 @@ def test_each_baseline_trains_through_the_cli(tmp_path, sft_model, parity_reward
         assert not all(torch.equal(saved[f"body.{k}"], v) for k, v in body.items()), "the critic was not trained"
 
 
+@pytest.mark.slow
 def test_resume_restores_the_critic_exactly(tmp_path, sft_model, parity_reward):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     argv = TINY + ["--model", str(sft_model), "--num_iterations", "3", "--advantage", "critic"]
@@ -327,23 +302,6 @@ def test_resume_restores_the_critic_exactly(tmp_path, sft_model, parity_reward):
 def critic_for(tokenizer, args, seed: int = 1) -> train.Critic:
     model = ppo.ValueModel(make_model("llama", len(tokenizer), seed=seed), generator=torch.Generator().manual_seed(0))
     return train.Critic(model, *train.make_optimizer(model, args))
-
-
-def test_critic_advantages_are_reward_minus_old_value_with_the_reward_on_the_last_token(tokenizer):
-    args = train.parse_args(["--dataset", "arithmetic", "--advantage", "critic", "--micro_batch_size", "2"])
-    critic = critic_for(tokenizer, args)
-    episodes = tiny_episodes(tokenizer, 3)  # unfinished, reward 0: no EOS
-    episodes[0].response_ids.append(tokenizer.eos_token_id)  # a finished, right answer: R = 1 on its EOS
-    episodes[0].finished, episodes[0].reward = True, 1.0
-    ppo.critic_advantages(critic.model, episodes, tokenizer.pad_token_id, args.micro_batch_size)
-    for e in episodes:
-        p, r = len(e.prompt_ids), len(e.response_ids)
-        with torch.no_grad():
-            values = critic.model(torch.tensor([e.prompt_ids + e.response_ids]), torch.ones(1, p + r, dtype=torch.long))
-        v_old = values[0, p - 1 : p - 1 + r]  # V(state before response token t) is read at position p - 1 + t
-        assert e.advantages == pytest.approx((e.reward - v_old).tolist(), abs=1e-5)  # GAE, lambda = 1: R - V_old
-        assert e.returns == pytest.approx([e.reward] * r)
-        assert torch.allclose(e.old_values, values[0, :-1], atol=1e-6)
 
 
 def test_critic_values_are_computed_once_before_the_update(tokenizer, monkeypatch):
@@ -370,45 +328,7 @@ def test_critic_values_are_computed_once_before_the_update(tokenizer, monkeypatc
     assert stats["critic/loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_value_diagnostic_reference_converges_to_the_true_values(tokenizer):
-    """The unbiasedness toy of test_vine.py: V(s_0) = 0, V(s_1) = p7 * p_eos, V(s_2) = p_eos. The reference (2000
-    rollouts) is within 3 sigma of them; the critic's predictions are its values at the last token of each state."""
-    from test_vine import context_free_model, next_token_probs, toy_answer
-
-    logits = {"7": 0.6 * math.log(0.5), "8": 0.6 * math.log(0.1), "<eos>": 0.6 * math.log(0.4)}
-    model = context_free_model(tokenizer, logits)
-    probs = next_token_probs(model, temperature=0.6, top_p=0.8)
-    p7, p_eos = probs[tokenizer.convert_tokens_to_ids("7")].item(), probs[2].item()
-    args = train.parse_args(["--dataset", "gsm8k", "--top_p", "0.8", "--max_new_tokens", "3", "--num_mc_rollouts", "3"])
-    args.device, args.diagnostic_rollouts, args.max_batch_tokens = "cpu", 2000, 1 << 20
-    prompt, response, steps = toy_answer(tokenizer)
-    critic = critic_for(tokenizer, args)
-    stats, values = train.value_diagnostic(
-        model, critic, tokenizer, [prompt], [response], [steps], ["7"], train.sampling_settings(args, model, tokenizer),
-        torch.Generator().manual_seed(0), args,
-    )
-    truth = [0.0, p7 * p_eos, p_eos]
-    for estimate, v in zip(values["reference"][0], truth):
-        assert abs(estimate - v) <= 3 * math.sqrt(v * (1 - v) / 2000), (values["reference"], truth)
-    assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in values["mc"][0])  # K = 3 rollouts per state
-    ends = [len(prompt) + sum(s < k for s in steps) for k in range(3)]  # s_k: the prompt and the tokens of steps < k
-    with torch.no_grad():
-        full = critic.model(torch.tensor([prompt + response]), torch.ones(1, len(prompt + response), dtype=torch.long))
-    assert values["critic"][0] == pytest.approx([float(full[0, end - 1]) for end in ends], abs=1e-5)
-    mae = sum(abs(c - r) for c, r in zip(values["critic"][0], values["reference"][0])) / 3
-    assert stats["diag/critic_mae"] == pytest.approx(mae) and stats["diag/states"] == 3
-    assert 0.0 <= stats["diag/mc_rank_acc"] <= 1.0 and 0.0 <= stats["diag/critic_rank_acc"] <= 1.0
-
-
-def test_value_errors_by_hand():
-    reference = [[0.2, 0.6, 1.0], [0.5]]
-    estimate = [[0.4, 0.4, 0.9], [0.0]]
-    stats = vine.value_errors(estimate, reference, prefix="x")
-    assert stats["x_mae"] == pytest.approx((0.2 + 0.2 + 0.1 + 0.5) / 4)
-    # pairs of answer 0: (0.2, 0.6) tie in the estimate: 1/2; (0.2, 1.0) right; (0.6, 1.0) right; answer 1 has none
-    assert stats["x_rank_acc"] == pytest.approx((0.5 + 1 + 1) / 3)
-
-
+@pytest.mark.slow
 def test_rl_seed_changes_rl_and_keeps_the_starting_model(tmp_path, parity_reward):
     argv = TINY + ["--model", "tiny", "--num_iterations", "1", "--sft_steps", "2", "--sft_batch_size", "4"]
     for name, extra in [("a", []), ("b", ["--rl_seed", "5"]), ("c", ["--rl_seed", "5"])]:
@@ -433,24 +353,11 @@ def test_baseline_options_are_checked(capsys):
         assert message in str(stopped.value) + capsys.readouterr().err, argv
 
 
-def test_sft_slip_slips_a_seeded_fraction_of_the_solutions_with_a_multiplication():
-    problems = reward.load_problems("arithmetic", "validation")
-    tokenizer = checkpoint.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
-    args = train.parse_args(["--dataset", "arithmetic", "--sft_answer_only", "0", "--sft_slip", "0.5"])
-    examples = train.sft_examples(tokenizer, problems, args, random.Random(0))
-    texts = [tokenizer.decode(r[:-1]) for _, r in examples]
-    slipped = [t != p["solution"] for t, p in zip(texts, problems)]
-    with_mult = [" * " in p["solution"] for p in problems]
-    assert all(t in (p["solution"], reward.slipped_solution(p["solution"])) for t, p in zip(texts, problems))
-    assert not any(s and not m for s, m in zip(slipped, with_mult)), "only solutions with a multiplication change"
-    n, k = sum(with_mult), sum(slipped)
-    assert abs(k - n / 2) < 4 * math.sqrt(n / 4), (k, n)
-
-
 def test_every_end_token_of_the_generation_config_stops_an_answer(tokenizer):
     """Chat models list several end tokens in generation_config.eos_token_id; sampling stops on each of them."""
     model = make_model("llama", len(tokenizer))
-    prompt = train.encode_prompt(tokenizer, "Natalia sold clips.", "gsm8k")
+    natalia = problem(tokenizer, "Natalia sold clips.", "gsm8k")
+    prompt = natalia.prompt_ids
     args = train.parse_args(["--dataset", "gsm8k", "--max_new_tokens", "6"])
     args.device = "cpu"
 
@@ -467,10 +374,10 @@ def test_every_end_token_of_the_generation_config_stops_an_answer(tokenizer):
     out = greedy()
     assert out.response_ids == [[]] and out.finished == [True] and out.eos == [first]
     args.samples_per_prompt = 1
-    (episode,) = train.make_episodes(tokenizer, [(prompt, "72")], out, [0.0], args)
+    (episode,) = train.make_episodes(tokenizer, [natalia], out, [0.0], args)
     assert episode.response_ids == [], "no #### line: unfinished, no end token (GSM8K)"
     out.response_ids = [tokenizer("\n#### 72\n", add_special_tokens=False)["input_ids"]]  # as if it had answered
-    (episode,) = train.make_episodes(tokenizer, [(prompt, "72")], out, [1.0], args)
+    (episode,) = train.make_episodes(tokenizer, [natalia], out, [1.0], args)
     assert episode.response_ids[-1] == first, "the end token it sampled, not the tokenizer's EOS"
     model.generation_config.eos_token_id = None
     assert rollout.stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]

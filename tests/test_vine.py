@@ -1,6 +1,6 @@
-"""Tests for vine.py: step splitting (PAPER_NOTES.md §2), the first-character token rule (§1.3), step advantages
-(§1.3) and the Monte Carlo value estimator (§1.2): unbiased on a policy with known values, deduplicated, and equal to
-a one-state-at-a-time slow path under greedy decoding."""
+"""Tests for vine.py: step splitting (docs/paper.md §2), the first-character token rule (docs/paper.md §1.3), step
+advantages (docs/paper.md §1.3) and the Monte Carlo value estimator (docs/paper.md §1.2): unbiased on a policy with
+known values, deduplicated, and equal to a one-state-at-a-time slow path under greedy decoding."""
 
 import math
 import os
@@ -30,7 +30,7 @@ def split(text: str, dataset: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# GSM8K / arithmetic steps (§2.1)
+# GSM8K / arithmetic steps (docs/paper.md §2.1)
 
 
 def test_gsm8k_verified_example():
@@ -79,60 +79,6 @@ def test_gsm8k_gold_solutions(data_dir):
         assert len(split(problem["solution"], "arithmetic")) == problem["solution"].count("\n") - 2
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# MATH steps (§2.2)
-
-
-def test_math_verified_example():
-    text = "\nWe have $x+2=5$, so $x=3$. Then $y = 2x = 6$.\nTherefore, the answer is $\\boxed{6}$.\n"
-    assert split(text, "math") == [
-        "\nWe have $x+2=5$, so $x=3$.",
-        " Then $y = 2x = 6$.\nTherefore, the answer is $\\boxed{6}$.\n",
-    ]
-
-
-LONG_SENTENCE = (
-    " Since every one of the twelve apples weighs exactly the same amount, and the basket holds forty of them in"
-    " total, we find the weight."
-)
-LONG_FORMULA = "\\[" + " + ".join(f"a_{i}" for i in range(12)) + " = " + " + ".join(f"b_{i}" for i in range(12)) + "\\]"
-
-
-# Expected steps worked out by hand from §2.2 (and checked against the official splitter, which gives the same).
-@pytest.mark.parametrize(
-    "steps",
-    [
-        # a sentence ends at ". " + capital letter
-        ["\nThe first sentence is here.", " The second sentence is here."],
-        # abbreviations (one- or two-letter words before the dot) and decimals do not end a sentence
-        ["\nDr. Smith bought e.g. Apples at 3.5 dollars each.", " He paid seven dollars for all of them."],
-        # inline and display math are never cut, not even at ". " + capital letter inside them
-        ["\nWe know $a. B$ holds here.", " So \\[x. Y = 2\\] is also true here."],
-        ["\nWe know $$x. Y$$ holds here.", " So \\(a. B\\) is true as well."],
-        # a math span that ends with a period inside it ends the step
-        ["\nHence we conclude $x = 5.$", " Then clearly the value of y is 6."],
-        # every line is a step, but a line shorter than 20 characters joins the next one
-        ["\nLine one is long enough.", "\nShort\nAnother line that is long enough."],
-        # the 19-character " He paid 7 dollars." joins the previous step: it is the last piece
-        ["\nDr. Smith bought e.g. Apples at 3.5 dollars each. He paid 7 dollars."],
-        # a sentence over 100 characters is cut at the "," nearest its middle (both halves >= 40 characters)
-        [LONG_SENTENCE[:69], LONG_SENTENCE[69:]],
-        # newlines inside a display block cut it; a piece that is only "$$" joins the next piece
-        ["\nWe compute the sum as follows:", "\n$$\nS = 1 + 2 + 3", "\n= 6", "\n$$\nSo the sum is six in total."],
-        # a long formula with no prose punctuation is cut at the "=" nearest its middle (halves >= 20 characters)
-        ["\n" + LONG_FORMULA[: LONG_FORMULA.index("=") + 1], LONG_FORMULA[LONG_FORMULA.index("=") + 1 :]],
-    ],
-)
-def test_math_cases(steps):
-    assert split("".join(steps), "math") == steps
-
-
-def test_math_gold_solutions(data_dir):
-    for problem in reward.load_problems("math", "test", data_dir)[:300]:
-        steps = split(problem["solution"], "math")
-        assert "".join(steps) == problem["solution"] and all(steps)
-
-
 MATH_ATOMS = ["$", "$$", "\\(", "\\)", "\\[", "\\]", "\\begin{align}", "\\end{align}", "[asy]", "[/asy]", ".", ". ",
               "\n", " ", "The", " and ", " to ", ",", ":", "=", "+", "\\equiv", "x", "e.g.", "Dr.", "3.5", "€",
               "abcdefghijklmnopqrstuvwxyz", "#### 7", "\n#### "]
@@ -158,7 +104,7 @@ def test_steps_concatenate_back_any_text(text, dataset):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Steps in token space (§1.3, §2.3)
+# Steps in token space (docs/paper.md §1.3, §2.3)
 
 
 def test_token_steps_first_character_rule(tokenizer):
@@ -199,7 +145,7 @@ def test_token_steps_match_linear_scan(atoms):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Advantages (§1.3)
+# Advantages (docs/paper.md §1.3)
 
 
 def test_step_advantages_by_hand():
@@ -234,7 +180,7 @@ def test_token_advantages():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Monte Carlo values (§1.2)
+# Monte Carlo values (docs/paper.md §1.2)
 
 
 def context_free_model(tokenizer, logits: dict[str, float]):
@@ -367,3 +313,45 @@ def test_mc_greedy_matches_slow_path(tokenizer):
     )
     assert values == slow_values
     assert not all(done for s in slow for _, done in s) and sorted(set(sum(values, []))) == [0.0, 1.0]
+
+
+def test_value_diagnostic_reference_converges_to_the_true_values(tokenizer):
+    """The unbiasedness toy of test_mc_values_unbiased: V(s_0) = 0, V(s_1) = p7 * p_eos, V(s_2) = p_eos. The reference
+    (2000 rollouts) is within 3 sigma of them; the critic's values are critic_values of each state's token ids."""
+    logits = {"7": 0.6 * math.log(0.5), "8": 0.6 * math.log(0.1), "<eos>": 0.6 * math.log(0.4)}
+    model = context_free_model(tokenizer, logits)
+    probs = next_token_probs(model, temperature=0.6, top_p=0.8)
+    p7, p_eos = probs[tokenizer.convert_tokens_to_ids("7")].item(), probs[2].item()
+    prompt, response, steps = toy_answer(tokenizer)
+    seen = []
+
+    def critic_values(states: list[list[int]]) -> list[float]:  # a stand-in critic: V(s) = 1 / len(s)
+        seen.extend(states)
+        return [1 / len(s) for s in states]
+
+    stats, values = vine.value_diagnostic(
+        model, tokenizer, [prompt], [response], [steps], ["7"], "gsm8k", num_mc_rollouts=3, reference_rollouts=2000,
+        max_value_steps=None, sampling=sampling(temperature=0.6, top_p=0.8, max_new_tokens=3, max_batch_tokens=1 << 20),
+        generator=torch.Generator().manual_seed(0), critic_values=critic_values,
+    )
+    truth = [0.0, p7 * p_eos, p_eos]
+    for estimate, v in zip(values["reference"][0], truth):
+        assert abs(estimate - v) <= 3 * math.sqrt(v * (1 - v) / 2000), (values["reference"], truth)
+    assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in values["mc"][0])  # K = 3 rollouts per state
+    ends = [len(prompt) + sum(s < k for s in steps) for k in range(3)]  # s_k: the prompt and the tokens of steps < k
+    assert seen == [(prompt + response)[:end] for end in ends], "each state's token ids, once"
+    assert values["critic"][0] == [1 / end for end in ends]
+    mae = sum(abs(c - r) for c, r in zip(values["critic"][0], values["reference"][0])) / 3
+    assert stats["diag/critic_mae"] == pytest.approx(mae) and stats["diag/states"] == 3
+    mc_mae = sum(abs(m - r) for m, r in zip(values["mc"][0], values["reference"][0])) / 3
+    assert stats["diag/mc_mae"] == pytest.approx(mc_mae)
+    assert 0.0 <= stats["diag/mc_rank_acc"] <= 1.0 and 0.0 <= stats["diag/critic_rank_acc"] <= 1.0
+
+
+def test_value_errors_by_hand():
+    reference = [[0.2, 0.6, 1.0], [0.5]]
+    estimate = [[0.4, 0.4, 0.9], [0.0]]
+    stats = vine.value_errors(estimate, reference, prefix="x")
+    assert stats["x_mae"] == pytest.approx((0.2 + 0.2 + 0.1 + 0.5) / 4)
+    # pairs of answer 0: (0.2, 0.6) tie in the estimate: 1/2; (0.2, 1.0) right; (0.6, 1.0) right; answer 1 has none
+    assert stats["x_rank_acc"] == pytest.approx((0.5 + 1 + 1) / 3)

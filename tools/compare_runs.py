@@ -2,10 +2,10 @@
 bootstrap confidence intervals at chosen iterations, the cost of each arm, the value-diagnostic figures, and the
 learning curves against iteration and against seconds.
 
-    python benchmarks/compare_runs.py runs/h2h/*_s* --out runs/h2h/report --at 1 2 10 --slip
+    python tools/compare_runs.py runs/h2h/*_s* --out runs/h2h/report --at 1 2 10 --slip
 
 A run folder's arm is its name without the "_s<seed>" suffix (vine_s1, vine_s2 -> vine); its RL seed is in its
-run_args.json. benchmarks/head_to_head.sh makes such runs; the README reads its output.
+run_args.json. experiments/head_to_head.sh makes such runs; the README reads its output.
 
 Statistics: train.py writes each problem's score (the mean reward of --eval-samples answers at T = 0.35: the paper's
 Pass@1) to run_dir/evals/<iteration>.json at every evaluation. Its draws depend on --seed and the iteration only, so
@@ -132,7 +132,7 @@ def slip_rate(path: Path, cache: Path, samples: int, task: list[str]) -> dict:
     all_test = train.load_data(train_args)[2]
     test = [p for p in all_test if first_multiplication(p["solution"])]  # the others cannot slip: they add 0
     model, tokenizer = checkpoint.load_model(str(path), "cpu")
-    prompts = [train.encode_prompt(tokenizer, p["question"], "arithmetic") for p in test]
+    prompts = [p.prompt_ids for p in train.to_problems(test, tokenizer, "arithmetic")]
     sampling = train.sampling_settings(train_args, model, tokenizer)
     outs = train.sample_answers(
         model,
@@ -209,14 +209,20 @@ def curves(runs_by_arm: dict, out: Path) -> None:
     print(f"wrote {out / 'curves.png'}")
 
 
-def main() -> None:
-    args = parse_args()
+def load_runs(paths: list[Path]) -> dict[str, list[dict]]:
+    """The runs grouped by arm, {arm: [run, ...]} in sorted path order: each run is read_run's dict plus its path."""
     runs_by_arm = {}
-    for path in sorted(args.runs):
+    for path in sorted(paths):
         runs_by_arm.setdefault(arm_of(path), []).append({"path": path, **read_run(path)})
-    all_runs = [run for runs in runs_by_arm.values() for run in runs]
+    return runs_by_arm
+
+
+def shared_start(all_runs: list[dict], at: list[int] | None) -> tuple[list[int], np.ndarray]:
+    """The iterations to compare (default: the last that every run evaluated) and the start's scores, (1, problems).
+    A paired comparison needs every run evaluated at iteration 0 and at those iterations, and one starting model: the
+    same iteration-0 scores everywhere."""
     common = set.intersection(*(set(run["evals"]) for run in all_runs))
-    at = args.at or [max(common)]
+    at = at or [max(common)]
     if 0 not in common or not set(at) <= common:
         raise SystemExit(f"error: every run must be evaluated at iteration 0 and at {at}; all have {sorted(common)}")
     start = np.array([all_runs[0]["evals"][0]["eval/pass1"]])
@@ -224,61 +230,98 @@ def main() -> None:
         raise SystemExit(
             "error: the runs' iteration-0 evaluations differ: they do not share a starting model and --seed"
         )
-    rng = np.random.default_rng(0)
+    return at, start
+
+
+def pass1_tables(
+    runs_by_arm: dict, iteration: int, start: np.ndarray, replicates: int, rng: np.random.Generator, summary: dict
+) -> list[str]:
+    """The lines of the two tables after one iteration: each arm's test Pass@1 with its gain over the start, and every
+    pair of arms' difference, with paired bootstrap intervals; the same figures go to summary["arms"]."""
+    lines = [
+        f"after iteration {iteration}:",
+        "",
+        "| arm | test Pass@1, mean of seeds | per seed | gain over start, 95% CI |",
+        "|---|---|---|---|",
+    ]
+    scores = {}
+    for arm, runs in runs_by_arm.items():
+        scores[arm] = np.array([run["evals"][iteration]["eval/pass1"] for run in runs])  # (seeds, problems)
+        low, high = bootstrap_diff(scores[arm], start, replicates, rng)
+        mean, per_seed = float(scores[arm].mean()), scores[arm].mean(axis=1).tolist()
+        summary["arms"].setdefault(arm, {})[iteration] = {"pass1": mean, "per_seed": per_seed, "gain": [low, high]}
+        seeds = " / ".join(f"{p:.3f}" for p in per_seed)
+        lines.append(f"| {arm} | {mean:.3f} | {seeds} | {mean - start.mean():+.3f} [{low:+.3f}, {high:+.3f}] |")
+    lines += ["", "| difference | test Pass@1 points, 95% CI |", "|---|---|"]
+    arms = list(runs_by_arm)
+    for i, a in enumerate(arms):
+        for b in arms[i + 1 :]:
+            low, high = bootstrap_diff(scores[a], scores[b], replicates, rng)
+            diff = scores[a].mean() - scores[b].mean()
+            summary["arms"][a][iteration][f"minus {b}"] = [float(diff), low, high]
+            lines.append(f"| {a} - {b} | {100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |")
+    lines.append("")
+    return lines
+
+
+def cost_header(slip: bool) -> list[str]:
+    """The header of the cost table: one row per arm, with a slip-rate column under --slip."""
+    return [
+        "| arm | tokens generated / iteration | seconds / iteration (sample + values + update) | MC value MAE "
+        "| critic MAE | MC rank acc. | critic rank acc. |" + (" slip rate (per answer), final |" if slip else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if slip else ""),
+    ]
+
+
+def start_slip_line(first_run: dict, args: argparse.Namespace, task: list[str], summary: dict) -> str:
+    """--slip: the starting model's slip rates (the model every run started from, in its run_args.json), into summary
+    and as a line for the top of the report."""
+    start_path, start_cache = Path(first_run["args"]["model"]), args.out / "slips" / "start.json"
+    start_slips = slip_rate(start_path, start_cache, args.samples, task)
+    summary["start_slip"], summary["start_slips"] = start_slips["slip"], start_slips
+    return (
+        f"start model: first-multiplication slip rate {start_slips['slip']:.3f}, slips per answer "
+        f"{start_slips['slips_per_answer']:.2f} of {start_slips['decisions_per_answer']:.2f} reached"
+    )
+
+
+def cost_row(arm: str, runs: list[dict], args: argparse.Namespace, task: list[str] | None, summary: dict) -> str:
+    """An arm's row of the cost table: the means over its seeds of cost(), and under --slip the slip rates of its
+    final policies; the same figures go to summary["arms"][arm]."""
+    costs = [cost(run["rows"]) for run in runs]
+    keys = {k: None for x in costs for k in x}  # the diagnostic may have run on some seeds only
+    c = {k: float(np.mean([x[k] for x in costs if k in x])) for k in keys}
+    summary["arms"][arm]["cost"] = c
+    diag = [f"{c[k]:.3f}" if k in c else "" for k in ("diag/mc_mae", "diag/critic_mae")]
+    diag += [f"{c[k]:.2f}" if k in c else "" for k in ("diag/mc_rank_acc", "diag/critic_rank_acc")]
+    seconds = f"{c['s_iteration']:.1f} ({c['s_sample']:.1f} + {c['s_values']:.1f} + {c['s_train']:.1f})"
+    row = f"| {arm} | {c['tokens']:.0f} | {seconds} | " + " | ".join(diag) + " |"
+    if args.slip:
+        caches = [args.out / "slips" / f"{run['path'].name}.json" for run in runs]
+        slips = [slip_rate(run["path"] / "checkpoint", c, args.samples, task) for run, c in zip(runs, caches)]
+        summary["arms"][arm]["slip"] = [x["slip"] for x in slips]
+        summary["arms"][arm]["slips_per_answer"] = [x["slips_per_answer"] for x in slips]
+        row += " " + " / ".join(f"{x['slip']:.3f} ({x['slips_per_answer']:.2f})" for x in slips) + " |"
+    return row
+
+
+def main() -> None:
+    args = parse_args()
+    runs_by_arm = load_runs(args.runs)
+    all_runs = [run for runs in runs_by_arm.values() for run in runs]
+    at, start = shared_start(all_runs, args.at)
+    rng = np.random.default_rng(0)  # one stream for every bootstrap, in table order
     summary = {"start_pass1": float(start.mean()), "arms": {}}
     lines = [f"start model (iteration 0): test Pass@1 {start.mean():.3f} on {start.shape[1]} problems", ""]
-    scores = {}
     for iteration in at:
-        lines += [
-            f"after iteration {iteration}:",
-            "",
-            "| arm | test Pass@1, mean of seeds | per seed | gain over start, 95% CI |",
-            "|---|---|---|---|",
-        ]
-        for arm, runs in runs_by_arm.items():
-            scores[arm] = np.array([run["evals"][iteration]["eval/pass1"] for run in runs])  # (seeds, problems)
-            low, high = bootstrap_diff(scores[arm], start, args.bootstrap, rng)
-            mean, per_seed = float(scores[arm].mean()), scores[arm].mean(axis=1).tolist()
-            summary["arms"].setdefault(arm, {})[iteration] = {"pass1": mean, "per_seed": per_seed, "gain": [low, high]}
-            seeds = " / ".join(f"{p:.3f}" for p in per_seed)
-            lines.append(f"| {arm} | {mean:.3f} | {seeds} | {mean - start.mean():+.3f} [{low:+.3f}, {high:+.3f}] |")
-        lines += ["", "| difference | test Pass@1 points, 95% CI |", "|---|---|"]
-        arms = list(runs_by_arm)
-        for i, a in enumerate(arms):
-            for b in arms[i + 1 :]:
-                low, high = bootstrap_diff(scores[a], scores[b], args.bootstrap, rng)
-                diff = scores[a].mean() - scores[b].mean()
-                summary["arms"][a][iteration][f"minus {b}"] = [float(diff), low, high]
-                lines.append(f"| {a} - {b} | {100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |")
-        lines.append("")
-    lines += [
-        "| arm | tokens generated / iteration | seconds / iteration (sample + values + update) | MC value MAE "
-        "| critic MAE | MC rank acc. | critic rank acc. |" + (" slip rate (per answer), final |" if args.slip else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if args.slip else ""),
-    ]
+        lines += pass1_tables(runs_by_arm, iteration, start, args.bootstrap, rng, summary)
+    lines += cost_header(args.slip)
+    task = None
     if args.slip:
         task = task_of(all_runs[0]["args"])
-        start_path, start_cache = Path(all_runs[0]["args"]["model"]), args.out / "slips" / "start.json"
-        start_slips = slip_rate(start_path, start_cache, args.samples, task)
-        summary["start_slip"], summary["start_slips"] = start_slips["slip"], start_slips
-        lines.insert(1, f"start model: first-multiplication slip rate {start_slips['slip']:.3f}, slips per answer "
-                     f"{start_slips['slips_per_answer']:.2f} of {start_slips['decisions_per_answer']:.2f} reached")
+        lines.insert(1, start_slip_line(all_runs[0], args, task, summary))
     for arm, runs in runs_by_arm.items():
-        costs = [cost(run["rows"]) for run in runs]
-        keys = {k: None for x in costs for k in x}  # the diagnostic may have run on some seeds only
-        c = {k: float(np.mean([x[k] for x in costs if k in x])) for k in keys}
-        summary["arms"][arm]["cost"] = c
-        diag = [f"{c[k]:.3f}" if k in c else "" for k in ("diag/mc_mae", "diag/critic_mae")]
-        diag += [f"{c[k]:.2f}" if k in c else "" for k in ("diag/mc_rank_acc", "diag/critic_rank_acc")]
-        seconds = f"{c['s_iteration']:.1f} ({c['s_sample']:.1f} + {c['s_values']:.1f} + {c['s_train']:.1f})"
-        row = f"| {arm} | {c['tokens']:.0f} | {seconds} | " + " | ".join(diag) + " |"
-        if args.slip:
-            caches = [args.out / "slips" / f"{run['path'].name}.json" for run in runs]
-            slips = [slip_rate(run["path"] / "checkpoint", c, args.samples, task) for run, c in zip(runs, caches)]
-            summary["arms"][arm]["slip"] = [x["slip"] for x in slips]
-            summary["arms"][arm]["slips_per_answer"] = [x["slips_per_answer"] for x in slips]
-            row += " " + " / ".join(f"{x['slip']:.3f} ({x['slips_per_answer']:.2f})" for x in slips) + " |"
-        lines.append(row)
+        lines.append(cost_row(arm, runs, args, task, summary))
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,11 @@
 """Memory plan: the GPU memory train.py needs, phase by phase, and which settings fit a 1.1B or a 7B model on one GPU.
 
-    python benchmarks/memory_plan.py                      # 1.1B and 7B on 24/40/80 GB GPUs: components and fits
-    python benchmarks/memory_plan.py --model PATH         # a local Hugging Face config (a folder or its config.json)
-    python benchmarks/memory_plan.py --micro-batch-size 4 --seq-len 1024 --max-batch-tokens 65536 --critic
+    python tools/memory_plan.py                      # 1.1B and 7B on 24/40/80 GB GPUs: components and fits
+    python tools/memory_plan.py --model PATH         # a local Hugging Face config (a folder or its config.json)
+    python tools/memory_plan.py --micro-batch-size 4 --seq-len 1024 --max-batch-tokens 65536 --critic
 
 memory_plan(config, gpu_bytes=...) returns bytes per component and the peak of each phase of one train.py iteration
-(PAPER_NOTES.md §1.1): sampling (answers and MC rollouts, rollout.sample), the old and reference logprobs
+(docs/paper.md §1.1): sampling (answers and MC rollouts, rollout.sample), the old and reference logprobs
 (train.old_and_ref_logprobs), the PPO micro-batches (forward + backward) and the AdamW step. It counts what
 torch.cuda.max_memory_allocated counts, live tensors; benchmarks/bench_gpu.py measures that on a GPU beside the plan.
 
@@ -75,7 +75,7 @@ MAX_BATCH_TOKENS = tuple(2**k for k in range(12, 21))  # 4096 .. 1048576 cached 
 
 
 def tinyllama_config() -> LlamaConfig:
-    """RhoMath-1.1B's architecture: the TinyLlama-1.1B Llama config (PAPER_NOTES §9)."""
+    """RhoMath-1.1B's architecture: the TinyLlama-1.1B Llama config (docs/paper.md §9)."""
     return LlamaConfig(
         hidden_size=2048,
         intermediate_size=5632,
@@ -162,6 +162,105 @@ def head_activation_bytes(config, bf16: bool) -> int:
     return 4 * h + 4 * h + 4 + (2 * h if bf16 else 4 * h) + 8
 
 
+def model_state_bytes(counts: dict[str, int], critic: bool, reference: bool, bf16: bool) -> dict[str, int]:
+    """Bytes of the weights, gradients and AdamW state of the policy and of the critic, of the reference model, and of
+    autocast's bf16 weight copies, from parameter_counts (module docstring, "fixed", "logprobs", "PPO")."""
+    p, p_critic = counts["total"], counts["critic"] if critic else 0
+    w = 2 if bf16 else 4
+    return {
+        "policy_weights": 4 * p,
+        "policy_grads": 4 * p,
+        "adam_moments": 8 * p,
+        "adam_step_temp": 4 * max(p, p_critic),
+        "reference": w * p if reference else 0,
+        "critic_weights": 4 * p_critic,
+        "critic_grads": 4 * p_critic,
+        "critic_moments": 8 * p_critic,
+        "autocast_weights": 2 * counts["matmul"] if bf16 else 0,
+    }
+
+
+def sampling_bytes(config, bf16: bool, max_batch_tokens: int, max_new_tokens: int, num_samples: int) -> dict[str, int]:
+    """Bytes of one sampling chunk: its KV cache, the prefill's per-root copies and the decode step's logits and top-p
+    buffers (module docstring, "sampling")."""
+    return {
+        "kv_cache": kv_bytes_per_token(config, bf16) * max_batch_tokens,
+        "kv_prefill": kv_bytes_per_token(config, bf16) * max_batch_tokens // num_samples,
+        "decode_logits": 40 * max(1, max_batch_tokens // max_new_tokens) * config.vocab_size,
+    }
+
+
+def checkpointed_saved_bytes(config, micro_batch_size: int, seq_len: int, bf16: bool) -> int:
+    """Bytes a micro-batch keeps through its forward with gradient checkpointing on: each layer's float32 input, what
+    the final norm and the LM head save, and the float32 rotary cos and sin (shared by the micro-batch)."""
+    n = micro_batch_size * seq_len  # tokens of one micro-batch
+    rope = 2 * seq_len * head_dim(config) * 4  # float32 cos and sin, shared by the micro-batch
+    return n * (config.num_hidden_layers * 4 * config.hidden_size + head_activation_bytes(config, bf16)) + rope
+
+
+def activation_bytes(config, micro_batch_size: int, seq_len: int, bf16: bool) -> dict[str, int]:
+    """Bytes of one PPO micro-batch's activations with checkpointing on (what it keeps + the one layer being
+    recomputed) and off (every layer), and of its logits at the end of the forward and in the LM head's backward
+    (module docstring, "How the activations are counted")."""
+    w = 2 if bf16 else 4
+    n = micro_batch_size * seq_len  # tokens of one micro-batch
+    e = micro_batch_size * (seq_len - 1) * config.vocab_size  # tempered logits: the last position predicts nothing
+    rope = 2 * seq_len * head_dim(config) * 4  # float32 cos and sin, shared by the micro-batch
+    layer = layer_activation_bytes(config, seq_len, bf16)
+    return {
+        "activations_checkpointed": checkpointed_saved_bytes(config, micro_batch_size, seq_len, bf16) + n * layer,
+        "activations_full": n * (config.num_hidden_layers * layer + head_activation_bytes(config, bf16)) + rope,
+        "logits_forward": micro_batch_size * seq_len * config.vocab_size * w + (8 if bf16 else 4) * e,
+        "logits_backward": 20 * e,
+    }
+
+
+def training_activation_bytes(
+    config, plan: dict[str, int], head_copy: int, micro_batch_size: int, seq_len: int, checkpointing: bool, bf16: bool
+) -> int:
+    """Bytes a PPO micro-batch holds beyond the weights, AdamW state and gradients, at its worst moment: with
+    checkpointing the worse of the end of the forward, the LM head's backward and one layer's recompute; without it
+    every layer's activations and bf16 weight copies, which stay alive until the backward reaches them."""
+    if checkpointing:
+        n = micro_batch_size * seq_len  # tokens of one micro-batch
+        layer = layer_activation_bytes(config, seq_len, bf16)
+        saved = checkpointed_saved_bytes(config, micro_batch_size, seq_len, bf16)
+        return max(
+            plan["autocast_weights"] + saved + plan["logits_forward"],  # end of the forward, autocast cache alive
+            head_copy + saved + plan["logits_backward"],  # the LM head's backward
+            saved + 3 * n * layer // 2,  # one layer recomputed, and the gradients through it (1.05-1.33x, on CPU)
+        )
+    activations = plan["autocast_weights"] + plan["activations_full"]
+    return activations + max(plan["logits_forward"], plan["logits_backward"])
+
+
+def phase_peaks(
+    config,
+    plan: dict[str, int],
+    counts: dict[str, int],
+    micro_batch_size: int,
+    seq_len: int,
+    checkpointing: bool,
+    bf16: bool,
+) -> dict[str, int]:
+    """The fixed bytes (held in every phase) and the peak of each phase, from the components in plan: sampling, the
+    old/ref logprobs, the PPO micro-batch and the AdamW step, and the largest of the four."""
+    fixed = plan["policy_weights"] + plan["adam_moments"] + plan["reference"]
+    fixed += plan["critic_weights"] + plan["critic_moments"]
+    grads = plan["policy_grads"] + plan["critic_grads"]
+    head_copy = 2 * counts["lm_head"] if bf16 else 0  # the LM head's bf16 weight, saved for its backward
+    activations = training_activation_bytes(config, plan, head_copy, micro_batch_size, seq_len, checkpointing, bf16)
+    peaks = {"fixed": fixed}
+    peaks["sampling_peak"] = fixed + plan["kv_cache"] + plan["kv_prefill"] + plan["decode_logits"] + head_copy
+    peaks["logprobs_peak"] = fixed + plan["autocast_weights"] + plan["logits_forward"]
+    if checkpointing:  # enable_input_require_grads: one more float32 hidden state (measured on CPU)
+        peaks["logprobs_peak"] += micro_batch_size * seq_len * 4 * config.hidden_size
+    peaks["training_peak"] = fixed + grads + activations
+    peaks["optimizer_peak"] = fixed + grads + plan["adam_step_temp"]
+    peaks["peak"] = max(peaks[k] for k in ("sampling_peak", "logprobs_peak", "training_peak", "optimizer_peak"))
+    return peaks
+
+
 def memory_plan(
     config,
     *,
@@ -182,54 +281,10 @@ def memory_plan(
     reference model (--kl-coef > 0), --bf16, and the rows per prefix in sampling (num_samples: 8 answers, K = 9).
     Every value is in bytes; headroom = usable - peak is negative when it does not fit."""
     counts = parameter_counts(config)
-    p, p_critic = counts["total"], counts["critic"] if critic else 0
-    w = 2 if bf16 else 4
-    n = micro_batch_size * seq_len  # tokens of one micro-batch
-    e = micro_batch_size * (seq_len - 1) * config.vocab_size  # tempered logits: the last position predicts nothing
-    plan = {
-        "policy_weights": 4 * p,
-        "policy_grads": 4 * p,
-        "adam_moments": 8 * p,
-        "adam_step_temp": 4 * max(p, p_critic),
-        "reference": w * p if reference else 0,
-        "critic_weights": 4 * p_critic,
-        "critic_grads": 4 * p_critic,
-        "critic_moments": 8 * p_critic,
-        "autocast_weights": 2 * counts["matmul"] if bf16 else 0,
-        "kv_cache": kv_bytes_per_token(config, bf16) * max_batch_tokens,
-        "kv_prefill": kv_bytes_per_token(config, bf16) * max_batch_tokens // num_samples,
-        "decode_logits": 40 * max(1, max_batch_tokens // max_new_tokens) * config.vocab_size,
-    }
-    rope = 2 * seq_len * head_dim(config) * 4  # float32 cos and sin, shared by the micro-batch
-    layer = layer_activation_bytes(config, seq_len, bf16)
-    kept_checkpointed = n * (config.num_hidden_layers * 4 * config.hidden_size + head_activation_bytes(config, bf16))
-    plan["activations_checkpointed"] = kept_checkpointed + rope + n * layer  # + the one layer being recomputed
-    plan["activations_full"] = n * (config.num_hidden_layers * layer + head_activation_bytes(config, bf16)) + rope
-    plan["logits_forward"] = micro_batch_size * seq_len * config.vocab_size * w + (8 if bf16 else 4) * e
-    plan["logits_backward"] = 20 * e
-
-    fixed = plan["policy_weights"] + plan["adam_moments"] + plan["reference"]
-    fixed += plan["critic_weights"] + plan["critic_moments"]
-    grads = plan["policy_grads"] + plan["critic_grads"]
-    head_copy = 2 * counts["lm_head"] if bf16 else 0  # the LM head's bf16 weight, saved for its backward
-    if gradient_checkpointing:
-        saved = kept_checkpointed + rope
-        activations = max(
-            plan["autocast_weights"] + saved + plan["logits_forward"],  # end of the forward, autocast cache alive
-            head_copy + saved + plan["logits_backward"],  # the LM head's backward
-            saved + 3 * n * layer // 2,  # one layer recomputed, and the gradients through it (1.05-1.33x, on CPU)
-        )
-    else:  # every layer's activations and bf16 weight copies stay alive until the backward reaches them
-        activations = plan["autocast_weights"] + plan["activations_full"]
-        activations += max(plan["logits_forward"], plan["logits_backward"])
-    plan["fixed"] = fixed
-    plan["sampling_peak"] = fixed + plan["kv_cache"] + plan["kv_prefill"] + plan["decode_logits"] + head_copy
-    plan["logprobs_peak"] = fixed + plan["autocast_weights"] + plan["logits_forward"]
-    if gradient_checkpointing:  # enable_input_require_grads: one more float32 hidden state (measured on CPU)
-        plan["logprobs_peak"] += n * 4 * config.hidden_size
-    plan["training_peak"] = fixed + grads + activations
-    plan["optimizer_peak"] = fixed + grads + plan["adam_step_temp"]
-    plan["peak"] = max(plan[k] for k in ("sampling_peak", "logprobs_peak", "training_peak", "optimizer_peak"))
+    plan = model_state_bytes(counts, critic, reference, bf16)
+    plan |= sampling_bytes(config, bf16, max_batch_tokens, max_new_tokens, num_samples)
+    plan |= activation_bytes(config, micro_batch_size, seq_len, bf16)
+    plan |= phase_peaks(config, plan, counts, micro_batch_size, seq_len, gradient_checkpointing, bf16)
     plan["gpu"] = gpu_bytes
     plan["usable"] = gpu_bytes - RESERVED
     plan["headroom"] = plan["usable"] - plan["peak"]

@@ -1,7 +1,7 @@
 """Draw the metrics.jsonl of one or more train.py run folders as learning curves: one line per run.
 
-    python benchmarks/plot_metrics.py runs/arithmetic                       # writes runs/arithmetic/curves.png
-    python benchmarks/plot_metrics.py runs/a runs/b --out compare.png       # two runs in one picture
+    python tools/plot_metrics.py runs/arithmetic                       # writes runs/arithmetic/curves.png
+    python tools/plot_metrics.py runs/a runs/b --out compare.png       # two runs in one picture
 
 Panels: test Pass@1 and greedy accuracy against iteration and against seconds; validation Pass@1 (the number the
 best/ checkpoint is chosen by); training reward; answer length; KL to the reference and between consecutive

@@ -1,10 +1,10 @@
 """Show which steps of an answer got the credit: the samples that train.py logs (--log-samples, run_dir/samples/),
 in the terminal, as one HTML page, or as a picture.
 
-    python benchmarks/show_credit.py runs/arithmetic                      # the terminal: the first logged iteration
-    python benchmarks/show_credit.py runs/arithmetic --iteration 4        # another iteration
-    python benchmarks/show_credit.py runs/h2h/vine_s1 runs/h2h/grpo_s1 --html credit.html   # runs side by side
-    python benchmarks/show_credit.py runs/h2h/vine_s1 runs/h2h/grpo_s1 --png credit.png --answer 0:5
+    python tools/show_credit.py runs/arithmetic                      # the terminal: the first logged iteration
+    python tools/show_credit.py runs/arithmetic --iteration 4        # another iteration
+    python tools/show_credit.py runs/h2h/vine_s1 runs/h2h/grpo_s1 --html credit.html   # runs side by side
+    python tools/show_credit.py runs/h2h/vine_s1 runs/h2h/grpo_s1 --png credit.png --answer 0:5
 
 Each step of an answer is coloured by the sign and size of its advantage A before whitening: green for credit, red
 for blame, full colour at |A| >= 1 (GRPO's (R - mean) / std can exceed 1; whitening, which the update applies per
