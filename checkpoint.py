@@ -207,13 +207,14 @@ def damaged(path: str, error: BaseException) -> SystemExit:
 # Atomic folder saves
 
 
-def save_folder(path: str, model, tokenizer, files: dict) -> None:
-    """The model and tokenizer (save_pretrained) and `files` (name -> object, written with json for .json names and
+def save_folder(path: str, model, tokenizer, files: dict, state_dict: dict | None = None) -> None:
+    """The model and tokenizer (save_pretrained; state_dict: the weights to write instead of the model's own, e.g. the
+    whole model gathered from its shards) and `files` (name -> object, written with json for .json names and
     torch.save otherwise) go to path.tmp, which then replaces path by renames: a crash never leaves half a folder."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, obj in files.items():
             if name.endswith(".json"):
@@ -246,16 +247,17 @@ def recover_folder(path: str) -> None:
 
 
 def save_checkpoint(
-    path: str, model, tokenizer, optimizer, scheduler, *, next_iteration: int, best_val: float, run_args: dict,
-    world_size: int, critic: tuple | None = None,
+    path: str, model, tokenizer, *, optimizer: dict, scheduler: dict, next_iteration: int, best_val: float,
+    run_args: dict, world_size: int, model_state: dict | None = None, critic: tuple | None = None,
 ) -> None:
-    """A checkpoint that --resume continues exactly: the model, optimizer, scheduler and RNG states, the iteration to
-    continue at and the best validation Pass@1 so far; with critic = (model, optimizer, scheduler), its weights
-    (critic.pt), optimizer and scheduler too. run_args.json is small: check_run_dir reads only it. world_size, the
-    number of processes, is recorded: the ranks' shares and random streams depend on it, so resume must match it."""
+    """A checkpoint that --resume continues exactly: the model (model_state, if given, is what is written: the whole
+    model gathered from its shards), the optimizer and scheduler state dicts, the RNG states, the iteration to
+    continue at and the best validation Pass@1 so far; with critic = (its state dict, its optimizer's, its
+    scheduler's), critic.pt and those states too. run_args.json is small: check_run_dir reads only it. world_size,
+    the number of processes, is recorded: the ranks' shares and random streams depend on it, so resume must match."""
     state = dict(
-        optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(),
+        optimizer=optimizer,
+        scheduler=scheduler,
         rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()),
         next_iteration=next_iteration,
         best_val_pass1=best_val,
@@ -263,21 +265,19 @@ def save_checkpoint(
     )
     files = {"trainer_state.pt": state, "run_args.json": run_args}
     if critic is not None:
-        critic_model, critic_optimizer, critic_scheduler = critic
-        state["critic_optimizer"] = critic_optimizer.state_dict()
-        state["critic_scheduler"] = critic_scheduler.state_dict()
-        files["critic.pt"] = critic_model.state_dict()
-    save_folder(path, model, tokenizer, files)
+        files["critic.pt"], state["critic_optimizer"], state["critic_scheduler"] = critic
+    save_folder(path, model, tokenizer, files, state_dict=model_state)
     print(f"saved {path} (next iteration {next_iteration})")
 
 
-def restore_checkpoint(
-    path: str, optimizer, scheduler, *, world_size: int, critic: tuple | None = None
-) -> tuple[int, float]:
-    """Load what save_checkpoint saved into the optimizer, scheduler, RNGs and critic = (model, optimizer,
-    scheduler); returns the iteration to continue at and the best validation Pass@1 so far."""
+def restore_checkpoint(path: str, *, world_size: int, main: bool = True) -> dict:
+    """What save_checkpoint saved in path/trainer_state.pt, after checking that as many processes wrote it; the RNGs
+    continue where they were saved. The caller loads the optimizer and scheduler states it holds (optimizer,
+    scheduler, critic_optimizer, critic_scheduler); next_iteration and best_val_pass1 say where the run stands.
+    main False (the other ranks, which take the AdamW state from rank 0): the file is memory-mapped, so that its
+    tensors are not read into every rank's memory."""
     try:
-        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False, mmap=not main)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise damaged(path, e) from None
     saved_world = state.get("world_size", 1)
@@ -287,22 +287,20 @@ def restore_checkpoint(
             f"error: {path} was written by a run of {saved_world} process(es) and this one has {world_size}; resume "
             f"it with as many ({launch} ..., or that many processes in all across machines)"
         )
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if critic is not None:
-        critic_model, critic_optimizer, critic_scheduler = critic
-        device = next(critic_model.parameters()).device
-        try:
-            critic_model.load_state_dict(torch.load(os.path.join(path, "critic.pt"), map_location=device))
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise damaged(path, e) from None
-        critic_optimizer.load_state_dict(state["critic_optimizer"])
-        critic_scheduler.load_state_dict(state["critic_scheduler"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     print(f"resumed from {path} at iteration {state['next_iteration']}")
-    return state["next_iteration"], state.get("best_val_pass1", -1.0)
+    state.setdefault("best_val_pass1", -1.0)
+    return state
+
+
+def load_critic_weights(path: str) -> dict:
+    """The critic's state dict saved in path/critic.pt, on the CPU; a damaged file is named as damaged."""
+    try:
+        return torch.load(os.path.join(path, "critic.pt"), map_location="cpu")
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise damaged(path, e) from None
 
 
 def is_due(iteration: int, *, num_iterations: int, save_every: int) -> bool:
@@ -310,24 +308,42 @@ def is_due(iteration: int, *, num_iterations: int, save_every: int) -> bool:
     return iteration + 1 == num_iterations or bool(save_every and (iteration + 1) % save_every == 0)
 
 
+# Under torchrun, the signals that came once the run was set up, outside an uninterrupted block: they stop the run at
+# the end of the next one, where every rank stops at the same point (open_run with defer).
+PENDING: list[int] = []
+
+
 class Run:
     """What open_run yields. on_stop() saves what a stop must not lose; train.py sets it once it has set the run up
     (None until then: a stop while loading or in SFT saves nothing)."""
 
-    on_stop = None
+    def __init__(self, defer: bool):
+        self.on_stop, self.defer = None, defer
+
+    def handle(self, signum: int, frame) -> None:
+        """The handler of Ctrl-C and SIGTERM inside open_run: the first one stops the run, at once (stop_on_interrupt:
+        a KeyboardInterrupt where the program is) or, with defer once the run is set up, at the end of the next
+        uninterrupted block: a rank stopped anywhere else could be inside a collective the others never join, and
+        the save that follows gathers the weights from every rank. Every later signal is ignored."""
+        if self.defer and self.on_stop is not None:
+            PENDING.append(signum)
+            ignore_interrupts()
+        else:
+            stop_on_interrupt(signum, frame)
 
 
 @contextlib.contextmanager
-def open_run(run_dir: str, *, main: bool, resume: bool, run_args: dict, may_differ: set[str]):
+def open_run(run_dir: str, *, main: bool, resume: bool, run_args: dict, may_differ: set[str], defer: bool = False):
     """A run in its folder, and the one place that decides what a stop does to it.
 
     main (rank 0): finish a save that a crash cut (recover_folder), refuse to overwrite another run or to resume one
     with other settings (check_run_dir), and hold the folder's lock until the run ends (run_dir_lock). Every rank:
-    Ctrl-C and SIGTERM stop the run. The first one raises KeyboardInterrupt where the program is (stop_on_interrupt;
-    inside a `with uninterrupted()` block, at its end) and every later one is ignored; then run.on_stop() saves a
-    checkpoint (nothing while setting up), and the process exits 130. The handlers from before are back on return."""
-    run = Run()
-    previous = {s: signal.signal(s, stop_on_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    Ctrl-C and SIGTERM stop the run (Run.handle; defer: under torchrun, at the end of an uninterrupted block once the
+    run is set up); then run.on_stop() saves a checkpoint (nothing while setting up), and the process exits 130. The
+    handlers from before are back on return."""
+    run = Run(defer)
+    PENDING.clear()
+    previous = {s: signal.signal(s, run.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with run_dir_lock(run_dir) if main else contextlib.nullcontext():
             if main:
@@ -349,8 +365,8 @@ def open_run(run_dir: str, *, main: bool, resume: bool, run_args: dict, may_diff
 
 
 def stop_on_interrupt(signum: int, frame) -> None:
-    """The handler of Ctrl-C and SIGTERM inside open_run: the first one stops the run (KeyboardInterrupt) and every
-    later one is ignored, so that none can cut the save that follows, however fast they come."""
+    """Stop the run at once (KeyboardInterrupt, which open_run turns into a checkpoint and exit 130) and ignore every
+    later signal, so that none can cut the save that follows, however fast they come."""
     ignore_interrupts()
     raise KeyboardInterrupt
 
@@ -365,8 +381,8 @@ def ignore_interrupts() -> None:
 @contextlib.contextmanager
 def uninterrupted(agree=bool):
     """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, so that an update and its log line, or a checkpoint
-    save, are never cut halfway; then, if one came, stop the run as open_run does (KeyboardInterrupt, later signals
-    ignored). agree(came: bool) -> bool decides with the other ranks (train.py passes distributed.any_rank), so that
+    save, are never cut halfway; then, if one came (or open_run deferred one to here), stop the run as open_run does
+    (KeyboardInterrupt, later signals ignored). agree(came: bool) -> bool decides with the other ranks (train.py passes distributed.any_rank), so that
     a signal that reached one rank stops every rank at the same point. One that comes after they agreed, in the last
     instants of the block, still stops this rank: it is never lost."""
     pressed = []
@@ -374,7 +390,7 @@ def uninterrupted(agree=bool):
     previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
-        stop = agree(bool(pressed))
+        stop = agree(bool(pressed or PENDING))  # PENDING: a signal open_run deferred to here
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -1,53 +1,76 @@
-"""Plumbing: data parallelism under torchrun. Safe to skip on a first read: in one process (python train.py) every
-function here is the identity or does nothing.
+"""Plumbing: torchrun, and the policy, critic and reference sharded with PyTorch's FSDP2. Safe to skip on a first read:
+in one process (python train.py) every function here is the identity or does nothing.
 
-    torchrun --nproc_per_node 4 train.py --dataset gsm8k      # 4 GPUs, NCCL; on CPU: gloo (tests/test_distributed.py)
+    torchrun --nproc_per_node 8 train.py --dataset gsm8k      # 8 GPUs, NCCL; on CPU: gloo (tests/test_distributed.py)
 
-What it guarantees, and how train.py uses it (docs/torchrun.md has the measurements):
+What it guarantees, and how train.py uses it (docs/torchrun.md has the memory per GPU and the measurements):
 - Each rank (process) takes an equal, contiguous share of the iteration's prompts (shard), samples their answers and
   values their step states on its own device, from its own random stream (rank_seed). The official code shards the
   prompts the same way (docs/paper.md §1.1 step 1).
+- The models are sharded (shard_model: torch.distributed.fsdp.fully_shard on every decoder layer and at the root):
+  each rank holds 1/N of the float32 weights, of their gradients and of AdamW's moments, and of the reference.
+- Sampling, the MC rollouts, evaluation and the old/reference logprobs run on full weights (full_weights: every
+  FSDP module gathered once, kept gathered for the block, then freed), so no collective runs inside rollout.sample
+  and ranks may sample different lengths.
 - The update is the one-process update: the ranks exchange their episodes (gather_list), so every rank whitens the
-  advantages and normalises the loss over the whole minibatch; each backpropagates its share of every minibatch and
-  sum_gradients adds the gradients up before clipping and the AdamW step. So the weights stay equal on every rank,
-  and 2 ranks give one process's gradients, statistics and weights within float noise (a test checks 1e-5).
-- same_generator gives every rank rank 0's generator, so the update's minibatch shuffles agree; combine_logs makes
-  one log line of every rank's; any_rank lets a Ctrl-C on one rank stop every rank at the same point.
+  advantages and normalises the loss over the whole minibatch, and backpropagates its share of it. FSDP2 reduces
+  the gradients (a sum, set on every FSDP module: each rank's loss is already divided by the whole minibatch's
+  counts) and every rank runs as many forward and backward passes (micro_batch_passes: a rank with a shorter share
+  runs zero-loss passes), since each pass gathers and reduces. So 2 ranks give one process's gradients, statistics
+  and weights within float noise (a test checks 1e-5).
+- Checkpoints stay Hugging Face folders: full_state_dict gathers the weights on rank 0, which saves them, and
+  full_optimizer_state the AdamW state, which load_optimizer_state broadcasts back on --resume.
+- A rank that dies or raises leaves the others waiting in a collective: they stop with an error after --dist-timeout
+  seconds (torchrun also ends them when it sees the first one exit). Only the wait for rank 0 while it makes
+  run_dir/init (SFT can take hours) has a long timeout (wait_for_rank0).
 
 Departure from the paper's code: the official code also pools the MC value requests of all ranks and re-shards them
-for balance (docs/paper.md §6); here a rank whose answers have more steps finishes later and the others wait.
-DeepSpeed overlaps the gradient reduction with the backward pass; sum_gradients runs after it, in flat buckets.
+for balance (docs/paper.md §6); here a rank whose answers have more steps finishes later and the others wait. The
+paper's 7B runs use DeepSpeed ZeRO stage 2 (the optimizer state and gradients sharded, every rank holding the
+weights); FSDP2 also shards the weights (ZeRO stage 3) and gathers them layer by layer in the update.
 This file imports no project file; only train.py imports it.
 """
 
 import contextlib
 import datetime
+import math
 import os
 import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
-# Ranks wait for rank 0 while it makes run_dir/init (SFT can take hours), so collectives wait long before failing.
-TIMEOUT = datetime.timedelta(hours=6)
+# The other ranks wait for rank 0 while it makes run_dir/init (SFT can take hours): that one wait may be long.
+INIT_WAIT = datetime.timedelta(hours=6)
 # rank r draws from seed + RANK_SEED_OFFSET * r (rank_seed): far apart, so the ranks' streams never meet
 RANK_SEED_OFFSET = 1_000_000_007
-# sum_gradients all-reduces the gradients in flat buckets of at most this many elements (400 MB in float32): one call
-# per bucket instead of one per parameter tensor, and a bounded extra copy.
-GRADIENT_BUCKET = 10**8
+# gathered state dicts go to rank 0's CPU memory (the whole model and its AdamW state: 16 bytes per parameter)
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+LONG_GROUP = None  # a gloo group with INIT_WAIT as its timeout, for wait_for_rank0 (init)
 
 
-def init(device: str) -> str:
+def init(device: str, timeout_seconds: float) -> str:
     """Join torchrun's process group when launched by it (WORLD_SIZE > 1): NCCL on CUDA with one GPU per rank
-    (LOCAL_RANK), gloo on CPU. Only rank 0 prints (the others' stdout goes to /dev/null; errors still show).
-    Returns this rank's device ("cuda:LOCAL_RANK" on CUDA)."""
+    (LOCAL_RANK), gloo on CPU, every collective failing after timeout_seconds. Only rank 0 prints (the others' stdout
+    goes to /dev/null; errors still show). Returns this rank's device ("cuda:LOCAL_RANK" on CUDA)."""
+    global LONG_GROUP
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
+    LONG_GROUP = dist.new_group(backend="gloo", timeout=INIT_WAIT)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return device
@@ -59,10 +82,10 @@ def close() -> None:
 
 
 @contextlib.contextmanager
-def process_group(device: str):
+def process_group(device: str, timeout_seconds: float):
     """init on entry (yields this rank's device), close on exit, whatever ends the run."""
     try:
-        yield init(device)
+        yield init(device, timeout_seconds)
     finally:
         close()
 
@@ -82,6 +105,21 @@ def rank_seed(seed: int) -> int:
     return seed + RANK_SEED_OFFSET * world()[0]
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def wait_for_rank0() -> None:
+    """A barrier that waits up to INIT_WAIT: the other ranks wait here while rank 0 makes run_dir/init."""
+    if dist.is_initialized():
+        dist.barrier(group=LONG_GROUP)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shares of the work
+
+
 def shard_bounds(n: int) -> tuple[int, int]:
     """[first, last) of this rank's contiguous share of n items; shares differ in length by at most one and, in
     rank order, make up all n (so gather_list(shard(items)) == items)."""
@@ -92,6 +130,12 @@ def shard_bounds(n: int) -> tuple[int, int]:
 def shard(items: list) -> list:
     first, last = shard_bounds(len(items))
     return items[first:last]
+
+
+def micro_batch_passes(n: int, micro_batch_size: int) -> int:
+    """The forward and backward passes every rank runs over a minibatch of n episodes: as many as the longest share,
+    ceil(n / N), needs in micro-batches (one process: ceil(n / micro_batch_size))."""
+    return math.ceil(math.ceil(n / world()[1]) / micro_batch_size)
 
 
 def gather_list(items: list) -> list:
@@ -107,35 +151,6 @@ def gather_list(items: list) -> list:
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any rank (a Ctrl-C on one rank stops them all at the same point)."""
     return any(gather_list([bool(flag)]))
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def sum_gradients(model) -> None:
-    """Sum every gradient over the ranks (a parameter that got none on a rank counts as 0). Each rank's loss is
-    already divided by the WHOLE minibatch's token and sequence counts, so the sum is exactly the gradient one
-    process computes on the whole minibatch. The gradients travel in flat buckets, after the backward pass (DDP
-    also overlaps them with it)."""
-    if world()[1] == 1:
-        return
-    grads = []
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-    while grads:
-        bucket, size = [], 0
-        while grads and (not bucket or size + grads[0].numel() <= GRADIENT_BUCKET):
-            size += grads[0].numel()
-            bucket.append(grads.pop(0))
-        flat = torch.cat([g.flatten() for g in bucket])
-        dist.all_reduce(flat)
-        for g, summed in zip(bucket, flat.split([g.numel() for g in bucket])):
-            g.copy_(summed.view_as(g))
 
 
 def same_generator(generator: torch.Generator) -> None:
@@ -163,3 +178,88 @@ def combine_logs(log: dict, summed_keys: set[str]) -> dict:
         else:
             combined[key] = float(np.mean(values))
     return combined
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FSDP2: sharded models, full weights for sampling, gathered state for checkpoints
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a Hugging Face model (or of a module holding one, such as the critic): the modules
+    whose class the model lists in _no_split_modules (LlamaDecoderLayer, Qwen2DecoderLayer, ...)."""
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """One process: model on device. Several: FSDP2 (fully_shard) on every decoder layer, then at the root for the
+    rest (embeddings, final norm, heads), which moves this rank's shard to its device. Every FSDP module reduces
+    gradients as a sum over the ranks (gloo has no pre-scaled sum, and the default would average): set on the root
+    only, the layers would still average (measured: grad norm 1.808 instead of 2.146)."""
+    if world()[1] == 1:
+        return model.to(device)
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+            module.set_gradient_divide_factor(1.0)
+    return model
+
+
+def fsdp_modules(*models) -> list[FSDPModule]:
+    return [m for model in models if model is not None for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_weights(*models):
+    """Inside the block the models' weights are whole on every rank (one all-gather per FSDP module on entry, freed on
+    exit), so their forward passes run no collective: rollout.sample, evaluation and the logprobs may run different
+    numbers of steps on different ranks. Costs the unsharded weights' memory for the block. One process: nothing."""
+    modules, roots = fsdp_modules(*models), [model for model in models if isinstance(model, FSDPModule)]
+    for module in modules:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in modules:  # FSDP2's defaults again: a root keeps its weights after forward, the layers do not
+            module.set_reshard_after_forward(not any(module is root for root in roots), recurse=False)
+            module.reshard()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ over every rank's gradient shards; returns the global norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    """Are all weights finite, on every rank's shard?"""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    return not any_rank(not all(bool(torch.isfinite(p).all()) for p in local))
+
+
+def full_state_dict(model: torch.nn.Module) -> dict | None:
+    """The whole model's state dict on rank 0's CPU ({} on the others; every rank must call it); None in one process,
+    where model.state_dict() is the whole one."""
+    if not fsdp_modules(model):
+        return None
+    return get_model_state_dict(model, options=FULL_STATE)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict(), whole on rank 0 (keyed by parameter name under FSDP2; every rank must call it)."""
+    if not fsdp_modules(model):
+        return optimizer.state_dict()
+    return get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load what full_optimizer_state gave (rank 0's copy is broadcast, each rank keeping its shard)."""
+    if not fsdp_modules(model):
+        optimizer.load_state_dict(state)
+        return
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(model, optimizer, state if is_main() else {}, options=options)

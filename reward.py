@@ -39,6 +39,7 @@ import random
 import re
 import signal
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -257,6 +258,25 @@ def make_arithmetic_problems(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Prompt, answer extraction, grading
+
+
+@dataclass
+class Problem:
+    """One problem as the training loop uses it: a row of load_problems with its prompt's token ids (to_problems)."""
+
+    question: str
+    answer: str  # the gold final answer, which grade compares with
+    solution: str  # the gold worked solution (sft.py's target)
+    prompt_ids: list[int]  # BOS + format_prompt(question) (docs/paper.md §4.1); the response starts with "\n"
+
+
+def to_problems(rows: list[dict], tokenizer, dataset: str) -> list[Problem]:
+    """load_problems' rows as Problems, each with its prompt's ids: BOS (if the tokenizer has one) + the paper's
+    zero-shot prompt, all in one tokenizer call."""
+    texts = [format_prompt(row["question"], dataset) for row in rows]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [Problem(r["question"], r["answer"], r["solution"], bos + prompt) for r, prompt in zip(rows, ids)]
 
 
 def format_prompt(question: str, dataset: str) -> str:

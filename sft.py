@@ -6,10 +6,11 @@ options that made it. Not part of VinePPO: the paper starts RL from released SFT
     build_tiny_model       a ~1.1M-parameter random Llama for it
     sft_examples           (prompt, solution + EOS) pairs: the gold solution, or the bare answer line, or a slip
     sft                    next-token cross-entropy on those, response tokens only, cosine LR decay
+    make_init              run_dir/init/: the starting model the options describe, made once (train.py calls it)
     check_init_record      refuse a run_dir/init/ that other options made (init_args.json)
 
-train.py calls it from one place, train.starting_model, which makes run_dir/init/ once (rank 0) and records the
-options that made it; every later run with the same options reuses it.
+train.py calls make_init from one place (load_models); it records the options that made init/, and every later run
+with the same options reuses it.
 
 Test: python -m pytest tests/test_sft.py -q
 
@@ -123,6 +124,36 @@ def sft(
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+
+
+def make_init(
+    folder: str, record: dict, *, rows: list[dict], device: str, check_fit, main: bool = True,
+    autocast=contextlib.nullcontext,
+) -> None:
+    """A run's init/ (folder), unless it is there already: the starting model that record, the options that make it
+    (train.py INIT_OPTIONS: model, dataset, seed, max_length, sft_*), describes. The tiny model and tokenizer
+    (record["model"] "tiny") or record["model"] loaded, then record["sft_steps"] steps of SFT on the rows' gold
+    solutions (reward.load_problems' train split), saved with the record. Refused when a folder there was made with
+    other options (check_init_record, on every rank); made by the main rank only. check_fit(problems) stops the run
+    before SFT when too few prompts fit (SFT can take hours)."""
+    check_init_record(folder, record)
+    if not main or os.path.exists(os.path.join(folder, "config.json")):
+        return
+    if record["model"] == "tiny":
+        tokenizer = build_tiny_tokenizer([p["question"] + p["solution"] for p in rows[:20000]])
+        model = build_tiny_model(tokenizer, max_length=record["max_length"]).to(device)
+    else:
+        model, tokenizer = checkpoint.load_model(record["model"], device)
+    problems = reward.to_problems(rows, tokenizer, record["dataset"])
+    check_fit(problems)  # nothing is written yet
+    if record["sft_steps"]:
+        rng = random.Random(record["seed"])
+        examples = sft_examples(tokenizer, problems, record["dataset"], answer_only=record["sft_answer_only"],
+                                slip=record["sft_slip"], slip_each=record["sft_slip_each"], rng=rng)
+        sft(model, tokenizer, examples, steps=record["sft_steps"], lr=record["sft_lr"],
+            batch_size=record["sft_batch_size"], max_grad_norm=record["max_grad_norm"], device=device, rng=rng,
+            autocast=autocast)
+    save_init(folder, model, tokenizer, record)
 
 
 def check_init_record(folder: str, made_with: dict) -> None:

@@ -176,6 +176,8 @@ class Args:
                                    "(chunks are sampled in turn), so --resume needs the value the run started with.")
     threads: int = option(0, "torch CPU threads (0: torch's default). A run repeats exactly for the same seed, "
                           "thread count and CPU type; --resume allows another count (float rounding only).")
+    dist_timeout: int = option(1800, "torchrun: seconds a rank waits in a collective for the others before the run "
+                               "stops with an error (a rank died or raised); the wait for rank 0 making init/ is 6 h.")
 
 
 # Every random draw comes from a generator seeded for its purpose, so that none shifts another and a resumed run draws
@@ -196,16 +198,6 @@ def seeded(seed: int) -> torch.Generator:
 # main -> train -> one_iteration
 
 
-@dataclass
-class Problem:
-    """One problem as the loop uses it: a row of reward.load_problems with its prompt's token ids (to_problems)."""
-
-    question: str
-    answer: str  # the gold final answer, which reward.grade compares with
-    solution: str  # the gold worked solution (sft.py's target)
-    prompt_ids: list[int]  # BOS + the paper's zero-shot prompt (docs/paper.md §4.1); the response starts with "\n"
-
-
 class Critic(NamedTuple):
     """The PPO baseline's value model with its own AdamW and schedule (--advantage critic; docs/paper.md §3)."""
 
@@ -218,9 +210,9 @@ class Critic(NamedTuple):
 class State:
     """What the loop reads and updates, and where the run stands (made by set_up)."""
 
-    train_problems: list[Problem]
-    val_problems: list[Problem]
-    test_problems: list[Problem]
+    train_problems: list[reward.Problem]
+    val_problems: list[reward.Problem]
+    test_problems: list[reward.Problem]
     policy: torch.nn.Module
     reference: torch.nn.Module | None  # the frozen initial (SFT) policy; None when --kl-coef 0
     critic: Critic | None  # --advantage critic only
@@ -240,14 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     Under torchrun every rank runs all of this on its share of the work; rank 0 prints, logs and saves."""
     args = parse_args(argv)
     seed_everything(args)
-    with (
-        distributed.process_group(args.device) as args.device,  # torchrun: join the other ranks, one GPU each
-        checkpoint.open_run(args.run_dir, main=distributed.is_main(), resume=args.resume,
-                            run_args=dataclasses.asdict(args), may_differ=RESUME_MAY_DIFFER) as run,
-    ):
-        state = set_up(args)  # data, models, optimizers and, with --resume, the checkpoint's state
-        run.on_stop = functools.partial(save_checkpoint, state, args)  # what a stop saves from here on
-        train(state, args)
+    with distributed.process_group(args.device, args.dist_timeout) as args.device:  # torchrun: join the other ranks
+        with checkpoint.open_run(
+            args.run_dir, main=distributed.is_main(), resume=args.resume, run_args=dataclasses.asdict(args),
+            may_differ=RESUME_MAY_DIFFER, defer=distributed.world()[1] > 1,  # torchrun: all ranks stop together
+        ) as run:
+            state = set_up(args)  # data, models, optimizers and, with --resume, the checkpoint's state
+            run.on_stop = functools.partial(save_checkpoint, state, args)  # what a stop saves from here on
+            train(state, args)
 
 
 def train(state: State, args: Args) -> None:
@@ -271,29 +263,30 @@ def one_iteration(state: State, iteration: int, args: Args) -> dict:
     """One VinePPO iteration (docs/paper.md §1.1 steps 1-6, §8): evaluate when due, sample and grade answers, their
     advantages, the PPO update and the log line. A Ctrl-C or SIGTERM during the update waits until it and its log
     line are written (checkpoint.uninterrupted). Returns the log."""
-    policy, tokenizer, pad_id = state.policy, state.tokenizer, state.tokenizer.pad_token_id
+    policy, tokenizer, pad_id, sampling = state.policy, state.tokenizer, state.tokenizer.pad_token_id, state.sampling
     generator = seeded(args.rl_seed + iteration)  # per iteration: a resumed run draws what an uninterrupted one does
     log = {"iteration": iteration}
     if args.eval_every and iteration % args.eval_every == 0:  # -------- evaluate, before the update: 0 is the start
         log.update(evaluate_and_keep_best(state, iteration, args))
-    # -------- sample answers and grade them
+    # -------- sample answers and grade them: on full weights (torchrun: no collective while ranks sample)
     timer = time.time()
-    problems = distributed.shard(sample_problems(state.train_problems, iteration, args))  # this rank's share
-    rollouts, rewards = sample_and_grade(policy, tokenizer, problems, state.sampling, generator, args)
-    episodes = make_episodes(tokenizer, problems, rollouts, rewards, args)
-    log["time/sample"], timer = time.time() - timer, time.time()
-    # -------- advantages: the one place the estimator is picked; everything downstream is shared
-    if args.advantage == "vine":
-        log.update(vine_advantages(policy, tokenizer, problems, rollouts, episodes, state.sampling, generator, args))
-    elif args.advantage == "critic":  # the paper's PPO: V_old from the critic, GAE with lambda = 1
-        with autocast(args):
-            log.update(ppo.critic_advantages(state.critic.model, episodes, pad_id, args.micro_batch_size))
-    else:  # GRPO or RLOO: one advantage per answer, from its problem's group of answers
-        ppo.outcome_advantages(episodes, args.samples_per_prompt, args.advantage)
-    log["time/values"], timer = time.time() - timer, time.time()
-    if args.value_diagnostic:  # -------- optional: how good are the values? (not part of the method)
-        log.update(run_value_diagnostic(state, problems, rollouts, iteration, args))
-        log["time/diagnostic"], timer = time.time() - timer, time.time()
+    with distributed.full_weights(policy):
+        problems = distributed.shard(sample_problems(state.train_problems, iteration, args))  # this rank's share
+        rollouts, rewards = sample_and_grade(policy, tokenizer, problems, sampling, generator, args)
+        episodes = make_episodes(tokenizer, problems, rollouts, rewards, args)
+        log["time/sample"], timer = time.time() - timer, time.time()
+        # -------- advantages: the one place the estimator is picked; everything downstream is shared
+        if args.advantage == "vine":
+            log.update(vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, generator, args))
+        elif args.advantage == "critic":  # the paper's PPO: V_old from the critic, GAE with lambda = 1
+            with autocast(args), distributed.full_weights(state.critic.model):
+                log.update(ppo.critic_advantages(state.critic.model, episodes, pad_id, args.micro_batch_size))
+        else:  # GRPO or RLOO: one advantage per answer, from its problem's group of answers
+            ppo.outcome_advantages(episodes, args.samples_per_prompt, args.advantage)
+        log["time/values"], timer = time.time() - timer, time.time()
+        if args.value_diagnostic:  # -------- optional: how good are the values? (not part of the method)
+            log.update(run_value_diagnostic(state, problems, rollouts, iteration, args))
+            log["time/diagnostic"], timer = time.time() - timer, time.time()
     log["tokens/answers"] = sum(len(ids) for ids in rollouts.response_ids)
     logged = pick_samples(episodes, iteration, args)  # the credit view's answers: rank 0's, from their own generator
     log = distributed.combine_logs(log, SUMMED_KEYS)  # several ranks: one log, and every rank gets every episode
@@ -334,10 +327,11 @@ def evaluate_and_keep_best(state: State, iteration: int, args: Args) -> dict:
             json.dump(per_problem, f)
     if metrics["eval/val_pass1"] > state.best_val:
         state.best_val = metrics["eval/val_pass1"]
-        if distributed.is_main():  # every rank has the same metrics and weights: one saves
+        weights = distributed.full_state_dict(state.policy)  # torchrun: gathered on rank 0 (every rank takes part)
+        if distributed.is_main():  # every rank has the same metrics: one saves
             best_dir = os.path.join(args.run_dir, "best")
             best = {"best.json": {"iteration": iteration, **metrics}}
-            checkpoint.save_folder(best_dir, state.policy, state.tokenizer, best)
+            checkpoint.save_folder(best_dir, state.policy, state.tokenizer, best, state_dict=weights)
             print(f"saved {best_dir} (validation Pass@1 {state.best_val:.4f}, iteration {iteration})")
     metrics["time/eval"] = time.time() - start
     return metrics
@@ -352,20 +346,21 @@ def evaluate(model, tokenizer, test_problems, val_problems, sampling: rollout.Sa
     of its own (runs are paired with runs of the same number of ranks) and every rank gets all the scores."""
     generator = seeded(args.seed + EVAL_SEED_OFFSET * (iteration + 1))
     metrics, per_problem = {}, {}
-    for name, problems, num_samples, temperature in [
-        ("eval/pass1", test_problems, args.eval_samples, args.eval_temperature),
-        ("eval/greedy", test_problems, 1, 0.0),
-        ("eval/val_pass1", val_problems, args.eval_samples, args.eval_temperature),
-    ]:
-        mine = distributed.shard(problems)
-        outs = sample_answers(
-            model, tokenizer, [p.prompt_ids for p in mine], num_samples=num_samples,
-            sampling=dataclasses.replace(sampling, temperature=temperature), generator=generator, args=args,
-        )
-        golds = [p.answer for p in mine for _ in range(num_samples)]
-        rewards = grade_all(tokenizer, outs, golds, args.dataset)
-        scores = np.array(distributed.gather_list(rewards)).reshape(len(problems), num_samples)
-        metrics[name], per_problem[name] = float(scores.mean()), scores.mean(axis=1).tolist()
+    with distributed.full_weights(model):  # torchrun: ranks sample on whole weights, no collective in between
+        for name, problems, num_samples, temperature in [
+            ("eval/pass1", test_problems, args.eval_samples, args.eval_temperature),
+            ("eval/greedy", test_problems, 1, 0.0),
+            ("eval/val_pass1", val_problems, args.eval_samples, args.eval_temperature),
+        ]:
+            mine = distributed.shard(problems)
+            outs = sample_answers(
+                model, tokenizer, [p.prompt_ids for p in mine], num_samples=num_samples,
+                sampling=dataclasses.replace(sampling, temperature=temperature), generator=generator, args=args,
+            )
+            golds = [p.answer for p in mine for _ in range(num_samples)]
+            rewards = grade_all(tokenizer, outs, golds, args.dataset)
+            scores = np.array(distributed.gather_list(rewards)).reshape(len(problems), num_samples)
+            metrics[name], per_problem[name] = float(scores.mean()), scores.mean(axis=1).tolist()
     return {**metrics, "per_problem": per_problem}
 
 
@@ -373,7 +368,7 @@ def evaluate(model, tokenizer, test_problems, val_problems, sampling: rollout.Sa
 # Sampling and grading (docs/paper.md §1.1 steps 1-3, §4.3)
 
 
-def sample_problems(train_problems: list[Problem], iteration: int, args: Args) -> list[Problem]:
+def sample_problems(train_problems: list[reward.Problem], iteration: int, args: Args) -> list[reward.Problem]:
     """The iteration's problems: the train split reshuffled with rl_seed + iteration, the first prompts_per_iteration
     whose prompt has at most longest_prompt(args) tokens (docs/paper.md §1.1 step 1; §3, the prompt filter)."""
     order = random.Random(args.rl_seed + iteration).sample(range(len(train_problems)), len(train_problems))
@@ -479,7 +474,7 @@ def run_value_diagnostic(state: State, problems, rollouts, iteration: int, args:
         critic_values = functools.partial(
             state.critic.model.state_values, pad_id=state.tokenizer.pad_token_id, batch_size=args.micro_batch_size
         )
-    with autocast(args):
+    with autocast(args), distributed.full_weights(state.critic.model if state.critic else None):
         stats, _ = vine.value_diagnostic(
             state.policy, state.tokenizer, [p.prompt_ids for p in answers], responses, steps,
             [p.answer for p in answers], args.dataset, num_mc_rollouts=args.num_mc_rollouts,
@@ -548,9 +543,9 @@ def ppo_update(
 
 def old_and_ref_logprobs(policy, reference, episodes: list[ppo.Episode], pad_id: int, args: Args) -> None:
     """pi_old and reference logprobs of every episode, once per iteration before the update (docs/paper.md pitfall 13).
-    With several ranks each computes its share and receives the others'."""
+    With several ranks each computes its share on full weights and receives the others'."""
     mine = distributed.shard(episodes)
-    with torch.no_grad(), autocast(args):
+    with torch.no_grad(), autocast(args), distributed.full_weights(policy, reference):
         for start in range(0, len(mine), args.micro_batch_size):
             chunk = mine[start : start + args.micro_batch_size]
             batch = ppo.make_batch(chunk, pad_id, args.device)
@@ -571,54 +566,69 @@ def old_and_ref_logprobs(policy, reference, episodes: list[ppo.Episode], pad_id:
 def minibatch_backward(policy, critic, minibatch: list[ppo.Episode], pad_id: int, args: Args) -> dict:
     """Gradient of the clipped PPO loss + KL over one minibatch, accumulated over micro-batches (memory only: the
     advantages are whitened and the losses normalised over the whole minibatch, docs/paper.md pitfalls 6 and 7); with a
-    critic, also the gradient of its value loss on the same micro-batches (critic_backward). Returns the ppo_loss (and
-    value_loss) stats, summed over the micro-batches into minibatch means (ppo.accumulate_stats).
+    critic, also the gradient of its value loss on the same micro-batches. Returns the ppo_loss (and value_loss)
+    stats, summed over the micro-batches into minibatch means (ppo.accumulate_stats).
 
     With several ranks, every rank holds the whole minibatch (so the whitening statistics and the normalisers are
-    the one-process ones) and runs the micro-batches of its share only; the stats and gradients are then summed over
-    the ranks, which gives the one-process gradient, stats and ratio-guard decision on every rank."""
+    the one-process ones) and runs the micro-batches of its share; FSDP2 sums the gradients over the ranks and the
+    stats are summed here, which gives the one-process gradient, stats and ratio-guard decision on every rank. Every
+    rank runs as many passes (distributed.micro_batch_passes): one whose share is shorter runs zero-loss passes."""
     full = ppo.make_batch(minibatch, pad_id, "cpu")
     whitened = ppo.masked_whiten(full["advantages"], full["mask"])  # (B, T-1) once over the whole minibatch
     for j, e in enumerate(minibatch):
         if e.whitened is not None:  # a logged answer (pick_samples): what this update made of its advantages
             p = len(e.prompt_ids)
             e.whitened.append(whitened[j, p - 1 : p - 1 + len(e.response_ids)].tolist())
-    num_tokens, num_seqs = float(full["mask"].sum()), float(len(minibatch))
+    counts = float(full["mask"].sum()), float(len(minibatch))  # response tokens and sequences of the minibatch
     first, last = distributed.shard_bounds(len(minibatch))  # this rank's share
     stats = {}
-    for m in range(first, last, args.micro_batch_size):
-        chunk = minibatch[m : min(m + args.micro_batch_size, last)]
-        batch = ppo.make_batch(chunk, pad_id, args.device)
-        width = batch["mask"].shape[1]
-        old = ppo.pad_rows([e.old_logprobs for e in chunk], width).to(args.device)
-        ref = None  # no reference model when kl_coef = 0
-        if chunk[0].ref_logprobs is not None:
-            ref = ppo.pad_rows([e.ref_logprobs for e in chunk], width).to(args.device)
-        adv = whitened[m : m + len(chunk), :width].to(args.device)
-        with autocast(args):
-            logprobs, entropy = ppo.token_logprobs(
-                policy, batch["input_ids"], batch["attention_mask"], args.temperature, return_entropy=True
-            )
-        loss, s = ppo.ppo_loss(
-            logprobs, old, adv, batch["mask"], clip_eps=args.clip_eps, ref_logprobs=ref, kl_coef=args.kl_coef,
-            num_tokens=num_tokens, num_seqs=num_seqs,
-        )
-        loss.backward()
-        s["policy/entropy"] = float((entropy * batch["mask"]).sum()) / num_tokens
-        if critic is not None:  # the paper's PPO: the critic learns on the same micro-batch (docs/paper.md §3)
-            s.update(critic_backward(critic, chunk, batch, num_tokens, args))
-        stats = ppo.accumulate_stats(stats, s)
+    for k in range(distributed.micro_batch_passes(len(minibatch), args.micro_batch_size)):
+        rows = range(first + k * args.micro_batch_size, min(first + (k + 1) * args.micro_batch_size, last))
+        if rows:
+            s = micro_batch_backward(policy, critic, minibatch, rows, whitened, counts, pad_id, args)
+            stats = ppo.accumulate_stats(stats, s)
+        else:  # a shorter share: the first episode's forward and backward with loss 0, as the other ranks' passes
+            micro_batch_backward(policy, critic, minibatch, range(1), whitened, counts, pad_id, args, scale=0.0)
     if distributed.world()[1] > 1:
         stats = functools.reduce(ppo.accumulate_stats, distributed.gather_list([stats]), {})
-        for model in (policy, critic.model if critic is not None else None):
-            if model is not None:
-                distributed.sum_gradients(model)
     return stats
 
 
-def critic_backward(critic: Critic, chunk: list[ppo.Episode], batch: dict, num_tokens: float, args: Args) -> dict:
-    """Gradient of the critic's clipped value loss (ppo.value_loss) on one micro-batch, against the returns G_t and
-    the V_old of ppo.critic_advantages; returns its stats."""
+def micro_batch_backward(
+    policy, critic, minibatch: list[ppo.Episode], rows: range, whitened: torch.Tensor, counts: tuple[float, float],
+    pad_id: int, args: Args, scale: float = 1.0,
+) -> dict:
+    """The backward pass of scale x (clipped PPO loss + KL) of minibatch[rows], normalised by the whole minibatch's
+    counts (response tokens, sequences), its advantages the rows of the minibatch's whitened ones; with a critic, its
+    value loss too (critic_backward). Returns the ppo_loss (and value_loss) stats."""
+    chunk = [minibatch[i] for i in rows]
+    batch = ppo.make_batch(chunk, pad_id, args.device)
+    width = batch["mask"].shape[1]
+    old = ppo.pad_rows([e.old_logprobs for e in chunk], width).to(args.device)
+    ref = None  # no reference model when kl_coef = 0
+    if chunk[0].ref_logprobs is not None:
+        ref = ppo.pad_rows([e.ref_logprobs for e in chunk], width).to(args.device)
+    adv = whitened[rows.start : rows.stop, :width].to(args.device)
+    with autocast(args):
+        logprobs, entropy = ppo.token_logprobs(
+            policy, batch["input_ids"], batch["attention_mask"], args.temperature, return_entropy=True
+        )
+    loss, stats = ppo.ppo_loss(
+        logprobs, old, adv, batch["mask"], clip_eps=args.clip_eps, ref_logprobs=ref, kl_coef=args.kl_coef,
+        num_tokens=counts[0], num_seqs=counts[1],
+    )
+    (loss * scale).backward()
+    stats["policy/entropy"] = float((entropy * batch["mask"]).sum()) / counts[0]
+    if critic is not None:  # the paper's PPO: the critic learns on the same micro-batch (docs/paper.md §3)
+        stats.update(critic_backward(critic, chunk, batch, counts[0], args, scale))
+    return stats
+
+
+def critic_backward(
+    critic: Critic, chunk: list[ppo.Episode], batch: dict, num_tokens: float, args: Args, scale: float = 1.0
+) -> dict:
+    """The backward pass of scale x the critic's clipped value loss (ppo.value_loss) on one micro-batch, against the
+    returns G_t and the V_old of ppo.critic_advantages; returns its stats."""
     width = batch["mask"].shape[1]
     old_values = ppo.pad_rows([e.old_values for e in chunk], width).to(args.device)
     returns = torch.zeros_like(batch["mask"])  # (B, T-1) G_t at the position that predicts token t
@@ -630,7 +640,7 @@ def critic_backward(critic: Critic, chunk: list[ppo.Episode], batch: dict, num_t
     loss, stats = ppo.value_loss(
         values, old_values, returns, batch["mask"], clip_range=args.value_clip, num_tokens=num_tokens
     )
-    loss.backward()
+    (loss * scale).backward()
     return stats
 
 
@@ -638,7 +648,7 @@ def clipped_step(model, optimizer, scheduler, loss: float, args: Args) -> tuple[
     """Clip the gradient norm to max_grad_norm and take the optimizer step, unless the loss or the gradient norm is
     not finite: one NaN would otherwise spread to every weight through AdamW's moments. The LR schedule advances
     either way. Returns the gradient norm before clipping and whether the step was taken."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+    grad_norm = distributed.clip_grad_norm(model, args.max_grad_norm)  # the global norm, also from shards
     stepped = math.isfinite(grad_norm) and math.isfinite(loss)
     if stepped:
         optimizer.step()
@@ -650,7 +660,7 @@ def clipped_step(model, optimizer, scheduler, loss: float, args: Args) -> tuple[
 def check_finite_weights(policy, critic, iteration: int) -> None:
     """Stop, saving nothing, if an update left a non-finite weight (clipped_step makes that all but impossible)."""
     for name, model in (("policy", policy), ("critic", critic.model if critic else None)):
-        if model is not None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        if model is not None and not distributed.all_finite(model):
             raise SystemExit(
                 f"error: the {name}'s weights are not finite after the update of iteration {iteration}; stopped "
                 "without saving them, so the last checkpoint is intact. Lower --lr, or check the data"
@@ -764,14 +774,24 @@ def format_log(log: dict) -> str:
 
 def save_checkpoint(state: State, args: Args) -> None:
     """checkpoint.save_checkpoint of the run as it stands, unless the checkpoint on disk already holds it (a stop
-    right after a scheduled save saves nothing more): rank 0 saves (every rank holds the same weights)."""
+    right after a scheduled save saves nothing more). Rank 0 writes; under torchrun every rank takes part in gathering
+    the weights and the AdamW state (distributed.full_state_dict)."""
     if state.saved_at == state.next_iteration:
         return
+    critic = None
+    if state.critic is not None:  # its weights (gathered on rank 0 under torchrun), AdamW state and schedule
+        model, optimizer, scheduler = state.critic
+        weights = distributed.full_state_dict(model)
+        weights = model.state_dict() if weights is None else weights
+        critic = (weights, distributed.full_optimizer_state(model, optimizer), scheduler.state_dict())
+    model_state = distributed.full_state_dict(state.policy)
+    optimizer = distributed.full_optimizer_state(state.policy, state.optimizer)
     if distributed.is_main():
         checkpoint.save_checkpoint(
-            os.path.join(args.run_dir, "checkpoint"), state.policy, state.tokenizer, state.optimizer, state.scheduler,
-            next_iteration=state.next_iteration, best_val=state.best_val, run_args=dataclasses.asdict(args),
-            world_size=distributed.world()[1], critic=state.critic,
+            os.path.join(args.run_dir, "checkpoint"), state.policy, state.tokenizer, optimizer=optimizer,
+            scheduler=state.scheduler.state_dict(), next_iteration=state.next_iteration, best_val=state.best_val,
+            run_args=dataclasses.asdict(args), world_size=distributed.world()[1], model_state=model_state,
+            critic=critic,
         )
     state.saved_at = state.next_iteration
 
@@ -806,17 +826,22 @@ def set_up(args: Args) -> State:
     print(json.dumps(dataclasses.asdict(args), indent=1))
     rows = load_data(args)  # train, validation, test: reward.load_problems' dicts
     policy, reference, tokenizer = load_models(args, rows[0])
-    train_problems, val_problems, test_problems = (to_problems(split, tokenizer, args.dataset) for split in rows)
+    train_problems, val_problems, test_problems = (reward.to_problems(split, tokenizer, args.dataset) for split in rows)
     check_prompts_fit(train_problems, args)
     critic = load_critic(args)
     optimizer, scheduler = make_optimizer(policy, args)
     state = State(train_problems, val_problems, test_problems, policy, reference, critic, tokenizer, optimizer,
                   scheduler, sampling_settings(args, policy, tokenizer))
-    if args.resume:
-        state.next_iteration, state.best_val = checkpoint.restore_checkpoint(
-            os.path.join(args.run_dir, "checkpoint"), optimizer, scheduler, world_size=distributed.world()[1],
-            critic=critic,
+    if args.resume:  # the weights came from the checkpoint folder (load_models, load_critic); now the rest
+        saved = checkpoint.restore_checkpoint(
+            os.path.join(args.run_dir, "checkpoint"), world_size=distributed.world()[1], main=distributed.is_main()
         )
+        distributed.load_optimizer_state(policy, optimizer, saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if critic is not None:
+            distributed.load_optimizer_state(critic.model, critic.optimizer, saved["critic_optimizer"])
+            critic.scheduler.load_state_dict(saved["critic_scheduler"])
+        state.next_iteration, state.best_val = saved["next_iteration"], saved["best_val_pass1"]
         state.saved_at = state.next_iteration
         if distributed.is_main():
             checkpoint.trim_metrics(os.path.join(args.run_dir, "metrics.jsonl"), state.next_iteration)
@@ -865,6 +890,7 @@ AT_LEAST = {
     "eval_problems": (0, " (0: all)"), "eval_samples": (1, ""), "value_diagnostic": (0, " (0: off)"),
     "diagnostic_rollouts": (1, ""), "log_samples": (0, " (0: off)"), "save_every": (0, ""),
     "stop_after": (0, " (0: run on)"), "max_batch_tokens": (1, ""), "threads": (0, " (0: torch's default)"),
+    "dist_timeout": (1, ""),
 }
 
 
@@ -932,6 +958,7 @@ def check_args(a: Args) -> list[str]:
 # --max-batch-tokens included (it changes how the draws are chunked), must be the saved run's.
 RESUME_MAY_DIFFER = {"resume", "stop_after", "device", "threads", "wandb", "eval_problems", "run_dir"}
 RESUME_MAY_DIFFER |= {"value_diagnostic", "diagnostic_rollouts", "log_samples", "gradient_checkpointing"}
+RESUME_MAY_DIFFER |= {"dist_timeout"}
 
 
 def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
@@ -949,21 +976,12 @@ def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
     return splits[0], splits[1][: args.eval_problems or None], splits[2][: args.eval_problems or None]
 
 
-def to_problems(rows: list[dict], tokenizer, dataset: str) -> list[Problem]:
-    """reward.load_problems' rows as Problems, each with its prompt's ids: BOS + the paper's zero-shot template
-    (docs/paper.md §4.1), all in one tokenizer call."""
-    texts = [reward.format_prompt(row["question"], dataset) for row in rows]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return [Problem(r["question"], r["answer"], r["solution"], bos + prompt) for r, prompt in zip(rows, ids)]
-
-
 def longest_prompt(args: Args) -> int:
     """Prompts longer than this are dropped: --max-prompt-length, and room for one answer token and EOS."""
     return min(args.max_prompt_length, args.max_length - 2)
 
 
-def check_prompts_fit(train_problems: list[Problem], args: Args) -> None:
+def check_prompts_fit(train_problems: list[reward.Problem], args: Args) -> None:
     """Stop before training if fewer than prompts_per_iteration training prompts fit (sample_problems)."""
     fit = sum(len(p.prompt_ids) <= longest_prompt(args) for p in train_problems)
     if fit < args.prompts_per_iteration:
@@ -982,54 +1000,33 @@ INIT_OPTIONS += ("sft_slip_each", "arithmetic_steps", "arithmetic_multiply")
 
 
 def start_model(args: Args) -> str:
-    """Where the initial (SFT) policy lives: --model itself, or run_dir/init/ when this run makes it (make_init)."""
+    """Where the initial (SFT) policy lives: --model itself, or run_dir/init/ when this run makes it (sft.make_init)."""
     made_here = args.model == "tiny" or args.sft_steps > 0
     return os.path.join(args.run_dir, "init") if made_here else args.model
 
 
-def make_init(args: Args, train_rows: list[dict]) -> None:
-    """Make run_dir/init/ (start_model) unless it is there: a tiny model or --model, then --sft-steps of SFT
-    (sft.py, departure 4), saved with the options that made it; made once, by rank 0, and refused when those
-    options differ from this run's (sft.check_init_record)."""
-    folder, made_with = start_model(args), {name: getattr(args, name) for name in INIT_OPTIONS}
-    sft.check_init_record(folder, made_with)
-    if distributed.is_main() and not os.path.exists(os.path.join(folder, "config.json")):
-        if args.model == "tiny":
-            tokenizer = sft.build_tiny_tokenizer([p["question"] + p["solution"] for p in train_rows[:20000]])
-            policy = sft.build_tiny_model(tokenizer, max_length=args.max_length).to(args.device)
-        else:
-            policy, tokenizer = checkpoint.load_model(args.model, args.device)
-        problems = to_problems(train_rows, tokenizer, args.dataset)
-        check_prompts_fit(problems, args)  # before SFT, which can take hours: nothing written yet
-        if args.sft_steps:
-            rng = random.Random(args.seed)
-            examples = sft.sft_examples(tokenizer, problems, args.dataset, answer_only=args.sft_answer_only,
-                                        slip=args.sft_slip, slip_each=args.sft_slip_each, rng=rng)
-            sft.sft(policy, tokenizer, examples, steps=args.sft_steps, lr=args.sft_lr, batch_size=args.sft_batch_size,
-                    max_grad_norm=args.max_grad_norm, device=args.device, rng=rng,
-                    autocast=functools.partial(autocast, args))
-        sft.save_init(folder, policy, tokenizer, made_with)
-    distributed.barrier()  # several ranks: the others wait until rank 0 has made init/
-
-
 def load_models(args: Args, train_rows: list[dict]):
     """The policy to train and the frozen reference, the initial (SFT) policy (docs/paper.md §3; pitfall 13), made
-    first when this run makes it (make_init); with --resume the policy comes from run_dir/checkpoint/. No reference
-    is loaded when kl_coef = 0."""
+    first when this run makes it (sft.make_init); with --resume the policy comes from run_dir/checkpoint/. No reference
+    is loaded when kl_coef = 0. Under torchrun both are sharded (distributed.shard_model)."""
     start = start_model(args)
-    if start != args.model:
-        make_init(args, train_rows)
+    if start != args.model:  # made here once, by rank 0, and kept with the options that made it (departure 4)
+        sft.make_init(start, {name: getattr(args, name) for name in INIT_OPTIONS}, rows=train_rows, device=args.device,
+                      check_fit=functools.partial(check_prompts_fit, args=args), main=distributed.is_main(),
+                      autocast=functools.partial(autocast, args))
+        distributed.wait_for_rank0()  # the other ranks wait (up to 6 hours) until rank 0 has made init/
     resume_from = os.path.join(args.run_dir, "checkpoint")
-    policy, tokenizer = checkpoint.load_model(resume_from if args.resume else start, args.device)
+    policy, tokenizer = checkpoint.load_model(resume_from if args.resume else start, "cpu")
     if args.gradient_checkpointing:  # active in train mode only (ppo_update), where the KV cache is off
         policy.activation_checkpointing_enable()
     reference = None
     if args.kl_coef > 0:
-        reference, _ = checkpoint.load_model(start, args.device)
+        reference, _ = checkpoint.load_model(start, "cpu")
         reference.eval().requires_grad_(False)
         if args.bf16:  # it only scores tokens under autocast: bf16 weights halve its memory
             reference.to(torch.bfloat16)
-    return policy, reference, tokenizer
+        reference = distributed.shard_model(reference, args.device)
+    return distributed.shard_model(policy, args.device), reference, tokenizer
 
 
 def autocast(args: Args):
@@ -1042,15 +1039,17 @@ def autocast(args: Args):
 
 def load_critic(args: Args) -> Critic | None:
     """With --advantage critic: a full copy of the initial (SFT) policy with a fresh value head (head seeded by
-    rl_seed), and an AdamW at the policy's learning rate and schedule (docs/paper.md §3 "Critic", pitfall 16); else
-    None.
-    --resume then loads its saved weights and optimizer (checkpoint.restore_checkpoint)."""
+    rl_seed), and an AdamW at the policy's learning rate and schedule (docs/paper.md §3 "Critic", pitfall 16); with
+    --resume, its saved weights (set_up loads its optimizer and schedule). Else None. Sharded under torchrun."""
     if args.advantage != "critic":
         return None
-    body, _ = checkpoint.load_model(start_model(args), args.device)
+    body, _ = checkpoint.load_model(start_model(args), "cpu")
     model = ppo.ValueModel(body, generator=torch.Generator().manual_seed(args.rl_seed))
+    if args.resume:
+        model.load_state_dict(checkpoint.load_critic_weights(os.path.join(args.run_dir, "checkpoint")))
     if args.gradient_checkpointing:
         model.body.activation_checkpointing_enable()
+    model = distributed.shard_model(model, args.device)
     return Critic(model, *make_optimizer(model, args))
 
 

@@ -62,6 +62,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # memory_plan
 import memory_plan  # noqa: E402
+import reward  # noqa: E402
 import train  # noqa: E402
 
 PHASES = ("sample answers", "HF generate", "MC values", "old/ref logprobs", "PPO update")
@@ -115,12 +116,12 @@ def set_eos_probability(module, inputs, logits, *, eos_token_id: int, probabilit
 
 
 def synthetic_problems(num_prompts: int, lengths: tuple[int, int], tokenizer, generator) -> list:
-    """train.Problems whose prompt ids are BOS + random word ids, lengths uniform in [lo, hi]; gold answer "0"."""
+    """reward.Problems whose prompt ids are BOS + random word ids, lengths uniform in [lo, hi]; gold answer "0"."""
     problems = []
     for _ in range(num_prompts):
         length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=generator))
         words = torch.randint(3, len(tokenizer), (length - 1,), generator=generator).tolist()  # no special token
-        problems.append(train.Problem("", "0", "", [tokenizer.bos_token_id] + words))
+        problems.append(reward.Problem("", "0", "", [tokenizer.bos_token_id] + words))
     return problems
 
 

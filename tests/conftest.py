@@ -18,6 +18,7 @@ from transformers import (
     Qwen2Config,
 )
 
+import reward
 import sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +73,8 @@ def make_model(family: str, vocab_size: int, seed: int = 0):
 
 
 def problem(tokenizer, question: str, dataset: str, answer: str = "72"):
-    """A train.Problem with its prompt ids, as train.set_up makes them (no gold solution)."""
-    import train  # here, not at the top: conftest is imported before the tests that patch train's modules
-
-    return train.to_problems([{"question": question, "answer": answer, "solution": ""}], tokenizer, dataset)[0]
+    """A reward.Problem with its prompt ids, as train.set_up makes them (no gold solution)."""
+    return reward.to_problems([{"question": question, "answer": answer, "solution": ""}], tokenizer, dataset)[0]
 
 
 @pytest.fixture(scope="session")

@@ -83,26 +83,32 @@ def test_a_checkpoint_restores_optimizer_scheduler_critic_and_random_states(tmp_
     tokenizer = make_tokenizer()
     model, critic_model = make_model("llama", len(tokenizer)), make_model("llama", len(tokenizer), seed=1)
     optimizer, scheduler = optimizer_and_scheduler(model)
-    critic = (critic_model, *optimizer_and_scheduler(critic_model))
-    for opt, sched, m in ((optimizer, scheduler, model), (critic[1], critic[2], critic_model)):
+    critic_optimizer, critic_scheduler = optimizer_and_scheduler(critic_model)
+    for opt, sched, m in ((optimizer, scheduler, model), (critic_optimizer, critic_scheduler, critic_model)):
         m(torch.tensor([[1, 2, 3]])).logits.sum().backward()
         opt.step()
         sched.step()
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     path = str(tmp_path / "checkpoint")
-    checkpoint.save_checkpoint(path, model, tokenizer, optimizer, scheduler, next_iteration=7, best_val=0.25,
+    critic = (critic_model.state_dict(), critic_optimizer.state_dict(), critic_scheduler.state_dict())
+    checkpoint.save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(),
+                               scheduler=scheduler.state_dict(), next_iteration=7, best_val=0.25,
                                run_args={"lr": 0.1}, world_size=1, critic=critic)
     draws = (random.random(), np.random.rand(), torch.rand(1))
-    fresh_critic_model = make_model("llama", len(tokenizer), seed=2)
-    fresh = optimizer_and_scheduler(model)
-    fresh_critic = (fresh_critic_model, *optimizer_and_scheduler(fresh_critic_model))
-    assert checkpoint.restore_checkpoint(path, *fresh, world_size=1, critic=fresh_critic) == (7, 0.25)
+    saved = checkpoint.restore_checkpoint(path, world_size=1)
+    assert (saved["next_iteration"], saved["best_val_pass1"]) == (7, 0.25)
     assert (random.random(), np.random.rand(), torch.rand(1)) == draws, "the RNGs continue where they were saved"
-    assert fresh[0].state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
-    assert fresh[1].last_epoch == scheduler.last_epoch == 1 and fresh_critic[2].last_epoch == 1
-    assert all(torch.equal(a, b) for a, b in zip(critic_model.parameters(), fresh_critic_model.parameters()))
+    fresh_optimizer, fresh_scheduler = optimizer_and_scheduler(model)
+    fresh_optimizer.load_state_dict(saved["optimizer"])
+    fresh_scheduler.load_state_dict(saved["scheduler"])
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    assert fresh_scheduler.last_epoch == scheduler.last_epoch == 1 and saved["critic_scheduler"]["last_epoch"] == 1
+    fresh_critic = make_model("llama", len(tokenizer), seed=2)
+    fresh_critic.load_state_dict(checkpoint.load_critic_weights(path))
+    assert all(torch.equal(a, b) for a, b in zip(critic_model.parameters(), fresh_critic.parameters()))
+    assert checkpoint.restore_checkpoint(path, world_size=1, main=False)["next_iteration"] == 7  # memory-mapped
     with pytest.raises(SystemExit, match="written by a run of 1 process.*this one has 2.*python train.py"):
-        checkpoint.restore_checkpoint(path, *fresh, world_size=2)
+        checkpoint.restore_checkpoint(path, world_size=2)
 
 
 def test_trim_metrics_drops_the_lines_past_the_checkpoint(tmp_path):

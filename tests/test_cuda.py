@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import TINY, parity
+from test_distributed import torchrun
 from test_bf16 import BF16_LOGPROB_TOLERANCE, logprob_gap
 from transformers import AutoModelForCausalLM
 
@@ -40,3 +41,20 @@ def test_two_iterations_on_cuda(tmp_path, monkeypatch, advantage):
     init = AutoModelForCausalLM.from_pretrained(tmp_path / "init").state_dict()
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").state_dict()
     assert any(not torch.equal(init[k], trained[k]) for k in init)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("advantage", ["vine", "critic"])
+def test_two_gpus_shard_with_fsdp2_over_nccl(tmp_path, advantage):
+    """torchrun on 2 GPUs (NCCL, bf16 autocast, checkpointing): the policy, critic and reference sharded with FSDP2;
+    2 iterations, a checkpoint that from_pretrained loads, and a resume that continues it."""
+    argv = TINY + ["--model", "tiny", "--device", "cuda", "--num_iterations", "2", "--samples_per_prompt", "4",
+                   "--minibatch_size", "4", "--threads", "1", "--advantage", advantage, "--run_dir", str(tmp_path)]
+    first = torchrun(2, *argv, "--stop_after", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(2, *argv, "--resume", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1] and all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
+    assert all(torch.isfinite(p).all() for p in model.parameters())

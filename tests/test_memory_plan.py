@@ -205,7 +205,8 @@ def test_cli_prints_the_table_and_reads_a_local_config(tmp_path, capsys):
     memory_plan.main([])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("1.1B ", "7B "))]
-    assert len(rows) == 2 * 3 * 2  # models x GPU sizes x (vine, critic)
+    assert len(rows) == 2 * 3 * 2 + 3 * 2  # models x GPU sizes x (vine, critic), then the torchrun table's 3 runs
+    assert "Sharded under torchrun (FSDP2)" in out and any(r.split()[:3] == ["7B", "8", "vine"] for r in rows)
     assert "1.100B parameters" in out and "6.910B parameters" in out
     tiny_config().save_pretrained(tmp_path / "tiny")
     memory_plan.main(["--model", str(tmp_path / "tiny"), "--gpu-gb", "24"])
@@ -213,3 +214,14 @@ def test_cli_prints_the_table_and_reads_a_local_config(tmp_path, capsys):
     count = memory_plan.parameter_counts(tiny_config())["total"]
     assert f"tiny: {count / 1e9:.3f}B parameters" in out
     assert len([line for line in out.splitlines() if line.startswith("tiny ")]) == 2
+
+
+def test_the_papers_7b_run_fits_8_gpus_of_80_gb_with_the_documented_settings():
+    """docs/torchrun.md's command: DeepSeekMath-7B on 8 x 80 GB, --micro-batch-size 4 --max-batch-tokens 32768; on one
+    GPU the same run does not fit at any setting."""
+    config = memory_plan.deepseekmath_7b_config()
+    plan = memory_plan.memory_plan(config, gpu_bytes=80 * 2**30, gpus=8, micro_batch_size=4, max_batch_tokens=32768)
+    assert memory_plan.fit_status(plan["peak"], plan["usable"]) == "yes", plan["peak"] / 2**30
+    assert memory_plan.largest_fitting(config, 80 * 2**30) == (None, None)
+    one = memory_plan.memory_plan(config, gpu_bytes=80 * 2**30)
+    assert plan["fixed"] == pytest.approx(one["fixed"] / 8, rel=1e-6)  # the shards: 1/8 of one GPU's fixed state

@@ -60,7 +60,7 @@ def prompts(policy) -> list[list[int]]:
     """train.py's GSM8K prompts (BOS + the paper's zero-shot template) of the first test problems."""
     _, tokenizer = policy
     problems = reward.load_problems("gsm8k", "test")[:NUM_PROMPTS]
-    return [p.prompt_ids for p in train.to_problems(problems, tokenizer, "gsm8k")]
+    return [p.prompt_ids for p in reward.to_problems(problems, tokenizer, "gsm8k")]
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_one_training_iteration_on_gsm8k(real_model_dir, tmp_path):
     assert model.generation_config.eos_token_id == 2
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["next_iteration"] == 1
-    (problem,) = train.to_problems([{"question": "What is 2 + 3?", "answer": "5", "solution": ""}], tokenizer, "gsm8k")
+    (problem,) = reward.to_problems([{"question": "What is 2 + 3?", "answer": "5", "solution": ""}], tokenizer, "gsm8k")
     prompt = problem.prompt_ids
     out = rollout.sample(model, [prompt], num_samples=1, max_new_tokens=4, temperature=0.0, top_p=1.0, eos_token_id=2)
     assert len(out.response_ids[0]) > 0 or out.finished[0]

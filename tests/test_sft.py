@@ -11,14 +11,13 @@ import torch
 import ppo
 import reward
 import sft
-import train
 
 PROBLEMS = reward.load_problems("arithmetic", "validation")  # 500 problems
 TOKENIZER = sft.build_tiny_tokenizer([p["question"] + p["solution"] for p in PROBLEMS])
 
 
 def examples(fraction: float = 0.0, slip: float = 0.0, rng: random.Random | None = None, problems=None):
-    problems = train.to_problems(problems or PROBLEMS, TOKENIZER, "arithmetic")
+    problems = reward.to_problems(problems or PROBLEMS, TOKENIZER, "arithmetic")
     return sft.sft_examples(TOKENIZER, problems, "arithmetic", answer_only=fraction, slip=slip, slip_each=0.0,
                             rng=rng or random.Random(0))
 
@@ -40,7 +39,7 @@ def test_the_tiny_tokenizer_and_model():
 def test_answer_only_cuts_a_seeded_fraction_of_solutions_to_the_answer_line():
     gold = [ids(p["solution"]) for p in PROBLEMS]
     bare = [ids(reward.answer_only_solution(p["answer"], "arithmetic")) for p in PROBLEMS]
-    prompts = [p.prompt_ids for p in train.to_problems(PROBLEMS, TOKENIZER, "arithmetic")]
+    prompts = [p.prompt_ids for p in reward.to_problems(PROBLEMS, TOKENIZER, "arithmetic")]
     rng = random.Random(0)
     assert examples(0.0, rng=rng) == list(zip(prompts, gold))
     assert rng.random() == random.Random(0).random()  # fraction 0 draws nothing: the run is as without the option

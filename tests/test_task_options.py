@@ -90,7 +90,7 @@ def test_sft_slip_each_in_the_warm_up():
     tokenizer = sft.build_tiny_tokenizer([p["question"] + p["solution"] for p in problems])
 
     def examples(rng: random.Random) -> list[tuple[list[int], list[int]]]:
-        return sft.sft_examples(tokenizer, train.to_problems(problems, tokenizer, "arithmetic"), "arithmetic",
+        return sft.sft_examples(tokenizer, reward.to_problems(problems, tokenizer, "arithmetic"), "arithmetic",
                                 answer_only=args.sft_answer_only, slip=args.sft_slip, slip_each=args.sft_slip_each,
                                 rng=rng)
 

@@ -132,7 +132,7 @@ def slip_rate(path: Path, cache: Path, samples: int, task: list[str]) -> dict:
     all_test = train.load_data(train_args)[2]
     test = [p for p in all_test if first_multiplication(p["solution"])]  # the others cannot slip: they add 0
     model, tokenizer = checkpoint.load_model(str(path), "cpu")
-    prompts = [p.prompt_ids for p in train.to_problems(test, tokenizer, "arithmetic")]
+    prompts = [p.prompt_ids for p in reward.to_problems(test, tokenizer, "arithmetic")]
     sampling = train.sampling_settings(train_args, model, tokenizer)
     outs = train.sample_answers(
         model,

@@ -3,6 +3,7 @@
     python tools/memory_plan.py                      # 1.1B and 7B on 24/40/80 GB GPUs: components and fits
     python tools/memory_plan.py --model PATH         # a local Hugging Face config (a folder or its config.json)
     python tools/memory_plan.py --micro-batch-size 4 --seq-len 1024 --max-batch-tokens 65536 --critic
+    python tools/memory_plan.py --gpus 8 --gpu-gb 80               # per GPU, sharded over 8 GPUs (torchrun, FSDP2)
 
 memory_plan(config, gpu_bytes=...) returns bytes per component and the peak of each phase of one train.py iteration
 (docs/paper.md §1.1): sampling (answers and MC rollouts, rollout.sample), the old and reference logprobs
@@ -47,6 +48,14 @@ The logits: the LM head's output (w n V), its float32 copy and the tempered logi
 forward (ppo.token_logprobs); in the backward 20 E: the saved tempered logits plus the float32 temporaries of the
 logsumexp and gather gradients. The PPO micro-batch and logprob peaks agree with torch's MemTracker on CPU within
 0.4% (tests/test_memory_plan.py); the same composite ops run on CUDA.
+
+Several GPUs (--gpus N, torchrun; distributed.py): FSDP2 shards the weights, gradients, AdamW moments and temporary,
+and the reference, so each GPU holds 1/N of them (SHARDED; tests/test_distributed.py measures half on 2 ranks). On
+top: the whole policy while sampling, which runs on gathered weights (and the whole critic for its values, after the
+sampling: --advantage critic); the whole policy and reference
+for the logprobs; in the PPO micro-batch the root's weights (embedding, final norm, LM head), two layers' (the one
+running and the next, prefetched) and one layer's unreduced gradients (gathered_bytes). Not counted: NCCL's own
+buffers (a few hundred MB), and the CPU memory of loading (every rank reads the float32 model before sharding it).
 
 The KV cache under autocast: keys are float32, values bf16. The rotary embedding multiplies the bf16 keys by float32
 cos/sin (made from the float32 hidden states), which promotes them (tests/test_memory_plan.py measures it), so a
@@ -180,6 +189,30 @@ def model_state_bytes(counts: dict[str, int], critic: bool, reference: bool, bf1
     }
 
 
+# Under torchrun, FSDP2 shards these over the GPUs (distributed.shard_model): each rank holds 1/N of each.
+SHARDED = ("policy_weights", "policy_grads", "adam_moments", "adam_step_temp", "reference", "critic_weights",
+           "critic_grads", "critic_moments")
+
+
+def gathered_bytes(config, counts: dict[str, int], gpus: int, critic: bool, reference: bool, bf16: bool) -> dict:
+    """What a rank holds whole on top of its shards when gpus > 1 (module docstring, "Several GPUs"): the whole policy
+    while sampling (distributed.full_weights), and the critic for its values, the whole policy and reference for
+    the logprobs, and in
+    the update the root's weights (embedding, final norm, LM head), two layers' (the one running and the next,
+    prefetched) and one layer's gradients before they are reduced. All 0 on one GPU."""
+    if gpus == 1:
+        return {"full_weights": 0, "full_critic": 0, "full_reference": 0, "update_gathered": 0}
+    p, tied = counts["total"], getattr(config, "tie_word_embeddings", False)
+    root = config.vocab_size * config.hidden_size * (1 if tied else 2) + config.hidden_size
+    layer = (p - root) // config.num_hidden_layers
+    return {
+        "full_weights": 4 * p,
+        "full_critic": 4 * counts["critic"] if critic else 0,
+        "full_reference": (2 if bf16 else 4) * p if reference else 0,
+        "update_gathered": 4 * (root + 3 * layer),
+    }
+
+
 def sampling_bytes(config, bf16: bool, max_batch_tokens: int, max_new_tokens: int, num_samples: int) -> dict[str, int]:
     """Bytes of one sampling chunk: its KV cache, the prefill's per-root copies and the decode step's logits and top-p
     buffers (module docstring, "sampling")."""
@@ -251,11 +284,14 @@ def phase_peaks(
     head_copy = 2 * counts["lm_head"] if bf16 else 0  # the LM head's bf16 weight, saved for its backward
     activations = training_activation_bytes(config, plan, head_copy, micro_batch_size, seq_len, checkpointing, bf16)
     peaks = {"fixed": fixed}
-    peaks["sampling_peak"] = fixed + plan["kv_cache"] + plan["kv_prefill"] + plan["decode_logits"] + head_copy
-    peaks["logprobs_peak"] = fixed + plan["autocast_weights"] + plan["logits_forward"]
+    sampled = plan["kv_cache"] + plan["kv_prefill"] + plan["decode_logits"] + head_copy
+    # several GPUs: the critic's V_old runs after the sampling, on its gathered weights beside the policy's
+    peaks["sampling_peak"] = fixed + plan["full_weights"] + max(sampled, plan["full_critic"])
+    peaks["logprobs_peak"] = fixed + plan["full_weights"] + plan["full_reference"] + plan["autocast_weights"]
+    peaks["logprobs_peak"] += plan["logits_forward"]
     if checkpointing:  # enable_input_require_grads: one more float32 hidden state (measured on CPU)
         peaks["logprobs_peak"] += micro_batch_size * seq_len * 4 * config.hidden_size
-    peaks["training_peak"] = fixed + grads + activations
+    peaks["training_peak"] = fixed + grads + plan["update_gathered"] + activations
     peaks["optimizer_peak"] = fixed + grads + plan["adam_step_temp"]
     peaks["peak"] = max(peaks[k] for k in ("sampling_peak", "logprobs_peak", "training_peak", "optimizer_peak"))
     return peaks
@@ -274,14 +310,18 @@ def memory_plan(
     reference: bool = True,
     bf16: bool = True,
     num_samples: int = 8,
+    gpus: int = 1,
 ) -> dict[str, int]:
     """Bytes of each component and the peak of each phase of one train.py iteration (module docstring), for a
     Llama-style config, a GPU of gpu_bytes, and train.py's --micro-batch-size, a padded micro-batch length seq_len
     (at most --max-length), --max-batch-tokens, --max-new-tokens, --gradient-checkpointing, --advantage critic, a
-    reference model (--kl-coef > 0), --bf16, and the rows per prefix in sampling (num_samples: 8 answers, K = 9).
-    Every value is in bytes; headroom = usable - peak is negative when it does not fit."""
+    reference model (--kl-coef > 0), --bf16, the rows per prefix in sampling (num_samples: 8 answers, K = 9), and
+    the number of GPUs the state is sharded over (gpus, torchrun). Every value is in bytes, per GPU; headroom =
+    usable - peak is negative when it does not fit."""
     counts = parameter_counts(config)
     plan = model_state_bytes(counts, critic, reference, bf16)
+    plan |= {key: -(-plan[key] // gpus) for key in SHARDED}  # ceil: FSDP2 pads the last shard
+    plan |= gathered_bytes(config, counts, gpus, critic, reference, bf16)
     plan |= sampling_bytes(config, bf16, max_batch_tokens, max_new_tokens, num_samples)
     plan |= activation_bytes(config, micro_batch_size, seq_len, bf16)
     plan |= phase_peaks(config, plan, counts, micro_batch_size, seq_len, gradient_checkpointing, bf16)
@@ -368,8 +408,35 @@ def format_fits(models: dict, gpu_sizes_gb, **settings) -> str:
         fixed = memory_plan(config, gpu_bytes=0, **settings)["fixed"]
         if fixed > max(gpu_sizes_gb) * GiB - RESERVED:
             lines.append(
-                f"  {name}: float32 weights, AdamW moments and the reference alone take {gib(fixed)} GiB; train.py "
-                "keeps them all on one GPU (the paper shards them over 8 GPUs with DeepSpeed)"
+                f"  {name}: float32 weights, AdamW moments and the reference alone take {gib(fixed)} GiB per GPU; "
+                "shard them over several GPUs: torchrun and --gpus N (the paper: DeepSpeed over 8 GPUs)"
+            )
+    return "\n".join(lines)
+
+
+SHARDED_RUNS = [("1.1B", 1), ("1.1B", 4), ("7B", 8)]  # (model, GPUs) of the torchrun table
+
+
+def format_sharded(models: dict, gpu_gb: int, **settings) -> str:
+    """The torchrun table: per GPU of gpu_gb, for 1.1B on 1 and 4 GPUs and 7B on 8, vine and critic, each phase's peak
+    at the given settings and whether it fits; then the largest --micro-batch-size and --max-batch-tokens that fit
+    (largest_fitting) and the peak with both."""
+    header = f"{'model':6s} {'GPUs':>4s} {'advantage':9s} {'fixed':>6s} {'sample':>6s} {'logp':>6s} {'PPO':>6s} "
+    lines = [header + f"{'fits':>5s}   largest that fit: micro-batch, --max-batch-tokens, peak, fits"]
+    for name, gpus in SHARDED_RUNS:
+        for advantage in ("vine", "critic"):
+            run = {**settings, "critic": advantage == "critic", "gpus": gpus}
+            plan = memory_plan(models[name], gpu_bytes=gpu_gb * GiB, **run)
+            micro, tokens = largest_fitting(models[name], gpu_gb * GiB, **run)
+            peaks = [gib(plan[k]) for k in ("fixed", "sampling_peak", "logprobs_peak", "training_peak")]
+            best = ""
+            if micro and tokens:
+                fitted = memory_plan(models[name], gpu_bytes=gpu_gb * GiB,
+                                     **{**run, "micro_batch_size": micro, "max_batch_tokens": tokens})
+                best = f"{gib(fitted['peak'])} {fit_status(fitted['peak'], fitted['usable'])}"
+            lines.append(
+                f"{name:6s} {gpus:>4d} {advantage:9s} " + " ".join(f"{p:>6s}" for p in peaks)
+                + f" {fit_status(plan['peak'], plan['usable']):>5s}   {micro or 'none':>4} {tokens or 'none':>8} {best}"
             )
     return "\n".join(lines)
 
@@ -394,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--critic", action="store_true", help="the breakdown with --advantage critic")
     parser.add_argument("--no-reference", action="store_true", help="--kl-coef 0: no reference model")
     parser.add_argument("--float32", action="store_true", help="train.py --bf16 false: no autocast")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the state is sharded over (torchrun, FSDP2)")
     cli = parser.parse_args(argv)
     if cli.model:
         models = {os.path.basename(os.path.normpath(cli.model))[:8] or "model": load_config(cli.model)}
@@ -407,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         gradient_checkpointing=not cli.no_checkpointing,
         reference=not cli.no_reference,
         bf16=not cli.float32,
+        gpus=cli.gpus,
     )
     for name, config in models.items():
         print(f"{name}: {parameter_counts(config)['total'] / 1e9:.3f}B parameters, {config.num_hidden_layers} layers")
@@ -414,11 +483,14 @@ def main(argv: list[str] | None = None) -> None:
         f"\nSettings: --micro-batch-size {cli.micro_batch_size}, sequences padded to {cli.seq_len} tokens, "
         f"--max-batch-tokens {cli.max_batch_tokens}, checkpointing {'off' if cli.no_checkpointing else 'on'}, "
         f"{'float32' if cli.float32 else 'bf16 autocast'}, reference {'off' if cli.no_reference else 'on'}, "
-        f"critic {'on' if cli.critic else 'off'}\n"
+        f"critic {'on' if cli.critic else 'off'}, {cli.gpus} GPU(s)\n"
     )
     print(format_breakdown(models, **settings, critic=cli.critic))
     print(f"\nFits, with {gib(RESERVED)} GiB reserved for the CUDA context ('tight': within 10% of the rest):\n")
     print(format_fits(models, cli.gpu_gb, **settings))
+    if not cli.model:
+        print(f"\nSharded under torchrun (FSDP2), per {max(cli.gpu_gb)} GB GPU, GiB (the settings above):\n")
+        print(format_sharded(models, max(cli.gpu_gb), **{**settings, "gpus": 1}))
 
 
 if __name__ == "__main__":
