@@ -232,6 +232,15 @@ def save_folder(path: str, model, tokenizer, files: dict, state_dict: dict | Non
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_text(path: str, text: str) -> None:
+    """Write a file of the run folder whole (path.tmp, then a rename), its folder made if needed: a crash leaves the
+    previous file or the new one, and a resumed iteration replaces what it wrote before."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def recover_folder(path: str) -> None:
     """Finish a save_folder cut between its two renames: path.old exists only once path.tmp was complete, so the
     save is path.tmp (or path.old if that was renamed too). Any other leftover .tmp is half-written and ignored."""
@@ -382,9 +391,9 @@ def ignore_interrupts() -> None:
 def uninterrupted(agree=bool):
     """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, so that an update and its log line, or a checkpoint
     save, are never cut halfway; then, if one came (or open_run deferred one to here), stop the run as open_run does
-    (KeyboardInterrupt, later signals ignored). agree(came: bool) -> bool decides with the other ranks (train.py passes distributed.any_rank), so that
-    a signal that reached one rank stops every rank at the same point. One that comes after they agreed, in the last
-    instants of the block, still stops this rank: it is never lost."""
+    (KeyboardInterrupt, later signals ignored). agree(came: bool) -> bool decides with the other ranks (train.py passes
+    distributed.any_rank), so that a signal that reached one rank stops every rank at the same point. One that comes
+    after they agreed, in the last instants of the block, still stops this rank: it is never lost."""
     pressed = []
     hold = lambda signum, frame: pressed.append(signum)  # noqa: E731
     previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}

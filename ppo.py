@@ -399,6 +399,22 @@ def value_loss(
     return loss, dict(zip(stats, values_list))
 
 
+def critic_loss(
+    model: ValueModel, chunk: list[Episode], batch: dict, *, clip_range: float, num_tokens: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The critic's clipped value loss (value_loss) on one micro-batch (make_batch of chunk), against the returns G_t
+    and the V_old of critic_advantages, normalised by the whole minibatch's response tokens."""
+    width = batch["mask"].shape[1]
+    device = batch["mask"].device
+    old_values = pad_rows([e.old_values for e in chunk], width).to(device)
+    returns = torch.zeros_like(batch["mask"])  # (B, T-1) G_t at the position that predicts token t
+    for j, e in enumerate(chunk):
+        p = len(e.prompt_ids)
+        returns[j, p - 1 : p - 1 + len(e.returns)] = torch.tensor(e.returns)
+    values = model(batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, T-1)
+    return value_loss(values, old_values, returns, batch["mask"], clip_range=clip_range, num_tokens=num_tokens)
+
+
 def group_advantages(rewards: list[float], group_size: int, method: str) -> list[float]:
     """One advantage per answer from the rewards of its prompt's group (answers i*group_size .. (i+1)*group_size-1):
 

@@ -8,6 +8,7 @@ to an imperfect accuracy in minutes and then improved by RL (demos and tests).
     prompt   = format_prompt(question, dataset)      "[MATH_TASK] Problem:\n{question}\n\nSolution:"
     response = "\n" + worked solution + "\n"         GSM8K/arithmetic end with "#### 72\n", MATH with \boxed{..}
     reward   = grade(response, gold_answer, dataset) 1.0 or 0.0
+    rewards  = grade_batch(responses, golds, dataset) the same numbers for many (MATH: in grading.py's worker pool)
 
 Test: python -m pytest tests/test_reward.py -q   (reads the data shipped in data/, see data/README.md)
 
@@ -21,9 +22,9 @@ Departures from the paper (numbered):
 3. A MATH comparison gets a wall-clock budget of MATH_VERIFY_SECONDS, and answers longer than MAX_ANSWER_CHARS or
    too big to compute (too_big_to_verify: a tower of powers such as 10^{10^{10}}, an exponent of 5 or more digits,
    the factorial of a 5-digit number) count as wrong, so that grade() returns within about a second for any input.
-   In the main thread the budget is a SIGALRM timer, which fires again every DEADLINE_REPEAT seconds until grading
-   returns; other threads cannot set one, so there math-verify runs in a worker process that is killed and
-   restarted when it overruns (VerifyWorker).
+   math-verify runs in a pool of worker processes (grading.py, GRADING_POOL), each bounding its comparisons with a
+   SIGALRM timer of its own (verify_in_worker); one that overruns by a second is killed and replaced. The training
+   process sets no timer. Verdicts are kept per (answer, gold) pair (MATH_CACHE).
 4. grade() cuts the response at the first stop string ("\n\n\nProblem:"), as vLLM's `stop` does in the paper, so a
    sampler that keeps the stop string in its output grades the same.
 5. The validation subsets (GSM8K: 373 of train, MATH: 500 of the PRM800K train split) are our own seeded draws; the
@@ -31,19 +32,21 @@ Departures from the paper (numbered):
    split is rebuilt from MATH (see data/README.md); its row order is not OpenAI's.
 """
 
+import collections
 import gzip
 import json
 import logging
-import multiprocessing
+import os
 import random
 import re
 import signal
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from math_verify import parse, verify
+
+import grading
 
 DATASETS = ("gsm8k", "math", "arithmetic")
 SPLITS = ("train", "validation", "test")
@@ -68,6 +71,7 @@ ARITHMETIC_SPLITS = {"train": (20_000, 0), "validation": (500, 1), "test": (500,
 
 MAX_ANSWER_CHARS = 1000  # the longest MATH gold answer has 159 characters; longer \boxed{..} contents count as wrong
 MATH_VERIFY_SECONDS = 0.5  # wall-clock budget for one math-verify comparison (parse + verify)
+MATH_CACHE_SIZE = 2**16  # verdicts kept, per (answer, gold) pair; the oldest go first (math_answers_equal)
 DEADLINE_REPEAT = 0.05  # after the budget, the SIGALRM timer fires again this often until the comparison returns
 UNBRACED_BOX = re.compile(r" +([^\s{$][^$\n]*)")  # "\boxed 5$" (MATH's old style): up to "$" or the end of the line
 OPENING_BRACE = re.compile(r" *\{")
@@ -75,6 +79,11 @@ OPENING_BRACE = re.compile(r" *\{")
 # We pass math-verify no timeouts of its own (they use signal.alarm, whole seconds only, main thread only) and run it
 # under our own deadline instead; silence its one-off "timeout is disabled" warning.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+# The processes that run math-verify (math_answers_equal): one per CPU core, at most 4 (train.py --grading-workers).
+# They work while the training process waits for them.
+GRADING_POOL = grading.Pool("reward:verify_in_worker", workers=min(4, os.cpu_count() or 1), budget=MATH_VERIFY_SECONDS)
+MATH_CACHE: collections.OrderedDict = collections.OrderedDict()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,39 +295,7 @@ def format_prompt(question: str, dataset: str) -> str:
     return PROMPT_TEMPLATE.format(question=question)
 
 
-def answer_only_solution(answer: str, dataset: str) -> str:
-    """An SFT response with the working left out: only the final answer line, in the data set's answer format.
-
-    train.py --sft-answer-only mixes these into the supervised warm-up: a model that imitates both kinds of
-    solution sometimes answers without working, and RL has to learn that writing the steps pays (the CPU demo).
-    """
-    check_dataset(dataset)
-    return f"\n$\\boxed{{{answer}}}$\n" if dataset == "math" else f"\n#### {answer}\n"
-
-
 ARITHMETIC_LINE_RE = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
-
-
-def slipped_solution(solution: str, each: float | None = None, rng: random.Random | None = None) -> str:
-    """An arithmetic solution whose first multiplication is written as an addition of the same number and carried
-    through: "\n...\n14 * 2 = 28\n28 - 3 = 25\n#### 25\n" becomes "...\n14 + 2 = 16\n16 - 3 = 13\n#### 13\n".
-    With `each`, every multiplication slips instead with that probability, independently (one rng.random() each).
-    train.py --sft-slip (--sft-slip-each) mixes these into SFT: a systematic slip in one kind of step, for RL to
-    unlearn while the steps around it stay right (docs/head_to_head.md, docs/credit_curve.md).
-    """
-    lines, value, slipped = solution.split("\n"), None, False
-    for i, line in enumerate(lines):
-        match = ARITHMETIC_LINE_RE.fullmatch(line)
-        if match:
-            left = int(match[1]) if value is None else value  # the first line starts from the question's number
-            op, n = match[2], int(match[3])
-            if op == "*" and (rng.random() < each if each is not None else not slipped):
-                op, slipped = "+", True
-            value = left + n if op == "+" else left - n if op == "-" else left * n
-            lines[i] = f"{left} {op} {n} = {value}"
-        elif line.startswith("#### ") and slipped:
-            lines[i] = f"#### {value}"
-    return "\n".join(lines)
 
 
 def extract_answer(text: str, dataset: str) -> str | None:
@@ -379,20 +356,37 @@ def grade(response: str, gold_answer: str, dataset: str) -> float:
     """Reward of a response: 1.0 if its final answer equals the gold answer, else 0.0; never raises on any strings.
 
     GSM8K/arithmetic (docs/paper.md §4.3): pred.replace(",", "").lower() == gold.strip().replace(",", "").lower(), no
-    numeric normalisation ("72.0" and "$72" are wrong). MATH (docs/paper.md §4.4): the last \\boxed answer is equivalent
-    to the gold
-    answer under math-verify. A response without a parsable answer gets 0.0.
-    """
+    numeric normalisation ("72.0" and "$72" are wrong). MATH (docs/paper.md §4.4): the last \\boxed answer is
+    equivalent to the gold answer under math-verify (math_answers_equal, in a worker process). A response without a
+    parsable answer gets 0.0. Many at once: grade_batch."""
     if not isinstance(response, str) or not isinstance(gold_answer, str):
         return 0.0
-    for stop in STOP_STRINGS:  # departure 4: what vLLM's `stop` would have cut off is not part of the answer
-        response = response.split(stop, 1)[0]
-    pred = extract_answer(response, dataset)
+    pred = final_answer(response, dataset)
     if pred is None:
         return 0.0
     if dataset == "math":
-        return 1.0 if math_answers_equal(pred, gold_answer) else 0.0
+        return float(math_answers_equal([(pred, gold_answer)])[0])
     return 1.0 if pred.replace(",", "").lower() == gold_answer.strip().replace(",", "").lower() else 0.0
+
+
+def grade_batch(responses: list[str], gold_answers: list[str], dataset: str) -> list[float]:
+    """grade of every (response, gold answer) pair, the same numbers: GSM8K and arithmetic one by one (string
+    comparisons, microseconds), MATH in one call, so that the comparisons math-verify must make run together in the
+    worker pool, each distinct (answer, gold) pair once (math_answers_equal)."""
+    if dataset != "math":
+        return [grade(response, gold, dataset) for response, gold in zip(responses, gold_answers, strict=True)]
+    preds = [final_answer(r, dataset) if isinstance(r, str) and isinstance(g, str) else None
+             for r, g in zip(responses, gold_answers, strict=True)]
+    verdicts = iter(math_answers_equal([(p, g) for p, g in zip(preds, gold_answers) if p is not None]))
+    return [float(next(verdicts)) if p is not None else 0.0 for p in preds]
+
+
+def final_answer(response: str, dataset: str) -> str | None:
+    """extract_answer of the response cut at the first stop string (departure 4: what vLLM's `stop` would have cut off
+    is not part of the answer)."""
+    for stop in STOP_STRINGS:
+        response = response.split(stop, 1)[0]
+    return extract_answer(response, dataset)
 
 
 class MathVerifyDeadline(BaseException):
@@ -439,64 +433,44 @@ def too_big_to_verify(answer: str) -> bool:
     return bool(re.search(r"\d\s*\^\s*\d+\s*\^", answer))  # 9^9^9 without braces
 
 
-class VerifyWorker:
-    """math-verify in a child process, for callers outside the main thread (which cannot set SIGALRM): each call
-    waits at most MATH_VERIFY_SECONDS + a margin, and a child that overruns is killed and replaced. Started on first
-    use, with spawn (safe after CUDA or threads); the child bounds each call with its own SIGALRM timer too."""
-
-    def __init__(self):
-        self.lock, self.process, self.connection = threading.Lock(), None, None
-
-    def equal(self, pred: str, gold: str) -> bool:
-        with self.lock:
-            if self.process is None or not self.process.is_alive():
-                self.start()
-            self.connection.send((pred, gold))
-            if self.connection.poll(MATH_VERIFY_SECONDS + 1.0):
-                return self.connection.recv()
-            self.process.kill()  # stuck in one long C computation: only killing it frees the GIL it holds
-            self.process.join()
-            self.process = None
-            return False
-
-    def start(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.connection, child = context.Pipe()
-        self.process = context.Process(target=verify_worker_loop, args=(child,), daemon=True)
-        self.process.start()
-        if not self.connection.poll(60):  # imports sympy and math-verify: a second or two
-            raise RuntimeError("the math-verify worker process did not start")
-        self.connection.recv()
+def math_answers_equal(pairs: list[tuple[str, str]]) -> list[bool]:
+    """Is each predicted MATH answer equivalent to its gold one? Identical strings are; answers longer than
+    MAX_ANSWER_CHARS or too big to compute (too_big_to_verify) are not; math-verify decides the rest, in the worker
+    processes of GRADING_POOL (verify_in_worker: MATH_VERIFY_SECONDS each, an overrun is not equal), each distinct
+    (answer, gold) pair once, and MATH_CACHE keeps the verdicts (the K continuations of a state often reach the same
+    answer). This process sets no timer and no signal handler."""
+    verdicts, ask = [], {}
+    for pred, gold in pairs:
+        if pred.strip() == gold.strip():  # includes two MATH train problems whose gold box is empty ("\\boxed{}")
+            verdicts.append(True)
+        elif len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS or too_big_to_verify(pred):
+            verdicts.append(False)
+        else:
+            verdicts.append(MATH_CACHE.get((pred, gold)))
+            if verdicts[-1] is None:
+                ask[(pred, gold)] = None
+    if ask:
+        ask = dict(zip(ask, GRADING_POOL.run(list(ask), default=False)))
+        for pair, verdict in ask.items():
+            MATH_CACHE[pair] = verdict
+        while len(MATH_CACHE) > MATH_CACHE_SIZE:
+            MATH_CACHE.popitem(last=False)  # the oldest verdicts go first
+    return [ask[pair] if verdict is None else verdict for verdict, pair in zip(verdicts, pairs)]
 
 
-def verify_worker_loop(connection) -> None:
-    """The child of VerifyWorker: answer (pred, gold) requests with math_answers_equal, in its own main thread."""
-    connection.send("ready")
-    while True:
-        pred, gold = connection.recv()
-        connection.send(math_answers_equal(pred, gold))
+def set_grading_workers(workers: int) -> None:
+    """MATH comparisons use this many worker processes from the next grading on (train.py --grading-workers)."""
+    GRADING_POOL.close()
+    GRADING_POOL.size = workers
 
 
-VERIFY_WORKER = VerifyWorker()
-
-
-def math_answers_equal(pred: str, gold: str) -> bool:
-    """Is the predicted MATH answer equivalent to the gold one? Identical strings are; else ask math-verify.
-
-    math-verify's own timeouts use signal.alarm (whole seconds, main thread only, and a timed-out stage returns
-    "no match" before the next stage starts afresh), so we turn them off and bound the whole parse + verify by one
-    SIGALRM timer of MATH_VERIFY_SECONDS instead. Outside the main thread no timer can be set: the comparison then
-    runs in VERIFY_WORKER, a child process killed when it overruns. Like math-verify's, our timer replaces any
-    SIGALRM timer set by the caller. Answers too big to compute (too_big_to_verify) never reach math-verify.
-    """
-    if pred.strip() == gold.strip():  # includes two MATH train problems whose gold box is empty ("\\boxed{}")
-        return True
-    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS or too_big_to_verify(pred):
-        return False
-    if not hasattr(signal, "setitimer"):  # no SIGALRM timers on this platform (Windows)
-        return VERIFY_WORKER.equal(pred, gold) if multiprocessing.parent_process() is None else verify_boxed(pred, gold)
-    if threading.current_thread() is not threading.main_thread():
-        return VERIFY_WORKER.equal(pred, gold)
+def verify_in_worker(pred: str, gold: str) -> bool:
+    """math-verify on one pair, in a grading worker's main thread, bounded by MATH_VERIFY_SECONDS of wall clock: a
+    SIGALRM timer that raises MathVerifyDeadline and fires again every DEADLINE_REPEAT seconds until the comparison
+    returns (departure 3). math-verify's own timeouts (signal.alarm, whole seconds) are turned off. The pool kills a
+    worker that still overruns by a second (a C computation that holds the GIL)."""
+    if not hasattr(signal, "setitimer"):  # no SIGALRM timers on this platform (Windows): the pool's kill bounds it
+        return verify_boxed(pred, gold)
     old_handler = signal.signal(signal.SIGALRM, raise_deadline)
     try:
         try:

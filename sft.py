@@ -4,6 +4,8 @@ options that made it. Not part of VinePPO: the paper starts RL from released SFT
 
     build_tiny_tokenizer   a byte-level BPE trained on the task's own text       (train.py --model tiny)
     build_tiny_model       a ~1.1M-parameter random Llama for it
+    answer_only_solution   a gold solution cut to its answer line           (--sft-answer-only)
+    slipped_solution       an arithmetic solution with a multiplication written as an addition  (--sft-slip)
     sft_examples           (prompt, solution + EOS) pairs: the gold solution, or the bare answer line, or a slip
     sft                    next-token cross-entropy on those, response tokens only, cosine LR decay
     make_init              run_dir/init/: the starting model the options describe, made once (train.py calls it)
@@ -76,24 +78,56 @@ def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 4, 
     return AutoModelForCausalLM.from_config(config)
 
 
+def answer_only_solution(answer: str, dataset: str) -> str:
+    """An SFT response with the working left out: only the final answer line, in the data set's answer format.
+
+    train.py --sft-answer-only mixes these into the supervised warm-up: a model that imitates both kinds of
+    solution sometimes answers without working, and RL has to learn that writing the steps pays (the CPU demo).
+    """
+    reward.check_dataset(dataset)
+    return f"\n$\\boxed{{{answer}}}$\n" if dataset == "math" else f"\n#### {answer}\n"
+
+
+def slipped_solution(solution: str, each: float | None = None, rng: random.Random | None = None) -> str:
+    """An arithmetic solution whose first multiplication is written as an addition of the same number and carried
+    through: "\n...\n14 * 2 = 28\n28 - 3 = 25\n#### 25\n" becomes "...\n14 + 2 = 16\n16 - 3 = 13\n#### 13\n".
+    With `each`, every multiplication slips instead with that probability, independently (one rng.random() each).
+    train.py --sft-slip (--sft-slip-each) mixes these into SFT: a systematic slip in one kind of step, for RL to
+    unlearn while the steps around it stay right (docs/head_to_head.md, docs/credit_curve.md).
+    """
+    lines, value, slipped = solution.split("\n"), None, False
+    for i, line in enumerate(lines):
+        match = reward.ARITHMETIC_LINE_RE.fullmatch(line)
+        if match:
+            left = int(match[1]) if value is None else value  # the first line starts from the question's number
+            op, n = match[2], int(match[3])
+            if op == "*" and (rng.random() < each if each is not None else not slipped):
+                op, slipped = "+", True
+            value = left + n if op == "+" else left - n if op == "-" else left * n
+            lines[i] = f"{left} {op} {n} = {value}"
+        elif line.startswith("#### ") and slipped:
+            lines[i] = f"#### {value}"
+    return "\n".join(lines)
+
+
 def sft_examples(
     tokenizer, problems: list, dataset: str, *, answer_only: float, slip: float, slip_each: float, rng: random.Random
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids + EOS) per problem (train.Problem: .prompt_ids, .solution, .answer): the gold
-    solution, or with probability answer_only the bare answer line (reward.answer_only_solution), so that the model
+    solution, or with probability answer_only the bare answer line (answer_only_solution), so that the model
     learns to answer both with and without working and RL has to learn which pays (the CPU demo); or, with
-    probability slip, the solution with its first multiplication slipped into an addition (reward.slipped_solution),
+    probability slip, the solution with its first multiplication slipped into an addition (slipped_solution),
     a mistake in one kind of step for RL to unlearn (the head-to-head); or, with slip_each, each multiplication
     slipped with that chance. An option at 0 draws nothing from rng."""
     examples = []
     for p in problems:
         solution = p.solution
         if answer_only and rng.random() < answer_only:  # no draw at 0: the same run as without
-            solution = reward.answer_only_solution(p.answer, dataset)
+            solution = answer_only_solution(p.answer, dataset)
         elif slip and rng.random() < slip:
-            solution = reward.slipped_solution(solution)
+            solution = slipped_solution(solution)
         elif slip_each:
-            solution = reward.slipped_solution(solution, slip_each, rng)
+            solution = slipped_solution(solution, slip_each, rng)
         response_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         examples.append((p.prompt_ids, response_ids))
     return examples

@@ -176,6 +176,8 @@ class Args:
                                    "(chunks are sampled in turn), so --resume needs the value the run started with.")
     threads: int = option(0, "torch CPU threads (0: torch's default). A run repeats exactly for the same seed, "
                           "thread count and CPU type; --resume allows another count (float rounding only).")
+    grading_workers: int = option(0, "MATH: processes that compare answers with math-verify, each comparison bounded "
+                                  "by its own budget (0: one per CPU core, at most 4).")
     dist_timeout: int = option(1800, "torchrun: seconds a rank waits in a collective for the others before the run "
                                "stops with an error (a rank died or raised); the wait for rank 0 making init/ is 6 h.")
 
@@ -322,9 +324,7 @@ def evaluate_and_keep_best(state: State, iteration: int, args: Args) -> dict:
     )
     per_problem = metrics.pop("per_problem", None)
     if per_problem is not None and distributed.is_main():
-        os.makedirs(os.path.join(args.run_dir, "evals"), exist_ok=True)
-        with open(os.path.join(args.run_dir, "evals", f"{iteration}.json"), "w") as f:
-            json.dump(per_problem, f)
+        checkpoint.write_text(os.path.join(args.run_dir, "evals", f"{iteration}.json"), json.dumps(per_problem))
     if metrics["eval/val_pass1"] > state.best_val:
         state.best_val = metrics["eval/val_pass1"]
         weights = distributed.full_state_dict(state.policy)  # torchrun: gathered on rank 0 (every rank takes part)
@@ -408,11 +408,12 @@ def sample_and_grade(policy, tokenizer, problems, sampling: rollout.Sampling, ge
 
 
 def grade_all(tokenizer, rollouts: rollout.Rollouts, answers: list[str], dataset: str) -> list[float]:
-    """R = grade(text) for finished answers and 0 for unfinished ones (docs/paper.md §4.3, pitfall 10)."""
-    return [
-        reward.grade(tokenizer.decode(ids, **rollout.DECODE_KWARGS), gold, dataset) if done else 0.0
-        for ids, gold, done in zip(rollouts.response_ids, answers, rollouts.finished)
-    ]
+    """R = grade(text) for finished answers and 0 for unfinished ones (docs/paper.md §4.3, pitfall 10), in one
+    reward.grade_batch call (MATH: in its worker pool)."""
+    finished = [i for i, done in enumerate(rollouts.finished) if done]
+    texts = [tokenizer.decode(rollouts.response_ids[i], **rollout.DECODE_KWARGS) for i in finished]
+    rewards = dict(zip(finished, reward.grade_batch(texts, [answers[i] for i in finished], dataset)))
+    return [rewards.get(i, 0.0) for i in range(len(answers))]
 
 
 def make_episodes(tokenizer, problems, rollouts: rollout.Rollouts, rewards: list[float], args: Args) -> list:
@@ -600,7 +601,7 @@ def micro_batch_backward(
 ) -> dict:
     """The backward pass of scale x (clipped PPO loss + KL) of minibatch[rows], normalised by the whole minibatch's
     counts (response tokens, sequences), its advantages the rows of the minibatch's whitened ones; with a critic, its
-    value loss too (critic_backward). Returns the ppo_loss (and value_loss) stats."""
+    value loss too (ppo.critic_loss). Returns the ppo_loss (and value_loss) stats."""
     chunk = [minibatch[i] for i in rows]
     batch = ppo.make_batch(chunk, pad_id, args.device)
     width = batch["mask"].shape[1]
@@ -620,27 +621,11 @@ def micro_batch_backward(
     (loss * scale).backward()
     stats["policy/entropy"] = float((entropy * batch["mask"]).sum()) / counts[0]
     if critic is not None:  # the paper's PPO: the critic learns on the same micro-batch (docs/paper.md §3)
-        stats.update(critic_backward(critic, chunk, batch, counts[0], args, scale))
-    return stats
-
-
-def critic_backward(
-    critic: Critic, chunk: list[ppo.Episode], batch: dict, num_tokens: float, args: Args, scale: float = 1.0
-) -> dict:
-    """The backward pass of scale x the critic's clipped value loss (ppo.value_loss) on one micro-batch, against the
-    returns G_t and the V_old of ppo.critic_advantages; returns its stats."""
-    width = batch["mask"].shape[1]
-    old_values = ppo.pad_rows([e.old_values for e in chunk], width).to(args.device)
-    returns = torch.zeros_like(batch["mask"])  # (B, T-1) G_t at the position that predicts token t
-    for j, e in enumerate(chunk):
-        p = len(e.prompt_ids)
-        returns[j, p - 1 : p - 1 + len(e.returns)] = torch.tensor(e.returns)
-    with autocast(args):
-        values = critic.model(batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, T-1)
-    loss, stats = ppo.value_loss(
-        values, old_values, returns, batch["mask"], clip_range=args.value_clip, num_tokens=num_tokens
-    )
-    (loss * scale).backward()
+        with autocast(args):
+            value_loss, critic_stats = ppo.critic_loss(critic.model, chunk, batch, clip_range=args.value_clip,
+                                                       num_tokens=counts[0])
+        (value_loss * scale).backward()
+        stats.update(critic_stats)
     return stats
 
 
@@ -683,21 +668,15 @@ def reward_signal(rewards: list[float], iteration: int, args: Args) -> dict:
     (GRPO/RLOO give them 0; VinePPO's MC values can still rank their steps). When every answer of the iteration got
     0 (or all got 1) nothing can be learned from it: say so once per iteration, with the likely cause."""
     groups = np.array(rewards).reshape(-1, args.samples_per_prompt)  # (prompts, samples)
-    no_signal = float(np.mean(groups.min(axis=1) == groups.max(axis=1)))
+    same = f"warning: iteration {iteration}: every one of the {groups.size} answers got reward"
     if groups.max() == 0:
-        print(
-            f"warning: iteration {iteration}: every one of the {groups.size} answers got reward 0, so there is "
-            f"nothing to learn from. On {args.dataset} an answer is right only if it ends with "
-            f"{ANSWER_FORMATS[args.dataset]}: a model that never writes that format always scores 0 (teach it with "
-            "--sft-steps N, or start from an SFT model); answers cut at --max-new-tokens also score 0 "
-            "(see response/unfinished)"
-        )
+        print(f"{same} 0, so there is nothing to learn from. On {args.dataset} an answer is right only if it ends with "
+              f"{ANSWER_FORMATS[args.dataset]}: a model that never writes that format always scores 0 (teach it with "
+              "--sft-steps N, or start from an SFT model); answers cut at --max-new-tokens also score 0 (see "
+              "response/unfinished)")
     elif groups.min() == 1:
-        print(
-            f"warning: iteration {iteration}: every one of the {groups.size} answers got reward 1, so there is "
-            "nothing to learn from; the problems are too easy for this policy"
-        )
-    return {"reward/no_signal_groups": no_signal}
+        print(f"{same} 1, so there is nothing to learn from; the problems are too easy for this policy")
+    return {"reward/no_signal_groups": float(np.mean(groups.min(axis=1) == groups.max(axis=1)))}
 
 
 def episode_stats(episodes: list[ppo.Episode], scheduler) -> dict:
@@ -755,10 +734,7 @@ def write_samples(tokenizer, problems, rollouts, episodes: list[ppo.Episode], pi
         if args.advantage in ("grpo", "rloo"):  # one advantage for the whole answer
             records[-1]["advantage"] = e.advantages[0] if e.advantages else 0.0
     path = os.path.join(args.run_dir, "samples", f"{iteration}.jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-    os.replace(path + ".tmp", path)
+    checkpoint.write_text(path, "".join(json.dumps(record) + "\n" for record in records))
     if args.wandb:
         import wandb
 
@@ -824,6 +800,8 @@ def set_up(args: Args) -> State:
     """Data, models, optimizers and, with --resume, the checkpoint's state (checkpoint.restore_checkpoint)."""
     distributed.barrier()  # several ranks: the others wait for rank 0's check of the run folder (checkpoint.open_run)
     print(json.dumps(dataclasses.asdict(args), indent=1))
+    if args.grading_workers:
+        reward.set_grading_workers(args.grading_workers)
     rows = load_data(args)  # train, validation, test: reward.load_problems' dicts
     policy, reference, tokenizer = load_models(args, rows[0])
     train_problems, val_problems, test_problems = (reward.to_problems(split, tokenizer, args.dataset) for split in rows)
@@ -890,8 +868,14 @@ AT_LEAST = {
     "eval_problems": (0, " (0: all)"), "eval_samples": (1, ""), "value_diagnostic": (0, " (0: off)"),
     "diagnostic_rollouts": (1, ""), "log_samples": (0, " (0: off)"), "save_every": (0, ""),
     "stop_after": (0, " (0: run on)"), "max_batch_tokens": (1, ""), "threads": (0, " (0: torch's default)"),
-    "dist_timeout": (1, ""),
+    "dist_timeout": (1, ""), "grading_workers": (0, " (0: one per CPU core, at most 4)"),
 }
+
+
+# Options that must be finite and > 0, finite and >= 0, or in [0, 1] (check_args).
+POSITIVE = ("temperature", "max_grad_norm", "clip_eps", "value_clip", "sft_lr")
+NON_NEGATIVE = ("lr", "kl_coef")
+FRACTIONS = ("warmup_ratio", "sft_answer_only", "sft_slip", "sft_slip_each", "arithmetic_multiply")
 
 
 def check_args(a: Args) -> list[str]:
@@ -902,30 +886,22 @@ def check_args(a: Args) -> list[str]:
         if getattr(a, name) < low
     ]
     finite, world_size = math.isfinite, int(os.environ.get("WORLD_SIZE", "1"))
+    errors += [f"--{n.replace('_', '-')} must be > 0, got {getattr(a, n)}" for n in POSITIVE
+               if not (getattr(a, n) > 0 and finite(getattr(a, n)))]
+    errors += [f"--{n.replace('_', '-')} must be a finite number >= 0, got {getattr(a, n)}" for n in NON_NEGATIVE
+               if not (getattr(a, n) >= 0 and finite(getattr(a, n)))]
+    errors += [f"--{n.replace('_', '-')} is a fraction in [0, 1], got {getattr(a, n)}" for n in FRACTIONS
+               if not 0 <= getattr(a, n) <= 1]
     rules = [
-        (a.temperature > 0 and finite(a.temperature), f"--temperature must be > 0, got {a.temperature}"),
         (0 < a.top_p <= 1, f"--top-p is a probability mass in (0, 1], got {a.top_p}"),
         (a.max_length >= 3, f"--max-length must leave room for a prompt, an answer and EOS, got {a.max_length}"),
         (
             a.micro_batch_size < 1 or a.minibatch_size % a.micro_batch_size == 0,
             f"--minibatch-size ({a.minibatch_size}) must be a multiple of --micro-batch-size ({a.micro_batch_size})",
         ),
-        (a.lr >= 0 and finite(a.lr), f"--lr must be a finite number >= 0, got {a.lr}"),
-        (0 <= a.warmup_ratio <= 1, f"--warmup-ratio is a fraction in [0, 1], got {a.warmup_ratio}"),
-        (a.max_grad_norm > 0 and finite(a.max_grad_norm), f"--max-grad-norm must be > 0, got {a.max_grad_norm}"),
-        (a.clip_eps > 0 and finite(a.clip_eps), f"--clip-eps must be > 0, got {a.clip_eps}"),
-        (a.value_clip > 0 and finite(a.value_clip), f"--value-clip must be > 0, got {a.value_clip}"),
-        (a.kl_coef >= 0 and finite(a.kl_coef), f"--kl-coef must be a finite number >= 0, got {a.kl_coef}"),
-        (a.sft_lr > 0 and finite(a.sft_lr), f"--sft-lr must be > 0, got {a.sft_lr}"),
-        (0 <= a.sft_answer_only <= 1, f"--sft-answer-only is a fraction in [0, 1], got {a.sft_answer_only}"),
-        (
-            0 <= a.sft_slip <= 1 and (not a.sft_slip or a.dataset == "arithmetic"),
-            f"--sft-slip is a fraction in [0, 1] for --dataset arithmetic, got {a.sft_slip}",
-        ),
-        (0 <= a.sft_slip_each <= 1, f"--sft-slip-each is a probability in [0, 1], got {a.sft_slip_each}"),
+        (not a.sft_slip or a.dataset == "arithmetic", "--sft-slip is for --dataset arithmetic"),
         (not (a.sft_slip and a.sft_slip_each), "give --sft-slip (first multiplication) or --sft-slip-each, not both"),
         (a.arithmetic_steps >= 1, f"--arithmetic-steps must be >= 1, got {a.arithmetic_steps}"),
-        (0 <= a.arithmetic_multiply <= 1, f"--arithmetic-multiply is a chance in [0, 1], got {a.arithmetic_multiply}"),
         (
             a.dataset == "arithmetic" or (a.sft_slip_each, a.arithmetic_steps, a.arithmetic_multiply) == (0, 3, 0.15),
             "--sft-slip-each, --arithmetic-steps and --arithmetic-multiply are for --dataset arithmetic",
@@ -958,7 +934,7 @@ def check_args(a: Args) -> list[str]:
 # --max-batch-tokens included (it changes how the draws are chunked), must be the saved run's.
 RESUME_MAY_DIFFER = {"resume", "stop_after", "device", "threads", "wandb", "eval_problems", "run_dir"}
 RESUME_MAY_DIFFER |= {"value_diagnostic", "diagnostic_rollouts", "log_samples", "gradient_checkpointing"}
-RESUME_MAY_DIFFER |= {"dist_timeout"}
+RESUME_MAY_DIFFER |= {"dist_timeout", "grading_workers"}
 
 
 def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:

@@ -171,14 +171,17 @@ def mc_values(
 ) -> list[float]:
     """V(s) = (1/K) sum_k R(prefix + continuation_k) for every state (docs/paper.md §1.2). Each continuation is
     graded on the WHOLE solution, the answer's earlier steps plus the continuation (docs/paper.md pitfall 2); one that
-    hit the length limit scores 0 (the unfinished penalty). Continuations of state u are rows u*K .. u*K + K - 1."""
+    hit the length limit scores 0 (the unfinished penalty). Continuations of state u are rows u*K .. u*K + K - 1. All
+    continuations are graded in one reward.grade_batch call (MATH: together, in its worker pool)."""
+    rows = [row for row in range(len(states) * num_mc_rollouts) if rollouts.finished[row]]
+    texts = [tokenizer.decode(list(states[row // num_mc_rollouts][1]) + rollouts.response_ids[row],
+                              **rollout.DECODE_KWARGS) for row in rows]
+    rewards = dict(zip(rows, reward.grade_batch(texts, [states[row // num_mc_rollouts][2] for row in rows], dataset)))
     values = []
-    for u, (_, prefix, gold) in enumerate(states):
+    for u in range(len(states)):
         score = 0.0
         for row in range(u * num_mc_rollouts, (u + 1) * num_mc_rollouts):
-            if rollouts.finished[row]:
-                text = tokenizer.decode(list(prefix) + rollouts.response_ids[row], **rollout.DECODE_KWARGS)
-                score += reward.grade(text, gold, dataset)
+            score += rewards.get(row, 0.0)  # unfinished: 0
         values.append(score / num_mc_rollouts)
     return values
 

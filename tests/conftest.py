@@ -3,8 +3,8 @@
 import importlib.util
 import os
 import tracemalloc  # noqa: F401  imported before any test: pytest's unraisable-exception hook imports it on first use,
-# and a repeating MATH_VERIFY_SECONDS alarm (reward.raise_deadline) that fires during that import breaks the hook
-# (seen once in CI: test_grade_is_fast_and_total_on_hostile_inputs failed "Failed to process unraisable exception")
+# and a SIGALRM deadline (reward.raise_deadline, which test_a_swallowed_deadline_fires_again runs in this process; the
+# grading itself runs in worker processes) that fires during that import would break the hook
 from pathlib import Path
 
 import pytest

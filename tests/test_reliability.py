@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoint
+import grading
 import ppo
 import reward
 import sft
@@ -285,12 +286,13 @@ def test_huge_numbers_are_refused_before_sympy(response, monkeypatch):
     def reached(*args):
         raise AssertionError(f"{response} reached math-verify")
 
-    monkeypatch.setattr(reward, "verify_boxed", reached)
+    monkeypatch.setattr(reward.GRADING_POOL, "run", reached)  # the pool is where math-verify runs
     assert reward.grade(response, "x+1", "math") == 0.0
 
 
 def test_grading_is_bounded_outside_the_main_thread():
-    reward.VERIFY_WORKER.equal("1", "1")  # start the worker process (imports sympy) before timing
+    reward.GRADING_POOL.run([("1", "2")], default=False)  # start the workers (they import sympy) before timing
+    reward.MATH_CACHE.clear()
     results = []
 
     def grade_all():
@@ -304,8 +306,8 @@ def test_grading_is_bounded_outside_the_main_thread():
     thread.join(timeout=60)
     assert not thread.is_alive()
     assert [r for r, _ in results] == [0.0] * (len(HUGE) + 1) + [1.0]
-    # the worker waits MATH_VERIFY_SECONDS + 1 s, then is killed and restarted; SLOW alone takes ~8 s. The margin is
-    # for a loaded machine (a bound of + 1.5 s failed there now and then)
+    # a worker bounds each comparison by MATH_VERIFY_SECONDS and is killed after 1 s more; SLOW alone takes ~8 s. The
+    # margin is for a loaded machine (a bound of + 1.5 s failed there now and then)
     assert max(t for _, t in results) < reward.MATH_VERIFY_SECONDS + 5.0
 
 
@@ -573,3 +575,25 @@ def test_no_prompt_that_fits_is_found_before_sft_and_nothing_is_written(tmp_path
         train.main(QUICK + ["--num_iterations", "3", "--sft_steps", "5", "--max_length", "3", "--run_dir",
                             str(tmp_path)])
     assert not (tmp_path / "init").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_grading_stops_the_run_with_a_checkpoint_and_no_worker_left(tmp_path, monkeypatch):
+    """A Ctrl-C while answers are graded in the worker pool (here: a pool whose workers are stuck) stops the run as in
+    any other phase, with the checkpoint of the last finished update and exit 130, and kills the workers."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
+    pool, workers = grading.Pool("stuck:hold_the_gil", workers=2, budget=60), []
+
+    def grade_batch(responses, golds, dataset):  # the iteration's grading, sent to the stuck pool
+        pool.run([(1,), (1,)], default=None)  # the workers are up
+        workers.extend(w.process for w in pool.workers)
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        pool.run([(40,), (40,)], default=None)  # stuck for minutes: the Ctrl-C comes here
+        raise AssertionError("the Ctrl-C should have stopped the run")
+
+    monkeypatch.setattr(reward, "grade_batch", grade_batch)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(QUICK + ["--num_iterations", "2", "--run_dir", str(tmp_path)])
+    assert stopped.value.code == 130
+    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)["next_iteration"] == 0
+    assert len(workers) == 2 and all(p.poll() is not None for p in workers) and pool.workers == []

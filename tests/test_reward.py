@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import random
 import re
 import signal
@@ -12,7 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import grading
 import reward
+import sft
 
 # ----------------------------------------------------------------------------------------------------------------
 # Gold solutions grade 1.0 against their own answer, 0.0 against another problem's
@@ -25,7 +28,7 @@ def test_every_gsm8k_gold_solution_grades_correct(data_dir):
         assert p["solution"].startswith("\n") and p["solution"].endswith(f"#### {p['answer']}\n"), p["solution"]
         assert "<<" not in p["solution"], "calculator annotations must be removed (docs/paper.md §4.1)"
         assert reward.grade(p["solution"], p["answer"], "gsm8k") == 1.0, p
-        assert reward.grade(reward.answer_only_solution(p["answer"], "gsm8k"), p["answer"], "gsm8k") == 1.0, p
+        assert reward.grade(sft.answer_only_solution(p["answer"], "gsm8k"), p["answer"], "gsm8k") == 1.0, p
         j = (i + 1) % len(problems)  # the next problem whose answer differs, even after removing commas
         while problems[j]["answer"].replace(",", "") == p["answer"].replace(",", ""):
             j = (j + 1) % len(problems)
@@ -46,7 +49,7 @@ def test_every_math500_gold_solution_grades_correct(data_dir):
     assert len(problems) == 500
     for i, p in enumerate(problems):
         assert reward.grade(p["solution"], p["answer"], "math") == 1.0, p
-        assert reward.grade(reward.answer_only_solution(p["answer"], "math"), p["answer"], "math") == 1.0, p
+        assert reward.grade(sft.answer_only_solution(p["answer"], "math"), p["answer"], "math") == 1.0, p
         # The same through math-verify itself (grade() answers identical strings without asking it).
         assert reward.verify_boxed(p["answer"], p["answer"]), p["answer"]
         j = (i + 1) % len(problems)  # the next problem whose answer is not the same value ("5" vs "x=5", "5.0")
@@ -171,8 +174,14 @@ HOSTILE_RESPONSES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def grading_workers():
+    """The grading pool's workers, started (their imports take a second) before anything is timed."""
+    reward.GRADING_POOL.run([("1", "2")], default=False)
+
+
 @pytest.mark.parametrize("index", range(len(HOSTILE_RESPONSES)))
-def test_grade_is_fast_and_total_on_hostile_inputs(index):
+def test_grade_is_fast_and_total_on_hostile_inputs(index, grading_workers):
     response = HOSTILE_RESPONSES[index]
     handler = signal.getsignal(signal.SIGALRM)
     for dataset in reward.DATASETS:
@@ -195,7 +204,7 @@ LATEX_STRINGS = st.lists(st.sampled_from(LATEX_PIECES), max_size=60).map("".join
 
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(latex=LATEX_STRINGS, noise=st.text(max_size=50), gold=st.one_of(st.text(max_size=8), LATEX_STRINGS))
-def test_grade_never_raises_on_random_strings(latex, noise, gold):
+def test_grade_never_raises_on_random_strings(grading_workers, latex, noise, gold):
     for response in (latex, noise + latex, "\\boxed{" + latex + "}", "#### " + latex):
         for dataset in reward.DATASETS:
             start = time.perf_counter()
@@ -204,9 +213,9 @@ def test_grade_never_raises_on_random_strings(latex, noise, gold):
 
 
 def test_a_swallowed_deadline_fires_again(monkeypatch):
-    """One MathVerifyDeadline may be swallowed (Python drops an exception raised in a __del__ or a garbage-collector
-    callback, which may be what is running when the signal is handled): the timer fires again until grading returns.
-    With a one-shot timer this comparison would run its 20 s and count as right."""
+    """In a grading worker, one MathVerifyDeadline may be swallowed (Python drops an exception raised in a __del__ or a
+    garbage-collector callback, which may be what is running when the signal is handled): the timer fires again until
+    the comparison returns. With a one-shot timer this comparison would run its 20 s and count as right."""
     swallowed = []
 
     def stubborn(pred: str, gold: str) -> bool:
@@ -221,13 +230,13 @@ def test_a_swallowed_deadline_fires_again(monkeypatch):
         return True
 
     monkeypatch.setattr(reward, "verify_boxed", stubborn)
-    assert reward.math_answers_equal("x", "y") is False
+    assert reward.verify_in_worker("x", "y") is False  # what a grading worker runs, here in this process
     assert swallowed == [True]
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0), "no timer may be left running"
 
 
 def test_grade_works_outside_the_main_thread():
-    reward.parse_boxed.cache_clear()
+    reward.MATH_CACHE.clear()
     results = []
     thread = threading.Thread(target=lambda: results.append(reward.grade("$\\boxed{\\frac12}$", "0.5", "math")))
     thread.start()
@@ -273,26 +282,11 @@ def test_arithmetic_problems_are_true_and_gradable():
     for p in problems[:2000]:
         check_arithmetic_problem(p, num_steps=3, max_number=20)
     assert all(reward.grade(p["solution"], p["answer"], "arithmetic") == 1.0 for p in problems)
-    assert all(reward.grade(reward.answer_only_solution(p["answer"], "arithmetic"), p["answer"], "arithmetic") == 1.0
+    assert all(reward.grade(sft.answer_only_solution(p["answer"], "arithmetic"), p["answer"], "arithmetic") == 1.0
                for p in problems)
     assert sum("*" in p["solution"] for p in problems) > 0, "an occasional multiplication"
     lengths = [len(reward.format_prompt(p["question"], "arithmetic") + p["solution"]) for p in problems]
     assert sum(lengths) / len(lengths) < 210 and max(lengths) < 240, "short enough for a tiny byte-level model"
-
-
-def test_slipped_solution_writes_the_first_multiplication_as_an_addition_and_carries_it():
-    solution = "\nTom has 12 apples.\n12 + 7 = 19\n19 * 2 = 38\n38 - 5 = 33\n33 * 3 = 99\n#### 99\n"
-    slipped = "\nTom has 12 apples.\n12 + 7 = 19\n19 + 2 = 21\n21 - 5 = 16\n16 * 3 = 48\n#### 48\n"
-    assert reward.slipped_solution(solution) == slipped
-    assert reward.grade(slipped, "99", "arithmetic") == 0.0
-    plain = "\nAnn has 3 pens.\n3 + 4 = 7\n7 - 1 = 6\n#### 6\n"
-    assert reward.slipped_solution(plain) == plain  # nothing to slip
-    carried = reward.slipped_solution("\nA.\n2 * 3 = 6\n6 - 6 = 0\n#### 0\n")  # may go below zero
-    assert carried == "\nA.\n2 + 3 = 5\n5 - 6 = -1\n#### -1\n"
-    for p in reward.load_problems("arithmetic", "validation"):  # every slip changes the answer of its problem
-        s = reward.slipped_solution(p["solution"])
-        assert (s == p["solution"]) == (" * " not in p["solution"])
-        assert reward.grade(s, p["answer"], "arithmetic") == float(s == p["solution"]) or "* 2 = 4\n" in p["solution"]
 
 
 def test_arithmetic_difficulty_knobs():
@@ -422,3 +416,128 @@ def test_hub_rows_give_the_same_problems_as_local_files(monkeypatch, data_dir):
 ])
 def test_counts_as_finished_follows_the_official_extractors(response, dataset, finished):
     assert reward.counts_as_finished(response, dataset) is finished
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The grading pool (grading.py): MATH comparisons in worker processes, cached, with no alarm in this process
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def reformatted(answer: str) -> str:
+    """The same answer written another way, which math-verify should still call equal (or not: either way, batch
+    and one-by-one must agree)."""
+    return answer.replace("\\frac", "\\dfrac").replace(",", ", ") + " "
+
+
+def one_by_one(pairs: list[tuple[str, str]]) -> list[bool]:
+    """Today's grading: every pair alone, from a fresh single worker, with no cache: math_answers_equal's verdicts
+    as grade gave them one call at a time."""
+    reward.MATH_CACHE.clear()
+    pool = grading.Pool("reward:verify_in_worker", workers=1, budget=reward.MATH_VERIFY_SECONDS)
+    try:
+        verdicts = []
+        for pred, gold in pairs:
+            if pred.strip() == gold.strip():
+                verdicts.append(True)
+            elif len(pred) > reward.MAX_ANSWER_CHARS or len(gold) > reward.MAX_ANSWER_CHARS or \
+                    reward.too_big_to_verify(pred):
+                verdicts.append(False)
+            else:
+                verdicts.append(pool.run([(pred, gold)], default=False)[0])
+        return verdicts
+    finally:
+        pool.close()
+
+
+def test_grade_batch_gives_grades_numbers_in_any_order(data_dir, grading_workers):
+    """Over the MATH500 golds (each against itself, a reformatted copy and another problem's answer), the hostile
+    inputs and the GSM8K / arithmetic formats: grade_batch, with its pool and cache, shuffled, equals one comparison
+    at a time with no cache."""
+    golds = [p["answer"] for p in reward.load_problems("math", "test", data_dir)]
+    preds = golds + [reformatted(g) for g in golds] + golds[1:] + golds[:1]
+    responses = [f"The answer is $\\boxed{{{p}}}$." for p in preds] + HOSTILE_RESPONSES
+    targets = golds * 3 + ["5"] * len(HOSTILE_RESPONSES)
+    order = list(range(len(responses)))
+    random.Random(0).shuffle(order)
+    reward.MATH_CACHE.clear()
+    batch = reward.grade_batch([responses[i] for i in order], [targets[i] for i in order], "math")
+    batch = [b for _, b in sorted(zip(order, batch))]
+    answers = [(reward.final_answer(r, "math"), t) for r, t in zip(responses, targets)]
+    verdicts = iter(one_by_one([a for a in answers if a[0] is not None]))
+    assert batch == [float(next(verdicts)) if a[0] is not None else 0.0 for a in answers]
+    assert sum(batch[:500]) == 500 and 0 < sum(batch[1000:1500]) < 50  # itself; another problem's (some agree)
+    texts, golds = ["\n1 + 2 = 3\n#### 3\n", "#### 1,080", "no answer", "#### 4"], ["3", "1080", "3", "3"]
+    for dataset in ("gsm8k", "arithmetic"):
+        assert reward.grade_batch(texts, golds, dataset) == [reward.grade(t, g, dataset) for t, g in zip(texts, golds)]
+        assert reward.grade_batch(texts, golds, dataset) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_this_process_sets_no_alarm_while_grading(monkeypatch, grading_workers):
+    calls = []
+    for name in ("signal", "setitimer", "alarm"):
+        real = getattr(signal, name)
+        monkeypatch.setattr(signal, name, lambda *a, real=real, name=name: (calls.append((name, a)), real(*a))[1])
+    reward.MATH_CACHE.clear()
+    pairs = ["$\\boxed{\\frac12}$", "$\\boxed{0.5}$", "\\boxed{" + "{" * 49 + "1" + "}" * 49 + "}"]
+    assert reward.grade_batch(pairs, ["0.5", "\\frac{1}{2}", "1"], "math") == [1.0, 1.0, 0.0]
+    assert calls == [] and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None), "no handler was installed"
+
+
+def test_each_distinct_pair_is_compared_once_and_the_cache_is_bounded(monkeypatch, grading_workers):
+    asked = []
+    run = reward.GRADING_POOL.run
+    monkeypatch.setattr(reward.GRADING_POOL, "run", lambda tasks, default: (asked.append(list(tasks)),
+                                                                           run(tasks, default))[1])
+    monkeypatch.setattr(reward, "MATH_CACHE_SIZE", 3)
+    reward.MATH_CACHE.clear()
+    boxed = ["$\\boxed{" + answer + "}$" for answer in ("\\frac12", "1/2", "0.5", "2", "3")]
+    responses = [boxed[0]] * 9 + [boxed[1]] * 9 + boxed[2:]
+    assert reward.grade_batch(responses, ["0.5"] * len(responses), "math") == [1.0] * 19 + [0.0, 0.0]
+    assert asked == [[("\\frac12", "0.5"), ("1/2", "0.5"), ("2", "0.5"), ("3", "0.5")]]  # "0.5" is identical
+    assert list(reward.MATH_CACHE) == [("1/2", "0.5"), ("2", "0.5"), ("3", "0.5")]  # the oldest went first
+    assert reward.grade_batch(responses[-3:], ["0.5"] * 3, "math") == [1.0, 0.0, 0.0] and len(asked) == 1
+
+
+def test_a_worker_stuck_in_c_is_killed_within_its_budget_and_the_next_call_works(monkeypatch):
+    """A call that holds the GIL (no signal handler can run in that worker) gives the default after budget + 1 s; the
+    other task of the run is answered by the other worker without waiting for it; a new worker takes the stuck one's
+    place."""
+    monkeypatch.setenv("PYTHONPATH", TESTS)
+    pool = grading.Pool("stuck:hold_the_gil", workers=2, budget=0.5)
+    try:
+        pool.run([(1,)], default=None)  # both workers started
+        first = [w.process for w in pool.workers]
+        start = time.monotonic()
+        assert pool.run([(40,), (3,)], default="killed") == ["killed", False]
+        assert time.monotonic() - start < 0.5 + grading.MARGIN + 1.0  # the last second: a loaded machine
+        assert first[0].poll() is not None, "the stuck worker was killed"
+        assert pool.run([(3,), (3,)], default="killed") == [False, False], "and replaced"
+    finally:
+        pool.close()
+
+
+def test_ctrl_c_while_grading_leaves_no_worker_behind(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", TESTS)
+    pool = grading.Pool("stuck:hold_the_gil", workers=2, budget=30)
+    pool.run([(1,)], default=None)
+    processes = [w.process for w in pool.workers]
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        pool.run([(40,), (40,)], default=None)
+    timer.join()
+    assert pool.workers == [] and all(p.poll() is not None for p in processes)
+    assert pool.run([(3,)], default=None) == [False], "the next run starts new workers"
+    pool.close()
+
+
+def test_the_workers_are_other_processes_and_end_with_their_pool(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", TESTS)
+    pool = grading.Pool("stuck:pid", workers=2, budget=5)
+    pids = set(pool.run([(i,) for i in range(8)], default=None))  # the first worker ready may take them all
+    processes = [w.process for w in pool.workers]
+    assert len(processes) == 2 and pids <= {p.pid for p in processes} and os.getpid() not in pids
+    pool.close()
+    assert all(p.poll() is not None for p in processes)

@@ -38,7 +38,7 @@ def test_the_tiny_tokenizer_and_model():
 
 def test_answer_only_cuts_a_seeded_fraction_of_solutions_to_the_answer_line():
     gold = [ids(p["solution"]) for p in PROBLEMS]
-    bare = [ids(reward.answer_only_solution(p["answer"], "arithmetic")) for p in PROBLEMS]
+    bare = [ids(sft.answer_only_solution(p["answer"], "arithmetic")) for p in PROBLEMS]
     prompts = [p.prompt_ids for p in reward.to_problems(PROBLEMS, TOKENIZER, "arithmetic")]
     rng = random.Random(0)
     assert examples(0.0, rng=rng) == list(zip(prompts, gold))
@@ -56,7 +56,7 @@ def test_slip_slips_a_seeded_fraction_of_the_solutions_with_a_multiplication():
     texts = [TOKENIZER.decode(r[:-1]) for _, r in examples(slip=0.5)]
     slipped = [t != p["solution"] for t, p in zip(texts, PROBLEMS)]
     with_mult = [" * " in p["solution"] for p in PROBLEMS]
-    assert all(t in (p["solution"], reward.slipped_solution(p["solution"])) for t, p in zip(texts, PROBLEMS))
+    assert all(t in (p["solution"], sft.slipped_solution(p["solution"])) for t, p in zip(texts, PROBLEMS))
     assert not any(s and not m for s, m in zip(slipped, with_mult)), "only solutions with a multiplication change"
     n, k = sum(with_mult), sum(slipped)
     assert abs(k - n / 2) < 4 * math.sqrt(n / 4), (k, n)
@@ -92,3 +92,18 @@ def test_an_init_folder_made_with_other_options_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="holds no init_args.json"):
         sft.check_init_record(str(tmp_path), {"sft_steps": 2})
     sft.check_init_record(str(tmp_path / "missing"), {"sft_steps": 2})  # nothing there yet: it will be made
+
+
+def test_slipped_solution_writes_the_first_multiplication_as_an_addition_and_carries_it():
+    solution = "\nTom has 12 apples.\n12 + 7 = 19\n19 * 2 = 38\n38 - 5 = 33\n33 * 3 = 99\n#### 99\n"
+    slipped = "\nTom has 12 apples.\n12 + 7 = 19\n19 + 2 = 21\n21 - 5 = 16\n16 * 3 = 48\n#### 48\n"
+    assert sft.slipped_solution(solution) == slipped
+    assert reward.grade(slipped, "99", "arithmetic") == 0.0
+    plain = "\nAnn has 3 pens.\n3 + 4 = 7\n7 - 1 = 6\n#### 6\n"
+    assert sft.slipped_solution(plain) == plain  # nothing to slip
+    carried = sft.slipped_solution("\nA.\n2 * 3 = 6\n6 - 6 = 0\n#### 0\n")  # may go below zero
+    assert carried == "\nA.\n2 + 3 = 5\n5 - 6 = -1\n#### -1\n"
+    for p in reward.load_problems("arithmetic", "validation"):  # every slip changes the answer of its problem
+        s = sft.slipped_solution(p["solution"])
+        assert (s == p["solution"]) == (" * " not in p["solution"])
+        assert reward.grade(s, p["answer"], "arithmetic") == float(s == p["solution"]) or "* 2 = 4\n" in p["solution"]

@@ -61,10 +61,10 @@ def test_multiply_sets_the_share_of_multiplications_and_steps_the_length():
 def test_slip_each_slips_every_multiplication_independently_and_carries_it():
     solution = "\nTom has 3 pens.\n3 * 2 = 6\n6 * 3 = 18\n18 - 5 = 13\n13 * 2 = 26\n#### 26\n"
     everything = "\nTom has 3 pens.\n3 + 2 = 5\n5 + 3 = 8\n8 - 5 = 3\n3 + 2 = 5\n#### 5\n"  # by hand
-    assert reward.slipped_solution(solution, 1.0, random.Random(0)) == everything
-    assert reward.slipped_solution(solution, 0.0, random.Random(0)) == solution
+    assert sft.slipped_solution(solution, 1.0, random.Random(0)) == everything
+    assert sft.slipped_solution(solution, 0.0, random.Random(0)) == solution
     rng, twin = random.Random(5), random.Random(5)
-    once = reward.slipped_solution(solution, 0.5, rng)
+    once = sft.slipped_solution(solution, 0.5, rng)
     draws = [twin.random() < 0.5 for _ in range(3)]  # one draw per multiplication, in order
     assert rng.getstate() == twin.getstate()
     assert [op for _, op, _, _ in values_of(once)] == ["+" if d else "*" for d in draws[:2]] + ["-"] + (
@@ -74,7 +74,7 @@ def test_slip_each_slips_every_multiplication_independently_and_carries_it():
     # over many problems: binomial slip counts with p = 0.5 per multiplication
     problems = reward.make_arithmetic_problems(3000, seed=1, num_steps=4, multiply=1.0)
     rng = random.Random(0)
-    slips = [sum(op == "+" for _, op, _, _ in values_of(reward.slipped_solution(p["solution"], 0.5, rng)))
+    slips = [sum(op == "+" for _, op, _, _ in values_of(sft.slipped_solution(p["solution"], 0.5, rng)))
              for p in problems if p["solution"].count(" * ") == 4]
     n = len(slips)
     assert n > 2500
@@ -97,7 +97,7 @@ def test_sft_slip_each_in_the_warm_up():
     first = examples(random.Random(3))
     assert first == examples(random.Random(3)), "deterministic for a seed"
     rng = random.Random(3)
-    texts = [reward.slipped_solution(p["solution"], 0.5, rng) for p in problems]
+    texts = [sft.slipped_solution(p["solution"], 0.5, rng) for p in problems]
     assert [tokenizer.decode(r[:-1]) for _, r in first] == texts  # exactly slipped_solution's draws
     slips = sum(op == "+" for t in texts for _, op, _, _ in values_of(t))
     mults = sum(p["solution"].count(" * ") for p in problems)

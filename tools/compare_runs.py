@@ -109,7 +109,7 @@ def first_multiplication(solution: str) -> tuple[int, int] | None:
 
 def slips_of(text: str, solution: str) -> tuple[int, int]:
     """(slips, multiplications reached) of an answer: a line of the answer that stands where the gold solution
-    multiplies by n (same line number) and adds n instead is a slip (reward.slipped_solution); one that multiplies
+    multiplies by n (same line number) and adds n instead is a slip (sft.slipped_solution); one that multiplies
     by n is a right decision."""
     slips = reached = 0
     answer = text.split("\n")
