@@ -349,10 +349,12 @@ def open_run(run_dir: str, *, main: bool, resume: bool, run_args: dict, may_diff
     with other settings (check_run_dir), and hold the folder's lock until the run ends (run_dir_lock). Every rank:
     Ctrl-C and SIGTERM stop the run (Run.handle; defer: under torchrun, at the end of an uninterrupted block once the
     run is set up); then run.on_stop() saves a checkpoint (nothing while setting up), and the process exits 130. The
-    handlers from before are back on return."""
+    handlers from before are back on return, except after a stop: the process is exiting with 130, and a signal that
+    came after they were back would end it with 143 or -2, its traceback cutting the last lines."""
     run = Run(defer)
     PENDING.clear()
     previous = {s: signal.signal(s, run.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    stopped = False
     try:
         with run_dir_lock(run_dir) if main else contextlib.nullcontext():
             if main:
@@ -367,9 +369,10 @@ def open_run(run_dir: str, *, main: bool, resume: bool, run_args: dict, may_diff
                 else:
                     run.on_stop()
                     print("interrupted; continue with --resume")
+                stopped = True
                 raise SystemExit(130) from None
     finally:
-        for s, handler in previous.items():
+        for s, handler in previous.items() if not stopped else ():
             signal.signal(s, handler)
 
 

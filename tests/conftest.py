@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import signal
 import tracemalloc  # noqa: F401  imported before any test: pytest's unraisable-exception hook imports it on first use,
 # and a SIGALRM deadline (reward.raise_deadline, which test_a_swallowed_deadline_fires_again runs in this process; the
 # grading itself runs in worker processes) that fires during that import would break the hook
@@ -75,6 +76,16 @@ def make_model(family: str, vocab_size: int, seed: int = 0):
 def problem(tokenizer, question: str, dataset: str, answer: str = "72"):
     """A reward.Problem with its prompt ids, as train.set_up makes them (no gold solution)."""
     return reward.to_problems([{"question": question, "answer": answer, "solution": ""}], tokenizer, dataset)[0]
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """Ctrl-C and SIGTERM handled as before each test: a run stopped in-process (train.main raising SystemExit(130))
+    leaves them ignored, as a process that is exiting should."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture(scope="session")
