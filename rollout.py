@@ -23,28 +23,31 @@ How it works (plain PyTorch + the model's own forward, no vLLM):
      positions whose logits are read, never on (R, T_root, V). Batching changes float rounding only: logprobs differ
      from one pass per root by < 1e-6 on the tests' tiny models and < 1e-5 on the benchmark's model (max abs), with
      the same tokens.
-  3. Batched decoding. Rows of different prefix lengths share one rectangular cache: row b holds its root's cache,
-     right-padded to the chunk's longest root, and the attention mask hides positions >= len(prefix_b) (the rest of
-     the root and the padding); generated tokens go after that hole, and position_ids give each row its true
-     positions, so rotary / learned position embeddings see exactly what one prefix alone would.
+  3. Batched decoding, prefixes read once. When the call has many rows per root (sharing_pays: the MC rollouts, and
+     the answers' N samples per prompt), every root's keys and values stay once and each row keeps only its own
+     generated tokens; attention.py's shared-prefix attention reads the root (up to the row's prefix length) and the
+     row's tokens separately and merges the two exactly by their log-sum-exp, the rows of one root stacked so that the
+     prefix part is one matrix-matrix product. Otherwise (one sample per prompt, few rows) row b holds a copy of its
+     root's cache, right-padded to the chunk's longest root, and the attention mask hides positions >= len(prefix_b)
+     (the rest of the root and the padding); generated tokens go after that hole. Either way position_ids give each
+     row its true positions, so rotary / learned position embeddings see exactly what one prefix alone would.
   4. Rows that stop (EOS, stop string, length limit) leave the batch and the KV cache at once (drop_rows), so compute
-     follows the live rows, not the longest one. The cache is preallocated and written in place (build_cache), and
-     attention reads only the slots written so far.
-  5. Memory cap: prefixes are processed in chunks of rows x (longest root + max_new_tokens) <= max_batch_tokens.
+     follows the live rows, not the longest one. The cache is preallocated and written in place
+     (attention.DecodeCache), and attention reads only the slots written so far.
+  5. Memory cap: prefixes are processed in chunks whose cache holds at most max_batch_tokens tokens: roots x longest
+     root + rows x max_new_tokens when shared, rows x (longest root + max_new_tokens) when copied (plan_chunks).
 
 Sampling follows vLLM (the paper's sampler): logits / temperature, top-p (nucleus), one draw from the renormalised
 nucleus with a seeded torch.Generator; temperature 0 is greedy argmax. Log-probabilities are float32
 log_softmax(logits / temperature) of the sampled token (raw logits when greedy), before top-p, as the trainer computes
 them (docs/paper.md pitfall 8). Under bf16 autocast the logits are cast to float32 first.
 
-What bounds speed (measured on CPU, benchmarks/bench_rollout.py): with many rows, attention over the cache dominates
-and is memory-bound. Every row reads its own copy of its prefix's keys/values (K copies per prefix, and the masked
-hole up to its root's length); sharing one copy across the K rows needs a custom shared-prefix ("cascade") attention
-kernel, which a plain Hugging Face forward does not have. Where nothing is shared and no row stops early (64 prompts
-x 64 greedy tokens), sample only ties with one batched Hugging Face generate (~1.0x): both run the same forward
-passes; we skip generate's per-step cache concatenation, but attention reads a preallocated cache that is colder in
-the CPU caches, and every step pays a log_softmax over the vocabulary for the logprobs (1-2% of the time). The gains
-come from prefix reuse, dropping stopped rows, and top-p without a full sort (2x generate at T=0.6).
+What bounds speed (measured on CPU, benchmarks/bench_rollout.py, docs/speed.md): with many rows, attention over the
+cache dominates and is memory-bound. Shared, a root is read once per step for all its rows (1.2-1.7x the copies on
+the MC and answer workloads); what is left is the rows' own tokens, the model's matmuls on small batches, and the
+per-step Python (sampling, stop strings). Where nothing is shared and no row stops early (64 prompts x 64 greedy
+tokens), sample ties with one batched Hugging Face generate (~1.0x): both run the same forward passes; the gains come
+from prefix reuse and sharing, dropping stopped rows, and top-p without a full sort (2x generate at T=0.6).
 
 Test: python -m pytest tests/test_rollout.py -q.   Benchmark: python benchmarks/bench_rollout.py [--quick].
 
@@ -54,17 +57,21 @@ Departures from the paper's vLLM sampler:
   2. Stop strings are searched in the generated text only (vLLM does the same), never across the prefix boundary.
   3. Sliding-window attention layers are not supported (a nested prefix cannot be sliced out of a windowed cache).
   4. Different random streams: the same seed gives the same samples here, not vLLM's samples.
+  5. Prefix sharing in attention is plain PyTorch (attention.py), not a fused kernel like vLLM's or FlashInfer's
+     cascade attention; vLLM shares only what its paged cache holds in common.
 
 Letters: B rows being decoded, P prefixes, R roots, K samples per prefix, T positions, V vocabulary, H key/value
 heads, D head dim.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from tqdm import tqdm
-from transformers import StaticCache
+
+import attention
 
 # Default memory cap, in cached tokens per chunk: rows x (longest prefix + max_new_tokens). The KV cache costs
 # num_layers * num_kv_heads * head_dim * (key bytes + value bytes) per token; under bf16 autocast the keys stay
@@ -81,6 +88,9 @@ DEFAULT_MAX_BATCH_TOKENS = 2**18
 # where the attention kernel materialises them.
 PREFILL_BATCH_TOKENS = 2**11
 PREFILL_MIN_FILL = 0.9
+# The roots' keys and values are shared (attention.py) when a call has at least this many rows and this many rows per
+# root (sharing_pays; below, the extra work of grouping and merging costs more than the copies it saves).
+SHARE_MIN_ROWS, SHARE_MIN_ROWS_PER_ROOT = 32, 4
 # Top-p first looks for the nucleus among this many most probable tokens (nucleus_mask).
 TOP_P_CANDIDATES = 64
 # Stop strings are searched in the exact decoded text: no special-token skipping, no whitespace clean-up.
@@ -193,22 +203,36 @@ def find_roots(prefixes: Sequence[Sequence[int]]) -> list[int]:
 
 
 def plan_chunks(
-    prefix_lens: list[int], roots: list[int], *, num_samples: int, max_new_tokens: int, max_batch_tokens: int
+    prefix_lens: list[int], roots: list[int], *, num_samples: int, max_new_tokens: int, max_batch_tokens: int,
+    shared: bool = False,
 ) -> list[list[int]]:
-    """Split prefix indices into chunks of rows x (longest root + max_new_tokens) <= max_batch_tokens.
+    """Split prefix indices into chunks whose KV cache holds at most max_batch_tokens tokens: rows x (longest root +
+    max_new_tokens) when every row holds a copy of its root, roots x longest root + rows x max_new_tokens when the
+    roots are shared (attention.DecodeCache).
 
     Prefixes of one root stay adjacent (their KV comes from one forward pass), roots go longest first so the
     biggest chunk runs first. A single prefix whose num_samples rows exceed the cap still forms its own chunk."""
     order = sorted(range(len(prefix_lens)), key=lambda i: (-prefix_lens[roots[i]], roots[i], -prefix_lens[i]))
-    chunks, current, longest = [], [], 0
+    chunks, current, longest, num_roots = [], [], 0, 0
     for i in order:
         new_longest = max(longest, prefix_lens[roots[i]])
-        if current and (len(current) + 1) * num_samples * (new_longest + max_new_tokens) > max_batch_tokens:
+        new_roots = num_roots + (not current or roots[i] != roots[current[-1]])  # a root's prefixes are adjacent
+        rows = (len(current) + 1) * num_samples
+        size = new_roots * new_longest + rows * max_new_tokens if shared else rows * (new_longest + max_new_tokens)
+        if current and size > max_batch_tokens:
             chunks.append(current)
-            current, new_longest = [], prefix_lens[roots[i]]
+            current, new_longest, new_roots = [], prefix_lens[roots[i]], 1
         current.append(i)
-        longest = new_longest
+        longest, num_roots = new_longest, new_roots
     return chunks + ([current] if current else [])
+
+
+def sharing_pays(roots: list[int], num_samples: int) -> bool:
+    """Do the roots' keys and values pay to share (attention.py) in this call? When the rows are many and several
+    continue each root, measured on 2 CPU threads (docs/speed.md): 512 rows over 64 roots 1.26x, 720 over 16 roots
+    1.66x, 45 over one root 1.42x; but 18 rows 0.89-1.09x, 64 rows over 32 roots 0.93x, nothing shared 0.97x."""
+    rows = len(roots) * num_samples
+    return rows >= SHARE_MIN_ROWS and rows >= SHARE_MIN_ROWS_PER_ROOT * len(set(roots))
 
 
 def plan_prefill_passes(root_lens: list[int]) -> list[tuple[int, int]]:
@@ -303,60 +327,6 @@ def find_stop_cut(tokenizer, response_ids: list[int], stop_strings: Sequence[str
     return keep
 
 
-def build_cache(
-    model, layers: list[tuple[torch.Tensor, torch.Tensor]], prefix_root: torch.Tensor, num_samples: int, max_len: int
-) -> tuple[StaticCache, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Preallocate per layer keys and values buffers (B, H, max_len, D), B = num_prefixes * num_samples, whose slots
-    [0, T_root) hold the row's root (expanded, not recomputed), and a StaticCache that will write into views of them.
-
-    Why not a plain cache: a DynamicCache re-allocates and copies the whole cache at every step, and a StaticCache
-    attends over all max_len slots at every step (with max_new_tokens=1024, mostly empty ones). Instead set_cache_views
-    points each StaticLayer at the filled slots before each step; its update() writes the new token's keys / values at
-    slot cumulative_length in place. The unwritten slots are never read, so the buffers need no zeroing."""
-    num_prefixes, root_len = prefix_root.shape[0], layers[0][0].shape[2]
-    buffers = []
-    for root_keys, root_values in layers:  # (R, H, T_root, D)
-        pair = []
-        for roots in (root_keys, root_values):
-            buffer = roots.new_empty((num_prefixes * num_samples, roots.shape[1], max_len, roots.shape[3]))
-            by_prefix = buffer.view(num_prefixes, num_samples, *buffer.shape[1:])  # (P, K, H, max_len, D)
-            by_prefix[:, :, :, :root_len] = roots.index_select(0, prefix_root)[:, None]  # K rows share one copy source
-            pair.append(buffer)
-        buffers.append(tuple(pair))
-    cache = StaticCache(config=model.config, max_cache_len=1)
-    for layer, (keys, values) in zip(cache.layers, buffers):
-        layer.lazy_initialization(keys, values)  # device and dtype; a (B, H, 1, D) placeholder we replace
-        layer.cumulative_length.fill_(root_len)  # the first generated token goes to slot T_root
-    return cache, buffers
-
-
-def set_cache_views(cache: StaticCache, buffers: list[tuple[torch.Tensor, torch.Tensor]], num_rows: int, length: int):
-    """Point every StaticLayer at rows [0, num_rows) and slots [0, length) of its buffers (views, no copy); the mask
-    and the attention then cover exactly these slots (get_mask_sizes reads max_cache_len)."""
-    for layer, (keys, values) in zip(cache.layers, buffers):
-        layer.keys, layer.values = keys[:num_rows, :, :length], values[:num_rows, :, :length]
-        layer.max_cache_len = length
-
-
-def drop_rows(buffers: list[tuple[torch.Tensor, torch.Tensor]], live: list[int], length: int) -> list[int]:
-    """Compact the batch to the rows at positions `live` (ascending), in place: every dead position below
-    n = len(live) takes the live row of a position >= n (slots [0, length) only). Copies only the moved rows and
-    allocates nothing big (fresh tensors would be slow on CPU: first-touch page faults).
-    Returns order: order[new position] = old position."""
-    n, live_set = len(live), set(live)
-    holes = [pos for pos in range(n) if pos not in live_set]  # dead positions that stay inside the batch
-    movers = [pos for pos in live if pos >= n]  # live rows beyond it, as many as holes
-    order = list(range(n))
-    for hole, mover in zip(holes, movers):
-        order[hole] = mover
-    if holes:
-        dst, src = torch.tensor(holes), torch.tensor(movers)
-        for pair in buffers:
-            for buffer in pair:  # sources >= n > destinations: no overlap
-                buffer[dst.to(buffer.device), :, :length] = buffer[src.to(buffer.device), :, :length]
-    return order
-
-
 def record_tokens(
     out: Rollouts, batch_rows: list[int], tokens: torch.Tensor, token_logprobs: torch.Tensor, row_limit: list[int], *,
     eos_ids: set[int], stop_strings: Sequence[str], tokenizer, window: int,
@@ -384,22 +354,18 @@ def record_tokens(
 def decode_chunk(
     model, prefixes: list[list[int]], *, num_samples: int, limits: list[int], temperature: float, top_p: float,
     eos_ids: set[int], generator: torch.Generator | None, stop_strings: Sequence[str], tokenizer, progress,
+    shared: bool,
 ) -> Rollouts:
     """Sample num_samples continuations of every prefix of one chunk; row b continues prefix b // num_samples.
 
     Each step feeds the last token of every live row and samples its next token (record_tokens says which rows stop);
-    stopped rows leave the batch and the KV cache at once (drop_rows). Cache slots [0, T_root) hold the row's root,
-    slot T_root + t the token fed at step t (build_cache)."""
+    stopped rows leave the batch and the KV cache at once (DecodeCache.drop_rows). shared: the roots' keys and values
+    stay once and every row reads them through attention.shared_prefix_attention; else each row holds a copy."""
     device = next(model.parameters()).device
     layers, prefix_root, next_logits = prefill(model, prefixes, device)
-    root_len = layers[0][0].shape[2]
-    cache, buffers = build_cache(model, layers, prefix_root, num_samples, root_len + max(limits))
     row_prefix = torch.arange(len(prefixes), device=device).repeat_interleave(num_samples)  # (B,)
     prefix_len = torch.tensor([len(p) for p in prefixes], device=device)[row_prefix]  # (B,)
-    # mask: row b sees its own prefix, slots < prefix_len[b], and the generated slots >= T_root; the rest of its root
-    # (later tokens of a longer state) and the root padding are hidden
-    slots = torch.arange(root_len + max(limits), device=device)[None]  # (1, T)
-    attention_mask = (slots < prefix_len[:, None]) | (slots >= root_len)  # (B, T)
+    kv = attention.DecodeCache(model, layers, prefix_root, prefix_len, num_samples, max(limits), shared)
     num_rows = len(prefixes) * num_samples
     row_limit = [limits[b // num_samples] for b in range(num_rows)]
     window = 4 * max((len(s) for s in stop_strings), default=0) + 2  # tokens that surely hold a new stop string
@@ -415,18 +381,14 @@ def decode_chunk(
             progress.update(len(batch_rows) - len(live))
         if not live:
             break
-        length = root_len + step + 1  # slots in use after this step's token is written
         if len(live) < len(batch_rows):  # stopped rows leave the batch and the KV cache
-            order = drop_rows(buffers, live, length - 1)
+            order = kv.drop_rows(live, step)
             keep = torch.tensor(order, device=device)
-            attention_mask, prefix_len, tokens = attention_mask[keep], prefix_len[keep], tokens[keep]
+            prefix_len, tokens = prefix_len[keep], tokens[keep]
             batch_rows = [batch_rows[pos] for pos in order]
-        set_cache_views(cache, buffers, len(batch_rows), length)
         position_ids = (prefix_len + step)[:, None]  # (B, 1) true position of the fed token: the hole is skipped
-        out_step = model(
-            input_ids=tokens[:, None], attention_mask=attention_mask[:, :length], position_ids=position_ids,
-            cache=cache, use_cache=True,
-        )
+        out_step = model(input_ids=tokens[:, None], position_ids=position_ids, use_cache=True,
+                         **kv.inputs(len(batch_rows), step))
         logits = out_step.logits[:, -1]  # (B, V) the fed token's position predicts the next token
         step += 1
     out.logprobs[:] = [torch.tensor(lp, dtype=torch.float32) for lp in out.logprobs]
@@ -448,13 +410,16 @@ def sample(
     max_length: int | None = None,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     show_progress: bool = False,
+    shared: bool | None = None,
 ) -> Rollouts:
     """num_samples continuations of every prefix in prompt_ids; sample j of prefix i is at index i * num_samples + j.
 
     A row stops at EOS (finished; EOS not returned), at a stop string (finished; cut before it, see find_stop_cut) or
     at its length limit min(max_new_tokens, max_length - len(prefix)) (not finished), docs/paper.md §1.1, §4.3.
     Each prefix's KV cache is computed once, nested prefixes are sliced from one pass over the longest (module doc).
-    The model runs in eval mode under torch.inference_mode (its train/eval mode is restored on return)."""
+    shared: read each root once with attention.py's attention (True), copy it into every row (False), or decide by
+    sharing_pays (None); the tokens are the same and the logprobs equal within float rounding. The model runs in
+    eval mode under torch.inference_mode (its train/eval mode and attention are restored on return)."""
     assert tokenizer is not None or not stop_strings, "stop_strings need a tokenizer to decode the response"
     assert all(len(p) > 0 for p in prompt_ids), "every prefix needs at least one token"
     eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
@@ -463,20 +428,22 @@ def sample(
     todo = [i for i in range(len(prompt_ids)) if limits[i] > 0]  # no room left: empty response, not finished
     roots = find_roots([prompt_ids[i] for i in todo])
     lens = [len(prompt_ids[i]) for i in todo]
-    chunks = plan_chunks(
-        lens, roots, num_samples=num_samples, max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens
-    )
+    shared = sharing_pays(roots, num_samples) if shared is None else shared
+    shared = shared and attention.supports(model)
+    chunks = plan_chunks(lens, roots, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                         max_batch_tokens=max_batch_tokens, shared=shared)
     progress = tqdm(total=len(todo) * num_samples, desc="sampling", unit="seq") if show_progress else None
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), attention.use(model) if shared else contextlib.nullcontext():
             for chunk in chunks:
                 prefix_idx = [todo[c] for c in chunk]
                 out = decode_chunk(
                     model, [list(prompt_ids[i]) for i in prefix_idx], num_samples=num_samples,
                     limits=[limits[i] for i in prefix_idx], temperature=temperature, top_p=top_p, eos_ids=eos_ids,
                     generator=generator, stop_strings=stop_strings, tokenizer=tokenizer, progress=progress,
+                    shared=shared,
                 )
                 for k, row in enumerate(i * num_samples + j for i in prefix_idx for j in range(num_samples)):
                     result.response_ids[row], result.logprobs[row] = out.response_ids[k], out.logprobs[k]

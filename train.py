@@ -439,9 +439,8 @@ def make_episodes(tokenizer, problems, rollouts: rollout.Rollouts, rewards: list
 def vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, generator, args: Args) -> dict:
     """VinePPO's credit assignment for every answer (paper §4; docs/paper.md §1.2, §1.3): split into steps, MC values
     of the step states from the same policy snapshot and sampling settings (docs/paper.md pitfall 1), A_i = r_i +
-    V(s_{i+1}) -
-    V(s_i) per step, each token carrying its step's A_i and the EOS of a finished answer the last token's (pitfall
-    10). vine.estimate_values runs under --bf16's autocast. Returns its stats."""
+    V(s_{i+1}) - V(s_i) per step, each token carrying its step's A_i and the EOS of a finished answer the last
+    token's (pitfall 10). vine.estimate_values runs under --bf16's autocast. Returns its stats."""
     answers = [p for p in problems for _ in range(args.samples_per_prompt)]  # answer i's problem
     steps, token_steps = vine.answer_steps(tokenizer, rollouts.response_ids, args.dataset)
     with autocast(args):

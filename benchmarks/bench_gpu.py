@@ -13,6 +13,8 @@ functions run one iteration (docs/paper.md §1.1) with the Args that train.parse
     sample answers      train.sample_and_grade (rollout.sample), then train.make_episodes
     HF generate         model.generate on the same prompts and settings, for comparison (not part of an iteration)
     MC values           train.vine_advantages (vine.estimate_values: K rollouts from every step state)
+    MC values, copied   the same phase again with every row holding a copy of its root (rollout.sharing_pays off),
+                        from the same generator state: what the shared-prefix attention saves in time and memory
     old/ref logprobs    train.old_and_ref_logprobs, the first thing train.ppo_update does (timed apart by patching)
     PPO update          the rest of train.ppo_update: 2 epochs of minibatches of 64, micro-batches, AdamW steps
 For each: seconds (torch.cuda.synchronize around the timer), peak GPU memory (torch.cuda.max_memory_allocated, reset
@@ -63,9 +65,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # memory_plan
 import memory_plan  # noqa: E402
 import reward  # noqa: E402
+import rollout  # noqa: E402
 import train  # noqa: E402
 
-PHASES = ("sample answers", "HF generate", "MC values", "old/ref logprobs", "PPO update")
+PHASES = ("sample answers", "HF generate", "MC values", "MC values, copied", "old/ref logprobs", "PPO update")
 # --small: train.py options for a few seconds on one CPU thread (as tests/conftest.py's TINY)
 SMALL_ARGS = (
     "--prompts_per_iteration 4 --samples_per_prompt 2 --num_mc_rollouts 2 --max_new_tokens 24 --minibatch_size 4 "
@@ -210,10 +213,8 @@ def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
             row["tokens"] = generate_tokens(
                 policy, tokenizer, some, num_samples=args.samples_per_prompt, args=args, seed=cli.seed
             )
-    # -------- MC values of every step state and the advantages
-    with measure(rows, "MC values", device) as row:
-        vine_stats = train.vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, generator, args)
-        row["tokens"] = vine_stats["vine/mc_tokens"]
+    # -------- MC values of every step state and the advantages, with the roots shared and copied
+    vine_stats = measure_mc_values(rows, policy, tokenizer, problems, rollouts, episodes, sampling, generator, args)
     # -------- old/ref logprobs (timed apart, as a patched call) and the PPO update
     optimizer, scheduler = train.make_optimizer(policy, args)
     watched = policy.get_output_embeddings().weight
@@ -237,6 +238,26 @@ def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
     }
 
 
+def measure_mc_values(rows: dict, policy, tokenizer, problems, rollouts, episodes, sampling, generator, args) -> dict:
+    """The MC values phase as train.py runs it (the roots shared in attention where rollout.sharing_pays says so),
+    then again with every row holding a copy of its root, from the same generator state; the iteration goes on with
+    the shared run's values, advantages and generator state. Returns the shared run's vine stats."""
+    start, stats = generator.get_state(), {}
+    for name, copies in (("MC values", False), ("MC values, copied", True)):
+        generator.set_state(start)
+        off = mock.patch.object(rollout, "sharing_pays", lambda *a: False) if copies else contextlib.nullcontext()
+        with off, measure(rows, name, args.device) as row:
+            stats[name] = train.vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, generator,
+                                                args)
+            row["tokens"] = stats[name]["vine/mc_tokens"]
+        if not copies:
+            after, kept = generator.get_state(), [(e.values, e.advantages) for e in episodes]
+    generator.set_state(after)
+    for e, (values, advantages) in zip(episodes, kept):
+        e.values, e.advantages = values, advantages
+    return stats["MC values"]
+
+
 def planned_peaks(plan: dict) -> dict:
     """memory_plan's peak for each measured phase of a FIRST iteration: no AdamW moments exist before its first
     optimizer step, so they are left out of the phases that precede it."""
@@ -244,6 +265,7 @@ def planned_peaks(plan: dict) -> dict:
     return {
         "sample answers": plan["sampling_peak"] - first,
         "MC values": plan["sampling_peak"] - first,
+        "MC values, copied": plan["sampling_peak"] - first,
         "old/ref logprobs": plan["logprobs_peak"] - first,
         "PPO update": max(plan["training_peak"], plan["optimizer_peak"]),
     }

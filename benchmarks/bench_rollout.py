@@ -18,7 +18,9 @@ state; (3) achieved FLOP/s (2 x params x tokens/s) as a fraction of a measured f
 bfloat16 weights for sample; (5) a small job, 8 prompts x 64 greedy tokens, and (6) 64 prompts of 32 tokens x 64 new
 tokens, greedy and at T=0.6, against one batched generate. In (5) and (6) EOS is disabled in both engines, so every
 row generates exactly 64 tokens and the two do the same work; each is repeated --repeats times, generate and sample
-alternating, and the medians are printed (the ratio is the median of the per-repeat ratios).
+alternating, and the medians are printed (the ratio is the median of the per-repeat ratios). (7) the roots of the
+MC workload (half of it) and of the answers (64 prompts x 8) shared in attention (attention.py) against copied into
+every row, alternating, and the rows and cache of the largest chunk at the same --max-batch-tokens.
 """
 
 import argparse
@@ -31,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from rollout import sample  # noqa: E402
+from rollout import find_roots, plan_chunks, sample  # noqa: E402
 
 VOCAB, EOS = 8192, 2
 LOGIT_SCALE, EOS_BIAS, EOS_BIAS_FLAT = 12.0, 10.0, 2.7
@@ -93,7 +95,7 @@ def run_generate(model, prefixes, *, num_samples, max_new_tokens, seed, greedy=F
     return int((~is_eos).sum())  # EOS and everything after it (padding) excluded
 
 
-def run_sample(model, prefixes, *, num_samples, max_new_tokens, seed, greedy=False, eos=True):
+def run_sample(model, prefixes, *, num_samples, max_new_tokens, seed, greedy=False, eos=True, shared=None):
     decoding = dict(temperature=0.0, top_p=1.0) if greedy else SETTINGS
     rollouts = sample(
         model,
@@ -102,6 +104,7 @@ def run_sample(model, prefixes, *, num_samples, max_new_tokens, seed, greedy=Fal
         max_new_tokens=max_new_tokens,
         eos_token_id=EOS if eos else [],
         generator=torch.Generator().manual_seed(seed),
+        shared=shared,
         **decoding,
     )
     return sum(len(r) for r in rollouts.response_ids)
@@ -134,14 +137,14 @@ def parse_args() -> tuple[argparse.Namespace, set[str]]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--workloads",
-        default="plain,mc,flops,bf16,small,fixed",
+        default="plain,mc,flops,bf16,small,fixed,shared",
         help="comma-separated subset of plain (1), mc (2), flops (3, needs plain and mc), bf16 (4, "
-        "needs plain), small (5), fixed (6)",
+        "needs plain), small (5), fixed (6), shared (7)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="repeats of workloads 5 and 6 (medians printed)")
     cli = parser.parse_args()
     workloads = set(cli.workloads.split(","))
-    assert workloads <= {"plain", "mc", "flops", "bf16", "small", "fixed"}, f"unknown workload in {cli.workloads}"
+    assert workloads <= {"plain", "mc", "flops", "bf16", "small", "fixed", "shared"}, f"unknown in {cli.workloads}"
     assert "flops" not in workloads or {"plain", "mc"} <= workloads, "flops needs plain and mc"
     assert "bf16" not in workloads or "plain" in workloads, "bf16 needs plain"
     return cli, workloads
@@ -206,6 +209,41 @@ def bench_mc(model, answers, *, num_states: int, k: int, mc_new: int, quick: boo
     return tps_r
 
 
+def bench_shared(model, prompts, answers, *, num_states: int, k: int, mc_new: int, repeats: int) -> None:
+    """[7] the roots read once (shared-prefix attention) against copied into every row, alternating, repeats times:
+    the MC workload, the answers (64 prompts x 8), and what sample's rule picks for one sample per prompt (the copy);
+    then, at the same --max-batch-tokens, the rows of the MC workload's largest chunk and its cache."""
+    states = [a[:n] for a in answers for n in torch.linspace(100, 300, num_states).long().tolist()]
+    jobs = [("MC workload", states, k, mc_new), ("answers, 64 prompts x 8", prompts, 8, mc_new),
+            ("64 prompts x 1 (sample's rule)", prompts, 1, mc_new)]
+    print(f"\n[7] roots shared in attention vs copied into every row, T=0.6 top-p 0.9, median of {repeats}")
+    for name, prefixes, num_samples, new in jobs:
+        shared_arm = None if num_samples == 1 else True  # one sample per prompt: what sample picks by itself
+        tps = {False: [], shared_arm: []}
+        for r in range(repeats):
+            for arm in (False, shared_arm):
+                tps[arm].append(timed(run_sample, model, prefixes, num_samples=num_samples, max_new_tokens=new,
+                                      seed=r, shared=arm)[2])
+        ratio = statistics.median(s / c for s, c in zip(tps[shared_arm], tps[False]))
+        print(f"  {name:32s} copied {statistics.median(tps[False]):6.0f} tok/s   shared "
+              f"{statistics.median(tps[shared_arm]):6.0f} tok/s   ratio {ratio:.2f}x")
+    lens = [len(s) for s in states]
+    roots = find_roots(states)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # float32 bytes per cached token
+    for cap in (2**15, 2**18):
+        for shared in (False, True):
+            chunks = plan_chunks(lens, roots, num_samples=k, max_new_tokens=mc_new, max_batch_tokens=cap,
+                                 shared=shared)
+            biggest = max(chunks, key=len)
+            longest, num_roots = max(lens[roots[i]] for i in biggest), len({roots[i] for i in biggest})
+            rows = len(biggest) * k
+            tokens = num_roots * longest + rows * mc_new if shared else rows * (longest + mc_new)
+            print(f"  --max-batch-tokens {cap:6d}, {'shared' if shared else 'copied'}: {len(chunks):3d} chunks, the "
+                  f"largest {len(biggest) * k:4d} rows, cache {tokens * kv / 2**20:6.1f} MiB")
+
+
 def bench_flops(params: int, throughputs: list[tuple[str, float]]) -> None:
     """[3] the fraction of the machine's matmul throughput that each (name, tokens/s) of workloads 1 and 2 achieves."""
     flops32, flops16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
@@ -268,6 +306,9 @@ def main():
     if "bf16" in workloads:
         bench_bf16(cli.flat, prompts, max_new, tps_s)
     bench_fixed(model, prompts, short_prompts, workloads, cli.repeats)
+    if "shared" in workloads:  # half the MC workload's answers and new tokens, 3 alternating repeats
+        bench_shared(model, prompts, answers[: max(1, num_answers // 2)], num_states=num_states, k=k,
+                     mc_new=mc_new // 2, repeats=3)
 
 
 if __name__ == "__main__":

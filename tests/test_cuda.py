@@ -58,3 +58,26 @@ def test_two_gpus_shard_with_fsdp2_over_nccl(tmp_path, advantage):
     assert [r["iteration"] for r in rows] == [0, 1] and all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_shared_prefix_attention_on_cuda_gives_the_copy_paths_tokens(tokenizer, bf16):
+    """attention.py's shared-prefix path against the copy path on the GPU: the same greedy tokens in float32, and
+    logprobs within 1e-4 (float32) or bf16's rounding (under autocast, where the tokens may part once they differ)."""
+    import rollout
+    from conftest import make_model
+
+    model = make_model("qwen2", len(tokenizer)).cuda()
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(3, len(tokenizer), (60,), generator=g).tolist()
+    prefixes = [base[:1], base[:20], base[:45], base, [5, 6, 7] + base[:30]]
+    kwargs = dict(num_samples=9, max_new_tokens=24, temperature=0.0, top_p=1.0, eos_token_id=2)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        copied, shared = (rollout.sample(model, prefixes, shared=s, **kwargs) for s in (False, True))
+    if not bf16:
+        assert shared.response_ids == copied.response_ids
+    same = [(a, b) for a, b, x, y in zip(shared.logprobs, copied.logprobs, shared.response_ids, copied.response_ids)
+            if x == y]
+    assert len(same) >= len(prefixes), "most rows should decode alike"
+    gap = max(float((a - b).abs().max()) for a, b in same if len(a))
+    assert gap < (BF16_LOGPROB_TOLERANCE if bf16 else 1e-4), gap

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import attention
 import ppo
 import rollout
 from conftest import load_script
@@ -88,10 +89,12 @@ def test_kv_cache_bytes_equal_rollouts_buffers(autocast):
     config = tiny_config()
     model = make_model(config).eval()
     prefixes = [[1, 5, 6, 7, 8], [1, 5, 6], [1, 9, 9, 9]]  # the second is nested in the first: 2 roots of <= 5 tokens
-    num_samples, max_len = 3, 20
+    num_samples, max_len, max_new = 3, 20, 15  # the copy path's slots: the longest root (5) + max_new
+    prefix_len = torch.tensor([len(p) for p in prefixes]).repeat_interleave(num_samples)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         layers, prefix_root, _ = rollout.prefill(model, prefixes, torch.device("cpu"))
-        _, buffers = rollout.build_cache(model, layers, prefix_root, num_samples, max_len)
+        buffers = attention.DecodeCache(model, layers, prefix_root, prefix_len, num_samples, max_new, False).buffers
+        shared = attention.DecodeCache(model, layers, prefix_root, prefix_len, num_samples, max_new, True).buffers
     cached_tokens = len(prefixes) * num_samples * max_len  # rows x slots, what plan_chunks caps at max_batch_tokens
     plan = memory_plan.memory_plan(
         config, gpu_bytes=0, max_batch_tokens=cached_tokens, bf16=autocast, num_samples=num_samples
@@ -102,6 +105,9 @@ def test_kv_cache_bytes_equal_rollouts_buffers(autocast):
     roots = sum(t.nbytes for pair in layers for t in pair)
     assert roots == memory_plan.kv_bytes_per_token(config, autocast) * 2 * 5  # 2 roots padded to 5 positions
     assert roots <= plan["kv_prefill"]
+    # shared: the rows hold only their generated tokens, the roots stay once: what plan_chunks counts then
+    rows_only = sum(t.nbytes for pair in shared for t in pair)
+    assert rows_only + roots == memory_plan.kv_bytes_per_token(config, autocast) * (2 * 5 + len(prefix_len) * max_new)
 
 
 def test_kv_bytes_per_token_by_hand():

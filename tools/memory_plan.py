@@ -18,8 +18,9 @@ What each phase holds (train.py on CUDA: float32 weights, bf16 autocast, --bf16 
                the frozen reference 2P (cast to bf16, train.load_models; none when --kl-coef 0), and with
                --advantage critic the critic's weights and moments 12 P_critic (ppo.ValueModel: the transformer
                without its LM head, plus a hidden -> 1 head).
-  sampling     + the KV cache of one chunk, max_batch_tokens x kv_bytes_per_token (rollout.build_cache; plan_chunks
-               caps rows x (longest root + max_new_tokens) at max_batch_tokens), + the prefill's per-root copies
+  sampling     + the KV cache of one chunk, max_batch_tokens x kv_bytes_per_token (attention.DecodeCache; plan_chunks
+               caps what it holds at max_batch_tokens: rows x (longest root + max_new_tokens) copied, roots x longest
+               root + rows x max_new_tokens shared), + the prefill's per-root copies
                (rollout.prefill; at most 1/num_samples of the chunk), + a bf16 copy of the largest weight (under
                inference_mode autocast casts every weight at every call and caches nothing), + the decode step's
                float32 logits and top-p buffers, ~40 bytes per row and vocabulary entry (an estimate, not measured),
