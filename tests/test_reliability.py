@@ -587,7 +587,7 @@ def test_ctrl_c_during_grading_stops_the_run_with_a_checkpoint_and_no_worker_lef
     def grade_batch(responses, golds, dataset):  # the iteration's grading, sent to the stuck pool
         pool.run([(1,), (1,)], default=None)  # the workers are up
         workers.extend(w.process for w in pool.workers)
-        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
         pool.run([(40,), (40,)], default=None)  # stuck for minutes: the Ctrl-C comes here
         raise AssertionError("the Ctrl-C should have stopped the run")
 
