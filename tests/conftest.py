@@ -78,6 +78,11 @@ def problem(tokenizer, question: str, dataset: str, answer: str = "72"):
     return reward.to_problems([{"question": question, "answer": answer, "solution": ""}], tokenizer, dataset)[0]
 
 
+# Tests send Ctrl-C to this process: handle it as Python does by default, however pytest was started (a shell's
+# background job, `pytest &`, starts with SIGINT ignored, and Python then installs no handler for it)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(autouse=True)
 def signal_handlers():
     """Ctrl-C and SIGTERM handled as before each test: a run stopped in-process (train.main raising SystemExit(130))

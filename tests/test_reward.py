@@ -520,7 +520,7 @@ def test_a_worker_stuck_in_c_is_killed_within_its_budget_and_the_next_call_works
 
 def test_ctrl_c_while_grading_leaves_no_worker_behind(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", TESTS)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "an earlier test left Ctrl-C handled"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "Ctrl-C not handled (see conftest.py)"
     pool = grading.Pool("stuck:hold_the_gil", workers=2, budget=30)
     pool.run([(1,), (1,)], default=None)  # both workers up: none starts while the Ctrl-C comes
     processes = [w.process for w in pool.workers]
