@@ -178,9 +178,10 @@ class DecodeCache:
             layer.lazy_initialization(keys, values)  # device and dtype; a (B, H, 1, D) placeholder we replace
             layer.cumulative_length.fill_(self.offset)
         self.shared = SharedPrefix(layers, prefix_root[row_prefix], prefix_len).group_rows() if shared else None
-        # copy path: row b sees its own prefix, slots < prefix_len[b], and the generated slots >= T_root
+        # copy path (B, slots): row b sees its own prefix, slots < prefix_len[b], and the generated slots >= T_root;
+        # shared: one 4D mask, made once on the device
         slots = torch.arange(self.offset + max_new, device=prefix_len.device)[None]  # (1, slots)
-        self.mask = None if shared else (slots < prefix_len[:, None]) | (slots >= root_len)  # (B, slots)
+        self.mask = NO_MASK.to(prefix_len.device) if shared else (slots < prefix_len[:, None]) | (slots >= root_len)
 
     def inputs(self, num_rows: int, step: int) -> dict:
         """The cache arguments of step's forward (its token goes to slot offset + step), views set on the rows
@@ -191,8 +192,7 @@ class DecodeCache:
             layer.max_cache_len = length  # the mask and the attention cover exactly these slots
         if self.shared is None:
             return dict(cache=self.cache, attention_mask=self.mask[:, :length])
-        return dict(cache=self.cache, attention_mask=NO_MASK.to(self.shared.prefix_len.device),
-                    shared_prefix=self.shared)
+        return dict(cache=self.cache, attention_mask=self.mask, shared_prefix=self.shared)
 
     def drop_rows(self, live: list[int], step: int) -> list[int]:
         """Compact the batch to the rows at positions `live` (ascending), in place: every dead position below

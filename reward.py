@@ -372,9 +372,10 @@ def grade(response: str, gold_answer: str, dataset: str) -> float:
 def grade_batch(responses: list[str], gold_answers: list[str], dataset: str) -> list[float]:
     """grade of every (response, gold answer) pair, the same numbers: GSM8K and arithmetic one by one (string
     comparisons, microseconds), MATH in one call, so that the comparisons math-verify must make run together in the
-    worker pool, each distinct (answer, gold) pair once (math_answers_equal)."""
+    worker pool, each distinct (answer, gold) pair once (math_answers_equal). A response of None (an unfinished
+    answer, as the callers pass it) scores 0.0 and is not graded."""
     if dataset != "math":
-        return [grade(response, gold, dataset) for response, gold in zip(responses, gold_answers, strict=True)]
+        return [grade(r, g, dataset) if r is not None else 0.0 for r, g in zip(responses, gold_answers, strict=True)]
     preds = [final_answer(r, dataset) if isinstance(r, str) and isinstance(g, str) else None
              for r, g in zip(responses, gold_answers, strict=True)]
     verdicts = iter(math_answers_equal([(p, g) for p, g in zip(preds, gold_answers) if p is not None]))

@@ -410,10 +410,9 @@ def sample_and_grade(policy, tokenizer, problems, sampling: rollout.Sampling, ge
 def grade_all(tokenizer, rollouts: rollout.Rollouts, answers: list[str], dataset: str) -> list[float]:
     """R = grade(text) for finished answers and 0 for unfinished ones (docs/paper.md §4.3, pitfall 10), in one
     reward.grade_batch call (MATH: in its worker pool)."""
-    finished = [i for i, done in enumerate(rollouts.finished) if done]
-    texts = [tokenizer.decode(rollouts.response_ids[i], **rollout.DECODE_KWARGS) for i in finished]
-    rewards = dict(zip(finished, reward.grade_batch(texts, [answers[i] for i in finished], dataset)))
-    return [rewards.get(i, 0.0) for i in range(len(answers))]
+    texts = [tokenizer.decode(ids, **rollout.DECODE_KWARGS) if done else None  # None: unfinished, reward 0
+             for ids, done in zip(rollouts.response_ids, rollouts.finished)]
+    return reward.grade_batch(texts, answers, dataset)
 
 
 def make_episodes(tokenizer, problems, rollouts: rollout.Rollouts, rewards: list[float], args: Args) -> list:

@@ -173,17 +173,13 @@ def mc_values(
     graded on the WHOLE solution, the answer's earlier steps plus the continuation (docs/paper.md pitfall 2); one that
     hit the length limit scores 0 (the unfinished penalty). Continuations of state u are rows u*K .. u*K + K - 1. All
     continuations are graded in one reward.grade_batch call (MATH: together, in its worker pool)."""
-    rows = [row for row in range(len(states) * num_mc_rollouts) if rollouts.finished[row]]
-    texts = [tokenizer.decode(list(states[row // num_mc_rollouts][1]) + rollouts.response_ids[row],
-                              **rollout.DECODE_KWARGS) for row in rows]
-    rewards = dict(zip(rows, reward.grade_batch(texts, [states[row // num_mc_rollouts][2] for row in rows], dataset)))
-    values = []
-    for u in range(len(states)):
-        score = 0.0
-        for row in range(u * num_mc_rollouts, (u + 1) * num_mc_rollouts):
-            score += rewards.get(row, 0.0)  # unfinished: 0
-        values.append(score / num_mc_rollouts)
-    return values
+    k = num_mc_rollouts
+    state_of = [states[row // k] for row in range(len(states) * k)]  # (_, prefix, gold) of every continuation
+    texts = [tokenizer.decode(list(prefix) + rollouts.response_ids[row], **rollout.DECODE_KWARGS)
+             if rollouts.finished[row] else None  # None: unfinished, reward 0
+             for row, (_, prefix, _) in enumerate(state_of)]
+    rewards = reward.grade_batch(texts, [gold for _, _, gold in state_of], dataset)
+    return [sum(rewards[u * k : (u + 1) * k], 0.0) / k for u in range(len(states))]
 
 
 def estimate_values(
