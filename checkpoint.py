@@ -286,7 +286,10 @@ def restore_checkpoint(path: str, *, world_size: int, main: bool = True) -> dict
     main False (the other ranks, which take the AdamW state from rank 0): the file is memory-mapped, so that its
     tensors are not read into every rank's memory."""
     try:
-        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False, mmap=not main)
+        # map_location: a checkpoint saved on a GPU resumes on a machine without one (load_optimizer_state then
+        # moves AdamW's state to wherever the weights are)
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False, mmap=not main,
+                           map_location="cpu")
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise damaged(path, e) from None
     saved_world = state.get("world_size", 1)

@@ -8,7 +8,8 @@ What it guarantees, and how train.py uses it (docs/torchrun.md has the memory pe
   values their step states on its own device, from its own random stream (rank_seed). The official code shards the
   prompts the same way (docs/paper.md §1.1 step 1).
 - The models are sharded (shard_model: torch.distributed.fsdp.fully_shard on every decoder layer and at the root):
-  each rank holds 1/N of the float32 weights, of their gradients and of AdamW's moments, and of the reference.
+  each rank holds 1/N of the float32 weights, of their gradients and of AdamW's moments, and of the reference. On
+  CUDA with --bf16 the layers are gathered in bf16 and their gradients reduced in float32 (mixed_precision).
 - Sampling, the MC rollouts, evaluation and the old/reference logprobs run on full weights (full_weights: every
   FSDP module gathered once, kept gathered for the block, then freed), so no collective runs inside rollout.sample
   and ranks may sample different lengths.
@@ -46,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 # The other ranks wait for rank 0 while it makes run_dir/init (SFT can take hours): that one wait may be long.
@@ -191,15 +192,25 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    """One process: model on device. Several: FSDP2 (fully_shard) on every decoder layer, then at the root for the
-    rest (embeddings, final norm, heads), which moves this rank's shard to its device. Every FSDP module reduces
-    gradients as a sum over the ranks (gloo has no pre-scaled sum, and the default would average): set on the root
-    only, the layers would still average (measured: grad norm 1.808 instead of 2.146)."""
+def mixed_precision(device: str, bf16: bool) -> MixedPrecisionPolicy:
+    """The decoder layers' FSDP2 precision: on CUDA with --bf16, gathered in bf16 (half the all-gather bytes, and no
+    per-step cast in sampling) with gradients reduced in float32; else FSDP2's default, no cast (CPU: the gloo
+    tests, where 2 ranks equal one process)."""
+    if bf16 and device.startswith("cuda"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model: torch.nn.Module, device: str, bf16: bool = False) -> torch.nn.Module:
+    """One process: model on device. Several: FSDP2 (fully_shard) on every decoder layer (mixed_precision), then at
+    the root for the rest (embeddings, final norm, heads: float32, so the logits stay float32), which moves this
+    rank's shard to its device. Every FSDP module reduces gradients as a sum over the ranks (gloo has no pre-scaled
+    sum, and the default would average): set on the root only, the layers would still average (measured: grad norm
+    1.808 instead of 2.146)."""
     if world()[1] == 1:
         return model.to(device)
     for layer in decoder_layers(model):
-        fully_shard(layer)
+        fully_shard(layer, mp_policy=mixed_precision(device, bf16))
     fully_shard(model)
     for module in model.modules():
         if isinstance(module, FSDPModule):

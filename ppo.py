@@ -47,8 +47,11 @@ multi-GPU runs
 5. The value loss is divided by the response tokens of the whole minibatch, like the policy loss (departure 1).
 6. GRPO's std is the sample std (Bessel), as torch.std and TRL; the paper that names it does not say. Whitening per
    minibatch rescales all advantages together afterwards, so the choice cannot change the update's direction.
+7. Under bf16 the output layer runs in float32 (float32_head) and the frozen reference keeps the policy's precision
+   recipe (store_in_bf16); the paper's DeepSpeed runs compute bf16 logits and hold a bf16 reference.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -134,8 +137,8 @@ def token_logprobs(
     at positions 0..L-1 and need no position-id fix. Positions whose predicted token is padding get logprob 0 and
     entropy 0; the caller still masks prompt tokens with its response mask. Top-p is not applied (docs/paper.md pitfall
     8). Memory: log_softmax is never materialised; we gather the chosen logits and subtract the logsumexp, so the one
-    (B, T-1, V) float32 tensor kept for backward is the tempered logits (about 2 GB for B=16, T=1024, V=32k). Under bf16
-    the .float() copy briefly exists beside it during the division, then is freed. The entropy is computed one
+    (B, T-1, V) float32 tensor kept for backward is the tempered logits (about 2 GB for B=16, T=1024, V=32k); the logits
+    are float32 already when the model's head is (float32_head, as train.py sets it). The entropy is computed one
     sequence at a time, so it adds only (T-1, V) tensors.
     """
     assert input_ids.shape == attention_mask.shape, f"{input_ids.shape=} != {attention_mask.shape=}"
@@ -145,7 +148,7 @@ def token_logprobs(
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
     # Causal shift: the logits at position t score the token at position t+1, so drop the last position's logits
     # (it predicts a token we do not have) and the first token as a target (nothing predicts it).
-    logits = logits[:, :-1].float() / temperature  # (B, T-1, V) float32 even under bf16 autocast
+    logits = logits[:, :-1].float() / temperature  # (B, T-1, V) float32 (a no-op after float32_head)
     targets = input_ids[:, 1:]  # (B, T-1)
     target_mask = attention_mask[:, 1:].bool()  # (B, T-1) True where the predicted token is real (not padding)
     log_normalizer = torch.logsumexp(logits, dim=-1)  # (B, T-1)
@@ -162,6 +165,31 @@ def token_logprobs(
             entropy[b] = log_normalizer[b].detach() - expected_logit
         entropy = torch.where(target_mask, entropy, 0.0)  # (B, T-1)
     return logprobs, entropy
+
+
+def float32_head(model: torch.nn.Module) -> None:
+    """Make the model's output layer run in float32 outside autocast, so that the logits which become logprobs (here
+    and in the sampler) are never rounded to bf16: a logit of 20 has a bf16 step of 0.125, and dividing by T = 0.6
+    makes it larger (departure 7). Its input, the final norm's output, is float32 already. Costs the head's matmul
+    at float32 speed (~6% of a 1.1B model's FLOPs); MiniMax-M1 (arXiv:2506.13585, §3.3) made the same change."""
+    head = model.get_output_embeddings()
+    head.forward = functools.partial(float32_forward, head.forward)  # instance attribute: state dict unchanged
+
+
+def float32_forward(forward, hidden: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(hidden.device.type, enabled=False):
+        return forward(hidden.float())
+
+
+def store_in_bf16(model: torch.nn.Module) -> None:
+    """Store every Linear weight of a frozen model in bf16 except the output layer's (float32_head): bf16 autocast
+    casts them to bf16 in every forward pass anyway, so the model computes exactly what it did with float32 weights
+    (the same casts, kernels and float32 norms, embeddings and rotary buffers) in about half the memory. The
+    reference stored so scores tokens bit for bit as the policy does at iteration 0: the KL starts at 0."""
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.to(torch.bfloat16)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ import os
 import itertools
 import random
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -239,9 +240,14 @@ def main(argv: list[str] | None = None) -> None:
             args.run_dir, main=distributed.is_main(), resume=args.resume, run_args=dataclasses.asdict(args),
             may_differ=RESUME_MAY_DIFFER, defer=distributed.world()[1] > 1,  # torchrun: all ranks stop together
         ) as run:
-            state = set_up(args)  # data, models, optimizers and, with --resume, the checkpoint's state
-            run.on_stop = functools.partial(save_checkpoint, state, args)  # what a stop saves from here on
-            train(state, args)
+            try:
+                state = set_up(args)  # data, models, optimizers and, with --resume, the checkpoint's state
+                run.on_stop = functools.partial(save_checkpoint, state, args)  # what a stop saves from here on
+                train(state, args)
+            except (torch.OutOfMemoryError, RuntimeError) as e:  # one line that says what to lower, no traceback
+                if not out_of_memory(e):
+                    raise
+                raise SystemExit(out_of_memory_message(e, args)) from None
 
 
 def train(state: State, args: Args) -> None:
@@ -926,13 +932,47 @@ def check_args(a: Args) -> list[str]:
 
 
 # What --resume lets differ from the saved run: options that draw no random number of training and change no
-# setting of it. --device and --threads can change float rounding only, --gradient-checkpointing recomputes the same
-# numbers; --eval-problems changes what is evaluated (and so which policy best/ keeps), not the training; the
-# diagnostic and the logged samples draw from their own streams. Every other option,
-# --max-batch-tokens included (it changes how the draws are chunked), must be the saved run's.
+# setting of it. --device, --threads and --micro-batch-size can change float rounding only (so a run that ran out of
+# memory resumes with a smaller micro-batch), --gradient-checkpointing recomputes the same numbers; --eval-problems
+# changes what is evaluated (and so which policy best/ keeps), not the training; the diagnostic and the logged samples
+# draw from their own streams. Every other option, --max-batch-tokens included (it changes how the draws are
+# chunked), must be the saved run's.
 RESUME_MAY_DIFFER = {"resume", "stop_after", "device", "threads", "wandb", "eval_problems", "run_dir"}
 RESUME_MAY_DIFFER |= {"value_diagnostic", "diagnostic_rollouts", "log_samples", "gradient_checkpointing"}
-RESUME_MAY_DIFFER |= {"dist_timeout", "grading_workers"}
+RESUME_MAY_DIFFER |= {"dist_timeout", "grading_workers", "micro_batch_size"}  # memory settings: float rounding only
+
+
+# An out-of-memory error names the phase it came from (the innermost of these functions on its traceback) and the
+# settings that lower that phase's memory (tools/memory_plan.py says what fits).
+MEMORY_PHASES = {
+    "micro_batch_backward": ("the PPO update", "--micro-batch-size, or turn on --gradient-checkpointing"),
+    "old_and_ref_logprobs": ("the old and reference logprobs", "--micro-batch-size"),
+    "critic_advantages": ("the critic's values", "--micro-batch-size"),
+    "estimate_values": ("the MC value rollouts", "--max-batch-tokens"),
+    "sample_and_grade": ("sampling answers", "--max-batch-tokens"),
+    "evaluate": ("evaluation", "--max-batch-tokens"),
+    "make_init": ("the supervised warm-up", "--sft-batch-size"),
+    "load_models": ("loading the models", "nothing here: take a smaller model, or more GPUs with torchrun"),
+}
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Is this a GPU's out-of-memory error, or the CPU allocator's (a RuntimeError)?"""
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(error)
+
+
+def out_of_memory_message(error: BaseException, args: Args) -> str:
+    """The one line an out-of-memory error ends the run with: the phase, the settings to lower, and what is on disk
+    (nothing of this invocation's unfinished iteration was saved; the checkpoint before it is intact)."""
+    frames = [frame.name for frame in reversed(traceback.extract_tb(error.__traceback__))]
+    phase, settings = next((MEMORY_PHASES[name] for name in frames if name in MEMORY_PHASES),
+                           ("this run", "--max-batch-tokens or --micro-batch-size"))
+    saved = os.path.join(args.run_dir, "checkpoint")
+    if os.path.exists(os.path.join(saved, "trainer_state.pt")):
+        disk = f"the checkpoint in {saved} is intact: continue with --resume and the lower setting"
+    else:
+        disk = f"no checkpoint was saved yet: start again with the lower setting (delete {args.run_dir} first)"
+    return f"error: out of memory on {args.device} in {phase}: lower {settings} (tools/memory_plan.py); {disk}"
 
 
 def load_data(args: Args) -> tuple[list[dict], list[dict], list[dict]]:
@@ -991,16 +1031,19 @@ def load_models(args: Args, train_rows: list[dict]):
         distributed.wait_for_rank0()  # the other ranks wait (up to 6 hours) until rank 0 has made init/
     resume_from = os.path.join(args.run_dir, "checkpoint")
     policy, tokenizer = checkpoint.load_model(resume_from if args.resume else start, "cpu")
+    ppo.float32_head(policy)  # float32 logits under autocast too (ppo.py departure 7)
     if args.gradient_checkpointing:  # active in train mode only (ppo_update), where the KV cache is off
         policy.activation_checkpointing_enable()
+    policy = distributed.shard_model(policy, args.device, bf16=args.bf16)  # before the reference: one host copy
     reference = None
     if args.kl_coef > 0:
         reference, _ = checkpoint.load_model(start, "cpu")
         reference.eval().requires_grad_(False)
-        if args.bf16:  # it only scores tokens under autocast: bf16 weights halve its memory
-            reference.to(torch.bfloat16)
-        reference = distributed.shard_model(reference, args.device)
-    return distributed.shard_model(policy, args.device), reference, tokenizer
+        ppo.float32_head(reference)
+        if args.bf16:  # it scores tokens exactly as the policy does, in about half the memory
+            ppo.store_in_bf16(reference)
+        reference = distributed.shard_model(reference, args.device, bf16=args.bf16)
+    return policy, reference, tokenizer
 
 
 def autocast(args: Args):
@@ -1023,7 +1066,7 @@ def load_critic(args: Args) -> Critic | None:
         model.load_state_dict(checkpoint.load_critic_weights(os.path.join(args.run_dir, "checkpoint")))
     if args.gradient_checkpointing:
         model.body.activation_checkpointing_enable()
-    model = distributed.shard_model(model, args.device)
+    model = distributed.shard_model(model, args.device, bf16=args.bf16)
     return Critic(model, *make_optimizer(model, args))
 
 

@@ -56,18 +56,18 @@ def make_tokenizer(corpus=CORPUS, vocab_size: int = 320) -> PreTrainedTokenizerF
     return sft.build_tiny_tokenizer(corpus, vocab_size, split_digits=False)
 
 
-def make_model(family: str, vocab_size: int, seed: int = 0):
+def make_model(family: str, vocab_size: int, seed: int = 0, positions: int = 512):
     """A tiny random causal LM of the given family ("llama", "qwen2" or "gpt2"), in eval mode, float32."""
     torch.manual_seed(seed)
     small = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "llama":
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=512, **small)
+                             num_key_value_heads=2, max_position_embeddings=positions, **small)
     elif family == "qwen2":
         config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=512, **small)
+                             num_key_value_heads=2, max_position_embeddings=positions, **small)
     elif family == "gpt2":
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **small)
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=positions, **small)
     else:
         raise ValueError(family)
     return AutoModelForCausalLM.from_config(config).eval()

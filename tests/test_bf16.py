@@ -1,6 +1,7 @@
-"""The one-GPU code path on CPU. A CUDA run turns on --bf16 (autocast of every forward pass, float32 master weights,
-a bf16 reference model) and --gradient-checkpointing by default; asked for on CPU they run the same code, so CI
-checks all of it but the CUDA kernels and the memory (benchmarks/gpu_check.py runs those on a GPU)."""
+"""The one-GPU code path on CPU. A CUDA run turns on --bf16 (autocast of every forward pass, float32 master weights and
+logits, a reference whose matmul weights are bf16) and --gradient-checkpointing by default; asked for on CPU they run
+the same code, so CI checks all of it but the CUDA kernels and the memory (benchmarks/gpu_check.py runs those on a
+GPU)."""
 
 import json
 
@@ -78,7 +79,8 @@ def test_the_options_turn_on_autocast_the_bf16_reference_and_checkpointing(tmp_p
     critic = train.load_critic(args)
     assert policy.is_activation_checkpointing and critic.model.body.is_activation_checkpointing
     assert all(p.dtype == torch.float32 for p in policy.parameters())  # float32 master weights
-    assert all(p.dtype == torch.bfloat16 for p in reference.parameters())
+    linear = [m for m in reference.modules() if isinstance(m, torch.nn.Linear) and m is not reference.lm_head]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)  # what autocast casts anyway
     with train.autocast(args):
         assert torch.ones(2, 2).mm(torch.ones(2, 2)).dtype == torch.bfloat16
     with train.autocast(defaults):
@@ -136,3 +138,38 @@ def logprob_gap(family: str, device: str) -> float:
 def test_sampler_and_trainer_logprobs_agree_under_bf16_autocast(family):
     worst = logprob_gap(family, "cpu")
     assert 0 < worst <= BF16_LOGPROB_TOLERANCE, worst  # > 0: autocast did change the arithmetic
+
+
+def peaked_model_folder(folder, tokenizer, family: str = "llama"):
+    """A tiny random model whose logits are large, as a trained model's are (the output layer scaled up: tiny random
+    models have logits near 0, which hide bf16 rounding), saved with its tokenizer for train.load_models."""
+    model = make_model(family, len(tokenizer), positions=1024)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_under_bf16_the_reference_scores_tokens_as_the_policy_does(tmp_path, tokenizer, family):
+    """The KL to the reference is 0 at iteration 0: the policy and the reference as train.load_models builds them
+    under --bf16 give the same logprobs on 700-token sequences (the reference's bf16 Linear weights are what autocast
+    casts the policy's to), the rotary buffers stay float32, and the output layer hands float32 logits on."""
+    folder = peaked_model_folder(tmp_path / "model", tokenizer, family)
+    args = train.parse_args(TINY + ["--model", str(folder), "--bf16", "--run_dir", str(tmp_path / "run")])
+    policy, reference, _ = train.load_models(args, [])
+    head = reference.get_output_embeddings()
+    assert all(b.dtype == torch.float32 for b in reference.buffers()) and head.weight.dtype == torch.float32
+    assert {m.weight.dtype for m in reference.modules() if isinstance(m, torch.nn.Linear) and m is not head} == {
+        torch.bfloat16}
+    ids = torch.randint(3, len(tokenizer), (3, 700), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), train.autocast(args):
+        logits = policy(ids).logits
+        logprobs, ref_logprobs = (ppo.token_logprobs(m, ids, torch.ones_like(ids), 0.6) for m in (policy, reference))
+        hidden = policy.model(ids).last_hidden_state  # the final norm's output, float32
+    assert logits.dtype == torch.float32 and logits.abs().mean() > 1, "large float32 logits"
+    with torch.no_grad():
+        assert torch.allclose(logits, torch.nn.functional.linear(hidden.float(), policy.lm_head.weight), atol=1e-4)
+    gap = (logprobs - ref_logprobs).abs()
+    assert float(gap.mean()) <= 1e-4 and float(gap.max()) <= 1e-6  # before: mean 0.05, max 0.3

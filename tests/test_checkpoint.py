@@ -111,6 +111,33 @@ def test_a_checkpoint_restores_optimizer_scheduler_critic_and_random_states(tmp_
         checkpoint.restore_checkpoint(path, world_size=2)
 
 
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_machine_without_one(tmp_path, monkeypatch):
+    """trainer_state.pt written on CUDA (its tensors tagged cuda:0, as torch.save tags them there) loads on a CPU, and
+    its AdamW state goes to the CPU weights."""
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer))
+    optimizer, scheduler = optimizer_and_scheduler(model)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    path = str(tmp_path / "checkpoint")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        checkpoint.save_checkpoint(path, model, tokenizer, optimizer=optimizer.state_dict(),
+                                   scheduler=scheduler.state_dict(), next_iteration=3, best_val=0.5,
+                                   run_args={}, world_size=1)
+    if not torch.cuda.is_available():  # the file does hold CUDA tensors: a plain torch.load fails here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    for main in (True, False):  # rank 0 reads the file, the other ranks memory-map it
+        saved = checkpoint.restore_checkpoint(path, world_size=1, main=main)
+        fresh, _ = optimizer_and_scheduler(model)
+        fresh.load_state_dict(saved["optimizer"])
+        moments = [v for state in fresh.state.values() for k, v in state.items() if k != "step"]
+        assert moments and all(v.device.type == "cpu" for v in moments)
+        assert all(torch.equal(a, b) for a, b in zip(moments, [v for state in optimizer.state.values()
+                                                               for k, v in state.items() if k != "step"]))
+
+
 def test_trim_metrics_drops_the_lines_past_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(5)) + "\n")

@@ -88,6 +88,18 @@ def sample_on_full_weights(policy, rank: int) -> tuple[list, int]:
     return out.response_ids, len(calls)
 
 
+def bf16_reference_logprobs() -> torch.Tensor:
+    """Logprobs of a reference built as train.load_models builds it under --bf16 (bf16 matmul weights, float32 norms,
+    embeddings and head: FSDP2 takes a frozen model of mixed dtypes), on full weights under CPU autocast."""
+    reference = make_model("llama", VOCAB, seed=1).requires_grad_(False)
+    ppo.float32_head(reference)
+    ppo.store_in_bf16(reference)
+    reference = distributed.shard_model(reference, "cpu", bf16=True)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+    with distributed.full_weights(reference), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return ppo.token_logprobs(reference, ids, torch.ones_like(ids), 0.6)
+
+
 def update(rank: int = 0, world: int = 1, rendezvous: str = "", out: str = "") -> dict:
     """On `world` ranks (FSDP2 when 2): the PPO update (policy, reference and critic) of make_episodes() in minibatches
     of 3, 3 and 1 (shares of 1 and 2 episodes, so 1 and 2 micro-batches, then of 0 and 1: an empty share), after one
@@ -120,7 +132,8 @@ def update(rank: int = 0, world: int = 1, rendezvous: str = "", out: str = "") -
     params = {n: whole(p).detach().clone() for n, p in policy.named_parameters()}
     params.update({"critic." + n: whole(p).detach().clone() for n, p in critic.model.named_parameters()})
     memory = {**state_bytes(policy, optimizer), "grads": grad_bytes}
-    result = dict(stats=stats, grads=grads, update_stats=update_stats, params=params, samples=samples, memory=memory)
+    result = dict(stats=stats, grads=grads, update_stats=update_stats, params=params, samples=samples, memory=memory,
+                  bf16_reference=bf16_reference_logprobs())
     if world > 1:
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -144,6 +157,7 @@ def test_the_sharded_update_on_two_ranks_equals_the_one_process_update(tmp_path)
             torch.testing.assert_close(two["params"][name], param, rtol=1e-5, atol=1e-5, msg=name)
         for key, value in one["update_stats"].items():
             assert two["update_stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert torch.equal(two["bf16_reference"], one["bf16_reference"])
         tokens, collectives = two["samples"][rank]
         assert tokens == one["samples"][rank][0] and collectives == 0, "one process's tokens, no collective inside"
         for kind, size in one["memory"].items():  # each rank holds half of the weights, gradients and AdamW state
@@ -300,3 +314,13 @@ def test_a_rank_that_raises_or_hangs_mid_update_ends_the_run_in_bounded_time(tmp
     assert elapsed < 90, elapsed  # setting up, the first sampling, then at most the 5 s timeout (the default: 30 min)
     if failure == "raise":
         assert "rank 1 fails in the middle of the update" in err1
+
+
+def test_fsdp2_gathers_the_layers_in_bf16_and_reduces_in_float32_on_cuda_with_bf16_only():
+    """On CUDA with --bf16 the all-gathers move bf16 (half the bytes, no per-step cast while sampling) and the
+    gradients are reduced in float32; on CPU (these gloo tests) or in float32 nothing is cast."""
+    cuda = distributed.mixed_precision("cuda:1", bf16=True)
+    assert (cuda.param_dtype, cuda.reduce_dtype) == (torch.bfloat16, torch.float32)
+    for device, bf16 in (("cpu", True), ("cuda", False)):
+        none = distributed.mixed_precision(device, bf16)
+        assert (none.param_dtype, none.reduce_dtype) == (None, None)

@@ -12,6 +12,7 @@ check the machinery (sampling, logprobs, steps, one training iteration), not lea
 """
 
 import bisect
+import copy
 import json
 import math
 import os
@@ -157,6 +158,41 @@ def test_sampled_logprobs_agree_with_the_trainers_under_bf16_autocast(policy, pr
     differences = torch.cat(differences)
     assert differences.numel() > 100
     assert 1e-4 < float(differences.max()) <= BF16_REAL_MAX and float(differences.mean()) <= BF16_REAL_MEAN
+
+
+def first_ratio_gap(model, tokenizer, seqs: list[list[int]], response_starts: list[int]) -> float:
+    """The largest |ratio - 1| over response tokens between pi_old as old_and_ref_logprobs computes it (here each
+    sequence alone) and pi as the first minibatch of the first epoch does (all sequences in one right-padded batch),
+    under bf16 autocast: the same weights, so any gap is rounding."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ids, attention_mask = ppo.pad_right(seqs, tokenizer.pad_token_id, "cpu")
+        batched = ppo.token_logprobs(model, ids, attention_mask, TEMPERATURE)  # (B, T-1)
+        gap = 0.0
+        for i, (seq, start) in enumerate(zip(seqs, response_starts)):
+            alone = ppo.token_logprobs(model, torch.tensor([seq]), torch.ones(1, len(seq)), TEMPERATURE)[0]
+            new, old = batched[i, start - 1 : len(seq) - 1], alone[start - 1 :]
+            gap = max(gap, float((torch.exp(new - old) - 1).abs().max()))
+    return gap
+
+
+def test_under_bf16_a_float32_head_brings_the_first_ratio_nearer_1_and_the_reference_agrees(policy, prompts, sampled):
+    """train.py's precision recipe on the real model (ppo.float32_head, ppo.store_in_bf16): the first epoch's ratio
+    moves less from 1 with float32 logits than with bf16 ones, and the reference scores exactly as the policy."""
+    model, tokenizer = policy
+    seqs = [prompts[i // SAMPLES] + r for i, r in enumerate(sampled.response_ids)]
+    starts = [len(prompts[i // SAMPLES]) for i in range(len(seqs))]
+    head32 = copy.deepcopy(model)
+    ppo.float32_head(head32)
+    before, after = first_ratio_gap(model, tokenizer, seqs, starts), first_ratio_gap(head32, tokenizer, seqs, starts)
+    print(f"SmolLM2-135M, bf16 autocast: first-epoch max |ratio - 1| {before:.4f} with bf16 logits, {after:.4f} with "
+          "float32 logits")
+    assert after < before
+    reference = copy.deepcopy(head32)
+    ppo.store_in_bf16(reference)
+    ids = torch.tensor([seqs[0]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = (ppo.token_logprobs(m, ids, torch.ones_like(ids), TEMPERATURE) for m in (head32, reference))
+    assert torch.equal(a, b)
 
 
 def token_char_starts(tokenizer, response_ids: list[int]) -> list[int]:

@@ -597,3 +597,35 @@ def test_ctrl_c_during_grading_stops_the_run_with_a_checkpoint_and_no_worker_lef
     assert stopped.value.code == 130
     assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)["next_iteration"] == 0
     assert len(workers) == 2 and all(p.poll() is not None for p in workers) and pool.workers == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Out of memory: one line naming the phase and the settings to lower, and what is on disk
+
+
+RAISE_OOM = """import sys, torch, {module}, train
+def full(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+{module}.{name} = full
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_out_of_memory_ends_the_run_in_one_line_that_names_the_settings(tmp_path):
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    launch = lambda module, name, *more: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", RAISE_OOM.format(module=module, name=name), *QUICK, "--run_dir", run_dir, *more],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    sampling = launch("rollout", "sample")
+    one_line_error(sampling, r"^error: out of memory on cpu in sampling answers: lower --max-batch-tokens .*no "
+                             r"checkpoint was saved yet")
+    shutil.rmtree(run_dir)
+    assert cli(*QUICK, "--run_dir", run_dir, "--stop_after", "1", cwd=tmp_path).returncode == 0
+    update = launch("ppo", "ppo_loss", "--resume")
+    one_line_error(update, r"^error: out of memory on cpu in the PPO update: lower --micro-batch-size.*checkpoint in "
+                           r".* is intact: continue with --resume")
+    resumed = cli(*QUICK, "--run_dir", run_dir, "--resume", "--micro_batch_size", "2", "--minibatch_size", "2",
+                  cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
