@@ -19,12 +19,15 @@ Departures from the paper (numbered):
 2. MATH answers are compared with the `math-verify` package instead of the paper's Minerva/DeepSeekMath normaliser
    plus sympy grader, and only a \boxed{..} (or \fbox{..}) answer counts: the paper's extractor falls back to
    "The answer is ..." and then to the last number in the text; we return None (reward 0) instead.
-3. A MATH comparison gets a wall-clock budget of MATH_VERIFY_SECONDS, and answers longer than MAX_ANSWER_CHARS or
-   too big to compute (too_big_to_verify: a tower of powers such as 10^{10^{10}}, an exponent of 5 or more digits,
-   the factorial of a 5-digit number) count as wrong, so that grade() returns within about a second for any input.
-   math-verify runs in a pool of worker processes (grading.py, GRADING_POOL), each bounding its comparisons with a
-   SIGALRM timer of its own (verify_in_worker); one that overruns by a second is killed and replaced. The training
-   process sets no timer. Verdicts are kept per (answer, gold) pair (MATH_CACHE).
+3. A MATH comparison gets a budget of MATH_VERIFY_SECONDS of CPU time, and one more try with MATH_RETRY_SECONDS
+   when it overruns that (the first comparison of a kind pays sympy's set-up), and answers longer than
+   MAX_ANSWER_CHARS or too big to compute (too_big_to_verify: a tower of powers such as 10^{10^{10}}, an exponent of 5
+   or more digits, the factorial of a 5-digit number) count as wrong, so that grade() returns within about two seconds
+   of CPU time for any input. math-verify runs in a pool of worker processes (grading.py, GRADING_POOL), each warmed
+   up at start (WARM_UP) and bounding its comparisons with a SIGPROF timer of its own (verify_in_worker); one that
+   overruns MATH_WALL_SECONDS of wall clock by a second is killed and replaced. A comparison that runs out of time
+   scores 0 but is not a verdict: it is asked again the next time. The training process sets no timer. Verdicts are
+   kept per (answer, gold) pair (MATH_CACHE).
 4. grade() cuts the response at the first stop string ("\n\n\nProblem:"), as vLLM's `stop` does in the paper, so a
    sampler that keeps the stop string in its output grades the same.
 5. The validation subsets (GSM8K: 373 of train, MATH: 500 of the PRM800K train split) are our own seeded draws; the
@@ -70,9 +73,15 @@ VALIDATION_SEED = 2410  # fixed, so every run holds out the same problems
 ARITHMETIC_SPLITS = {"train": (20_000, 0), "validation": (500, 1), "test": (500, 2)}  # (num_problems, seed)
 
 MAX_ANSWER_CHARS = 1000  # the longest MATH gold answer has 159 characters; longer \boxed{..} contents count as wrong
-MATH_VERIFY_SECONDS = 0.5  # wall-clock budget for one math-verify comparison (parse + verify)
+MATH_VERIFY_SECONDS = 0.5  # CPU seconds for one math-verify comparison (parse + verify) in a grading worker
+MATH_RETRY_SECONDS = 1.0  # CPU seconds for its second and last try, when the first ran out of time
+MATH_WALL_SECONDS = 5.0  # the pool's backstop: a comparison still running after this + 1 s of wall clock is killed
+DEADLINE_REPEAT = 0.05  # after the budget, the SIGPROF timer fires again every this many CPU seconds until it returns
+# What each grading worker compares before its first task: the first comparison of a kind sets sympy up (the first
+# of all takes 0.4 s of CPU), which no task's budget should pay. Polynomials, fractions, intervals, sets, tuples.
+WARM_UP = [("(1+x)^2", "x^2+2x+1"), ("\\frac12", "0.5"), ("[1, 2)", "[1,2)"), ("\\{2,1\\}", "\\{1,2\\}"),
+           ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})")]
 MATH_CACHE_SIZE = 2**16  # verdicts kept, per (answer, gold) pair; the oldest go first (math_answers_equal)
-DEADLINE_REPEAT = 0.05  # after the budget, the SIGALRM timer fires again this often until the comparison returns
 UNBRACED_BOX = re.compile(r" +([^\s{$][^$\n]*)")  # "\boxed 5$" (MATH's old style): up to "$" or the end of the line
 OPENING_BRACE = re.compile(r" *\{")
 
@@ -80,9 +89,21 @@ OPENING_BRACE = re.compile(r" *\{")
 # under our own deadline instead; silence its one-off "timeout is disabled" warning.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
-# The processes that run math-verify (math_answers_equal): one per CPU core, at most 4 (train.py --grading-workers).
-# They work while the training process waits for them.
-GRADING_POOL = grading.Pool("reward:verify_in_worker", workers=min(4, os.cpu_count() or 1), budget=MATH_VERIFY_SECONDS)
+# The processes that run math-verify (math_answers_equal): one per CPU core, at most 4 (train.py --grading-workers,
+# never more than the cores). They work while the training process waits for them.
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the platform tells it), at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def grading_pool(workers: int) -> grading.Pool:
+    """A pool of `workers` processes running verify_in_worker, warmed up with WARM_UP."""
+    return grading.Pool("reward:verify_in_worker", workers=workers, budget=MATH_WALL_SECONDS, warm_up=WARM_UP)
+
+
+GRADING_POOL = grading_pool(min(4, cpu_cores()))
 MATH_CACHE: collections.OrderedDict = collections.OrderedDict()
 
 
@@ -391,15 +412,15 @@ def final_answer(response: str, dataset: str) -> str | None:
 
 
 class MathVerifyDeadline(BaseException):
-    """Raised by our SIGALRM handler. A BaseException, so math-verify's own `except Exception` blocks let it pass."""
+    """Raised by our SIGPROF handler. A BaseException, so math-verify's own `except Exception` blocks let it pass."""
 
 
 def raise_deadline(signum: int, frame) -> None:
-    """SIGALRM handler: interrupt whatever math-verify is doing when MATH_VERIFY_SECONDS have passed. One deadline
-    can be swallowed (Python prints and drops an exception raised inside a __del__ or a garbage-collector callback,
-    which may be what runs when the signal is handled), so the timer repeats until math_answers_equal cancels it;
-    a signal handled after the cancel finds the timer off and is ignored."""
-    if signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+    """SIGPROF handler: interrupt whatever math-verify is doing when its CPU budget is spent. One deadline can be
+    swallowed (Python prints and drops an exception raised inside a __del__ or a garbage-collector callback, which may
+    be what runs when the signal is handled), so the timer repeats until verify_within cancels it; a signal handled
+    after the cancel finds the timer off and is ignored."""
+    if signal.getitimer(signal.ITIMER_PROF)[0] > 0:
         raise MathVerifyDeadline()
 
 
@@ -437,9 +458,10 @@ def too_big_to_verify(answer: str) -> bool:
 def math_answers_equal(pairs: list[tuple[str, str]]) -> list[bool]:
     """Is each predicted MATH answer equivalent to its gold one? Identical strings are; answers longer than
     MAX_ANSWER_CHARS or too big to compute (too_big_to_verify) are not; math-verify decides the rest, in the worker
-    processes of GRADING_POOL (verify_in_worker: MATH_VERIFY_SECONDS each, an overrun is not equal), each distinct
-    (answer, gold) pair once, and MATH_CACHE keeps the verdicts (the K continuations of a state often reach the same
-    answer). This process sets no timer and no signal handler."""
+    processes of GRADING_POOL (verify_in_worker), each distinct (answer, gold) pair once. A comparison that ran out of
+    time (None from the worker, or the pool's default None for a worker killed or lost) counts as not equal this time
+    but is not kept: MATH_CACHE keeps only verdicts (the K continuations of a state often reach the same answer). This
+    process sets no timer and no signal handler."""
     verdicts, ask = [], {}
     for pred, gold in pairs:
         if pred.strip() == gold.strip():  # includes two MATH train problems whose gold box is empty ("\\boxed{}")
@@ -451,38 +473,63 @@ def math_answers_equal(pairs: list[tuple[str, str]]) -> list[bool]:
             if verdicts[-1] is None:
                 ask[(pred, gold)] = None
     if ask:
-        ask = dict(zip(ask, GRADING_POOL.run(list(ask), default=False)))
+        ask = dict(zip(ask, GRADING_POOL.run(list(ask), default=None)))
         for pair, verdict in ask.items():
-            MATH_CACHE[pair] = verdict
+            if verdict is not None:  # a timeout is no verdict: the pair is asked again next time
+                MATH_CACHE[pair] = verdict
         while len(MATH_CACHE) > MATH_CACHE_SIZE:
             MATH_CACHE.popitem(last=False)  # the oldest verdicts go first
-    return [ask[pair] if verdict is None else verdict for verdict, pair in zip(verdicts, pairs)]
+    return [bool(ask[pair]) if verdict is None else verdict for verdict, pair in zip(verdicts, pairs)]
 
 
 def set_grading_workers(workers: int) -> None:
-    """MATH comparisons use this many worker processes from the next grading on (train.py --grading-workers)."""
+    """MATH comparisons use this many worker processes from the next grading on (train.py --grading-workers), at
+    most one per CPU core (cpu_cores; a bigger request is capped, and says so in one line): more workers than cores
+    only make every comparison wait for a core."""
+    if workers < 1:
+        raise ValueError(f"grading workers must be at least 1, got {workers}")
+    if workers > cpu_cores():
+        print(f"grading workers: {workers} asked, {cpu_cores()} used (one per CPU core)")
+        workers = cpu_cores()
     GRADING_POOL.close()
     GRADING_POOL.size = workers
 
 
-def verify_in_worker(pred: str, gold: str) -> bool:
-    """math-verify on one pair, in a grading worker's main thread, bounded by MATH_VERIFY_SECONDS of wall clock: a
-    SIGALRM timer that raises MathVerifyDeadline and fires again every DEADLINE_REPEAT seconds until the comparison
-    returns (departure 3). math-verify's own timeouts (signal.alarm, whole seconds) are turned off. The pool kills a
-    worker that still overruns by a second (a C computation that holds the GIL)."""
-    if not hasattr(signal, "setitimer"):  # no SIGALRM timers on this platform (Windows): the pool's kill bounds it
+def verify_in_worker(pred: str, gold: str) -> bool | None:
+    """math-verify on one pair, in a grading worker's main thread: True or False, or None when it ran out of time.
+    It gets MATH_VERIFY_SECONDS of CPU time, then, if that ran out, one more try with MATH_RETRY_SECONDS (the parses
+    that finished are cached, and sympy has set up what this kind of answer needs). CPU time, not wall clock, so that
+    other processes on a busy machine cannot use the budget up (departure 3). math-verify's own timeouts
+    (signal.alarm, whole seconds) are turned off. The pool kills a worker that overruns MATH_WALL_SECONDS by a second
+    (a C computation that holds the GIL)."""
+    if not hasattr(signal, "setitimer"):  # no interval timers on this platform (Windows): the pool's kill bounds it
         return verify_boxed(pred, gold)
-    old_handler = signal.signal(signal.SIGALRM, raise_deadline)
+    old_handler = signal.signal(signal.SIGPROF, raise_deadline)
     try:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_SECONDS, DEADLINE_REPEAT)
-            return verify_boxed(pred, gold)
-        finally:  # cancel the timer first: a deadline that fires before it is caught below, none fires after it
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except MathVerifyDeadline:
-        return False
+        verdict = verify_within(MATH_VERIFY_SECONDS, pred, gold)
+        return verdict if verdict is not None else verify_within(MATH_RETRY_SECONDS, pred, gold)
     finally:
-        signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGPROF, old_handler if old_handler is not None else signal.SIG_DFL)
+
+
+def verify_within(seconds: float, pred: str, gold: str) -> bool | None:
+    """verify_boxed under a SIGPROF timer of `seconds` of this process's CPU time that raises MathVerifyDeadline and
+    fires again every DEADLINE_REPEAT seconds until the comparison returns; None when it fired. raise_deadline must be
+    the SIGPROF handler."""
+    verdict = None
+    try:
+        signal.setitimer(signal.ITIMER_PROF, seconds, DEADLINE_REPEAT)
+        verdict = verify_boxed(pred, gold)
+    except MathVerifyDeadline:
+        pass
+    finally:
+        while True:  # a deadline may come during the cancel itself: until the timer is off (none can come after)
+            try:
+                signal.setitimer(signal.ITIMER_PROF, 0)
+                break
+            except MathVerifyDeadline:
+                pass
+    return verdict
 
 
 def verify_boxed(pred: str, gold: str) -> bool:

@@ -178,7 +178,7 @@ class Args:
     threads: int = option(0, "torch CPU threads (0: torch's default). A run repeats exactly for the same seed, "
                           "thread count and CPU type; --resume allows another count (float rounding only).")
     grading_workers: int = option(0, "MATH: processes that compare answers with math-verify, each comparison bounded "
-                                  "by its own budget (0: one per CPU core, at most 4).")
+                                  "by a CPU-time budget (0: one per CPU core, at most 4; capped at the cores).")
     dist_timeout: int = option(1800, "torchrun: seconds a rank waits in a collective for the others before the run "
                                "stops with an error (a rank died or raised); the wait for rank 0 making init/ is 6 h.")
 
@@ -872,7 +872,7 @@ AT_LEAST = {
     "eval_problems": (0, " (0: all)"), "eval_samples": (1, ""), "value_diagnostic": (0, " (0: off)"),
     "diagnostic_rollouts": (1, ""), "log_samples": (0, " (0: off)"), "save_every": (0, ""),
     "stop_after": (0, " (0: run on)"), "max_batch_tokens": (1, ""), "threads": (0, " (0: torch's default)"),
-    "dist_timeout": (1, ""), "grading_workers": (0, " (0: one per CPU core, at most 4)"),
+    "dist_timeout": (1, ""), "grading_workers": (0, " (0: one per CPU core, at most 4; capped at the cores)"),
 }
 
 

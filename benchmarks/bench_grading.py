@@ -1,5 +1,5 @@
 """Grading at Monte Carlo volume: answers graded per second by the one-by-one loop that graded them before the pool
-(math-verify in this process, each comparison bounded by a SIGALRM timer here) against reward.grade_batch (the same
+(math-verify in this process, each comparison bounded by a SIGPROF timer here) against reward.grade_batch (the same
 verdicts, the MATH comparisons in grading.py's worker pool, each distinct answer pair once), measured in one run.
 
     python benchmarks/bench_grading.py                  # 11,520 MATH continuations (two mixes), and GSM8K
@@ -57,7 +57,7 @@ def gsm8k_mix() -> tuple[list[str], list[str]]:
 
 
 def graded_before(response: str, gold: str, dataset: str) -> float:
-    """One answer as grade graded it before the pool: math-verify here, bounded by a SIGALRM timer in this process
+    """One answer as grade graded it before the pool: math-verify here, bounded by a SIGPROF timer in this process
     (reward.verify_in_worker, what a worker now runs)."""
     if dataset != "math":
         return reward.grade(response, gold, dataset)
@@ -68,7 +68,7 @@ def graded_before(response: str, gold: str, dataset: str) -> float:
         return 1.0
     if len(pred) > reward.MAX_ANSWER_CHARS or len(gold) > reward.MAX_ANSWER_CHARS or reward.too_big_to_verify(pred):
         return 0.0
-    return float(reward.verify_in_worker(pred, gold))
+    return float(bool(reward.verify_in_worker(pred, gold)))  # None: out of time, a 0
 
 
 def time_loop(responses, golds, dataset) -> tuple[list[float], float, float]:

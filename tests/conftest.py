@@ -4,7 +4,7 @@ import importlib.util
 import os
 import signal
 import tracemalloc  # noqa: F401  imported before any test: pytest's unraisable-exception hook imports it on first use,
-# and a SIGALRM deadline (reward.raise_deadline, which test_a_swallowed_deadline_fires_again runs in this process; the
+# and a SIGPROF deadline (reward.raise_deadline, which test_a_swallowed_deadline_fires_again runs in this process; the
 # grading itself runs in worker processes) that fires during that import would break the hook
 from pathlib import Path
 
