@@ -4,6 +4,7 @@ forward pass; the peak of a PPO micro-batch) and against sizes computed by hand.
 
 import copy
 import functools
+import json
 
 import pytest
 import torch
@@ -231,3 +232,59 @@ def test_the_papers_7b_run_fits_8_gpus_of_80_gb_with_the_documented_settings():
     assert memory_plan.largest_fitting(config, 80 * 2**30) == (None, None)
     one = memory_plan.memory_plan(config, gpu_bytes=80 * 2**30)
     assert plan["fixed"] == pytest.approx(one["fixed"] / 8, rel=1e-6)  # the shards: 1/8 of one GPU's fixed state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input: refused by argparse in one line with exit code 2, never a traceback nor a plan of a GPU that cannot be
+
+
+def refusal(capsys, argv: list[str]) -> str:
+    """memory_plan.main(argv) must stop with exit code 2 and an error line last on stderr; returns that line."""
+    with pytest.raises(SystemExit) as stop:
+        memory_plan.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert "error: " in err.strip().splitlines()[-1] and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--gpus", "0"),  # divided by zero
+        ("--gpus", "-2"),  # negative shards: "fits: yes"
+        ("--gpu-gb", "0"),
+        ("--gpu-gb", "80", "-24"),
+        ("--micro-batch-size", "0"),  # "fits: yes"
+        ("--seq-len", "-10"),
+        ("--max-batch-tokens", "0"),
+        ("--max-new-tokens", "0"),  # divided by zero
+    ],
+    ids=" ".join,
+)
+def test_sizes_below_one_are_refused(capsys, option):
+    assert f"argument {option[0]}: must be at least 1" in refusal(capsys, list(option))
+
+
+CONFIGS = {  # a config.json -> what the refusal names
+    "zero-layers": (dict(num_hidden_layers=0), "num_hidden_layers is 0"),  # printed as "fits: yes"
+    "negative-layers": (dict(num_hidden_layers=-3), "num_hidden_layers is -3"),
+    "zero-heads": (dict(num_attention_heads=0), "ZeroDivisionError"),  # transformers' own check divides by it
+    "no-intermediate-size": (dict(intermediate_size=None), "intermediate_size"),  # as a GPT-2 config has none
+    "too-many-kv-heads": (dict(num_key_value_heads=8), "num_key_value_heads"),
+    "unknown-type": (dict(model_type="no-such-model"), "transformers cannot read it"),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_config_without_positive_sizes_is_refused_naming_them(tmp_path, capsys, name):
+    change, named = CONFIGS[name]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**tiny_config().to_dict(), **change}))
+    line = refusal(capsys, ["--model", str(tmp_path / "model"), "--gpu-gb", "24"])
+    assert "--model" in line and named in line
+
+
+def test_a_config_that_is_not_json_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{")
+    assert "transformers cannot read it" in refusal(capsys, ["--model", str(tmp_path / "config.json")])

@@ -218,6 +218,122 @@ def test_terminal_and_picture(runs, tmp_path, capsys):
     assert (tmp_path / "credit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_folder_without_samples_is_one_clear_line(tmp_path):
-    with pytest.raises(SystemExit, match="holds no samples"):
-        show_credit.main([str(tmp_path)])
+def refusal(capsys, argv: list[str]) -> str:
+    """show_credit.main(argv) must stop with exit code 2 and an error line last on stderr; returns that line."""
+    with pytest.raises(SystemExit) as stop:
+        show_credit.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert "error: " in err.strip().splitlines()[-1] and "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_folder_without_samples_is_one_clear_line(tmp_path, capsys):
+    assert "holds no samples" in refusal(capsys, [str(tmp_path)])
+
+
+# bad input: refused in one line with exit code 2, or left out with a note; never a traceback
+
+
+def fake_record(index: int = 0, **overrides) -> dict:
+    """A vine record of iteration 0 shaped as train.write_samples writes it: two steps, the first one blamed."""
+    first = {"text": "\n3 + 4 = 8", "chars": [0, 10], "tokens": [0, 4], "advantage": -0.5, "whitened": [-1.0, -0.9]}
+    last = {"text": "\n#### 8", "chars": [10, 17], "tokens": [4, 6], "advantage": 0.0, "whitened": [0.1, None]}
+    steps = [{**first, "v_before": 0.5, "v_after": 0.0}, {**last, "v_before": 0.0, "v_after": 0.0}]
+    record = dict(iteration=0, answer_index=index, estimator="vine", question="How many now?", gold="7", reward=0.0)
+    record |= dict(finished=True, answer="\n3 + 4 = 8\n#### 8", response_ids=[5] * 6, steps=steps)
+    return {**record, **overrides}
+
+
+def write_samples(run_dir: Path, *lines: str, name: str = "0.jsonl") -> Path:
+    """run_dir/samples/<name> holding the lines as given (records: json.dumps them)."""
+    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    path = run_dir / "samples" / name
+    path.write_bytes("".join(line + "\n" for line in lines).encode(errors="surrogateescape"))
+    return path
+
+
+def test_stray_files_in_samples_are_skipped_with_a_note(tmp_path, capsys):
+    write_samples(tmp_path, json.dumps(fake_record()))
+    write_samples(tmp_path, "my notes", name="notes.jsonl")
+    write_samples(tmp_path, "my notes", name="notes.txt")
+    show_credit.main([str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "iteration 0, answer 0" in out and "skipped" in err and "notes.jsonl" in err
+
+
+def bad_step(**change) -> str:
+    record = fake_record(1)
+    record["steps"][1] = {k: v for k, v in {**record["steps"][1], **change}.items() if v is not ...}
+    return json.dumps(record)
+
+
+BAD_LINES = {  # a line of a samples file -> what the note says of it
+    "not-json": ("{not json", "not JSON"),
+    "bytes": ("\udcff\udcfe", "not JSON"),
+    "a-list": ("[1, 2]", "not a JSON object"),
+    "no-steps": (json.dumps({k: v for k, v in fake_record(1).items() if k != "steps"}), "no 'steps'"),
+    "no-reward": (json.dumps({k: v for k, v in fake_record(1).items() if k != "reward"}), "no 'reward'"),
+    "no-index": (json.dumps({k: v for k, v in fake_record(1).items() if k != "answer_index"}), "no 'answer_index'"),
+    "reward-text": (json.dumps(fake_record(1, reward="1")), "'reward' is not a number"),
+    "steps-a-number": (json.dumps(fake_record(1, steps=3)), "'steps' is not a list"),
+    "no-whitened": (bad_step(whitened=...), "step 1 has no whitened"),
+    "no-v-after": (bad_step(v_after=...), "step 1 has no numbers for V"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_LINES)
+def test_a_line_that_is_not_a_record_is_left_out_with_a_note(tmp_path, capsys, name):
+    line, why = BAD_LINES[name]
+    path = write_samples(tmp_path, json.dumps(fake_record(0)), line)
+    show_credit.main([str(tmp_path)])
+    show_credit.main([str(tmp_path), "--html", str(tmp_path / "credit.html")])
+    out, err = capsys.readouterr()
+    assert "iteration 0, answer 0" in out and "answer 1" not in out
+    assert "answer 0" in (tmp_path / "credit.html").read_text()
+    assert f"skipped {path}, line 2: {why}" in err
+
+
+def test_a_folder_of_only_unreadable_records_is_refused(tmp_path, capsys):
+    write_samples(tmp_path, BAD_LINES["no-steps"][0])
+    assert "no record that can be shown" in refusal(capsys, [str(tmp_path)])
+
+
+def test_non_finite_advantages_are_shown_uncoloured_and_a_nan_reward_is_not_graded(tmp_path, capsys):
+    record = fake_record(reward=float("nan"))
+    record["steps"][0]["advantage"] = float("nan")
+    write_samples(tmp_path, json.dumps(record))
+    show_credit.main([str(tmp_path)])
+    assert "1 step(s) with an advantage that is not a finite number" in capsys.readouterr().err
+    assert show_credit.colour(float("nan")) == show_credit.colour(None) and show_credit.ansi(float("inf")) == ""
+    show_credit.show_in_terminal([record], "run", color=True)
+    out = capsys.readouterr().out
+    assert "reward nan (not graded)" in out and "A nan," in out and "\033[" not in out.split("\n")[3]
+
+
+def test_outputs_go_into_folders_that_do_not_exist_yet(tmp_path, capsys):
+    write_samples(tmp_path, json.dumps(fake_record()))
+    show_credit.main([str(tmp_path), "--html", str(tmp_path / "new" / "page.html")])
+    assert (tmp_path / "new" / "page.html").read_text().startswith("<!DOCTYPE html>")
+    pytest.importorskip("matplotlib")
+    show_credit.main([str(tmp_path), "--png", str(tmp_path / "new2" / "credit")])  # no suffix: .png, as matplotlib
+    assert (tmp_path / "new2" / "credit.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"wrote {tmp_path / 'new2' / 'credit.png'}" in capsys.readouterr().out
+
+
+def test_an_output_that_is_a_folder_is_refused(tmp_path, capsys):
+    write_samples(tmp_path, json.dumps(fake_record()))
+    assert "is a folder" in refusal(capsys, [str(tmp_path), "--html", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "option", [("--answer", "x"), ("--answer", "3"), ("--answer", "0:-1"), ("--iteration", "-1")], ids=str
+)
+def test_malformed_options_are_refused(tmp_path, capsys, option):
+    write_samples(tmp_path, json.dumps(fake_record()))
+    assert f"argument {option[0]}" in refusal(capsys, [str(tmp_path), "--png", str(tmp_path / "c.png"), *option])
+
+
+def test_the_same_run_given_twice_is_refused(tmp_path, capsys):
+    write_samples(tmp_path / "a", json.dumps(fake_record()))
+    assert "the same run folder" in refusal(capsys, [str(tmp_path / "a"), str(tmp_path / "a") + "/"])

@@ -443,29 +443,57 @@ def format_sharded(models: dict, gpu_gb: int, **settings) -> str:
 
 
 def load_config(path: str):
-    """A Hugging Face config from a local folder or a config.json file (nothing is downloaded)."""
+    """A Hugging Face config from a local folder or a config.json file (nothing is downloaded), with the sizes the plan
+    counts: a ValueError says why a file is not one."""
     folder = os.path.dirname(path) if os.path.isfile(path) else path
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise SystemExit(f"error: {path} is not a config.json nor a folder holding one")
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
+        raise ValueError(f"{path} is not a config.json nor a folder holding one")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001  whatever transformers raises on a file it cannot read or validate
+        why = " ".join(str(e).split())[:200]  # one line
+        raise ValueError(f"{path}: transformers cannot read it ({type(e).__name__}: {why})") from None
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        value = getattr(config, key, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {key} is {value!r}, not a positive integer (the plan counts Llama-style models)")
+    if not 1 <= kv_heads(config) <= config.num_attention_heads or head_dim(config) < 1:
+        raise ValueError(f"{path}: num_key_value_heads is not 1 to num_attention_heads, or head_dim is not positive")
+    return config
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a local Hugging Face model folder or config.json (default: 1.1B and 7B)")
-    parser.add_argument("--gpu-gb", type=int, nargs="+", default=list(GPU_SIZES_GB), help="GPU sizes in GiB")
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="train.py --micro-batch-size")
-    parser.add_argument("--seq-len", type=int, default=2048, help="padded micro-batch length (worst: --max-length)")
-    parser.add_argument("--max-batch-tokens", type=int, default=2**18, help="train.py --max-batch-tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=1024, help="train.py --max-new-tokens")
+    parser.add_argument("--gpu-gb", type=positive, nargs="+", default=list(GPU_SIZES_GB), help="GPU sizes in GiB")
+    parser.add_argument("--micro-batch-size", type=positive, default=8, help="train.py --micro-batch-size")
+    parser.add_argument(
+        "--seq-len", type=positive, default=2048, help="padded micro-batch length (worst: --max-length)"
+    )
+    parser.add_argument("--max-batch-tokens", type=positive, default=2**18, help="train.py --max-batch-tokens")
+    parser.add_argument("--max-new-tokens", type=positive, default=1024, help="train.py --max-new-tokens")
     parser.add_argument("--no-checkpointing", action="store_true", help="train.py --gradient-checkpointing false")
     parser.add_argument("--critic", action="store_true", help="the breakdown with --advantage critic")
     parser.add_argument("--no-reference", action="store_true", help="--kl-coef 0: no reference model")
     parser.add_argument("--float32", action="store_true", help="train.py --bf16 false: no autocast")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs the state is sharded over (torchrun, FSDP2)")
+    parser.add_argument("--gpus", type=positive, default=1, help="GPUs the state is sharded over (torchrun, FSDP2)")
     cli = parser.parse_args(argv)
     if cli.model:
-        models = {os.path.basename(os.path.normpath(cli.model))[:8] or "model": load_config(cli.model)}
+        try:
+            models = {os.path.basename(os.path.normpath(cli.model))[:8] or "model": load_config(cli.model)}
+        except ValueError as e:
+            parser.error(f"--model {e}")
     else:
         models = {"1.1B": tinyllama_config(), "7B": deepseekmath_7b_config()}
     settings = dict(

@@ -9,11 +9,16 @@ policies; clip fraction; mean seconds per phase. A run is labelled by its folder
 the logged phase times (evaluation, sampling, values, update), so they leave out the SFT warm-up and checkpoint
 writes. The README explains each metric.
 
+As train.py --resume does, a cut last line of metrics.jsonl (kill -9) is left out, with a note on stderr; so are
+values that are not finite numbers (NaN, null). Another damaged line, a run given twice, or an --out that is a
+folder or a format matplotlib cannot write stop with one line on stderr and exit code 2; --out's folder is made.
+
 Needs matplotlib, which nothing else in the project does: pip install matplotlib
 """
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +31,24 @@ CURVES = [
     ("KL", "nats", "log", [("kl/ref", "-", " to reference"), ("loss/approx_kl", ":", " old to new, per update")]),
     ("clip fraction", "fraction of tokens", "linear", [("loss/clipfrac", "-", "")]),
 ]
+PLOTTED = ["eval/pass1", "eval/greedy"] + [key for *_, lines in CURVES for key, _, _ in lines]
+PLOTTED += [f"time/{phase}" for phase in PHASES]
+
+
+def refuse(message: str) -> None:
+    """Stop on input that cannot be drawn: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def note(message: str) -> None:
+    """One line on stderr about values left out of the picture."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def number(x) -> float | None:
+    """x if it is a finite number (not a bool), else None."""
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def import_pyplot():
@@ -41,26 +64,49 @@ def import_pyplot():
 
 
 def read_run(run_dir: Path) -> list[dict]:
-    """The rows of run_dir/metrics.jsonl, with a one-line error if the file is missing or damaged."""
+    """The rows of run_dir/metrics.jsonl. A last line that is not a row (cut by kill -9 in the middle of a write) is
+    left out with a note, as train.py --resume drops it (checkpoint.trim_metrics); another such line, a missing file
+    or one without a row is a one-line error."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found; pass the folder of a train.py run (its --run-dir)")
+        refuse(f"{path} not found; pass the folder of a train.py run (its --run-dir)")
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError as e:
+        refuse(f"cannot read {path}: {e.strerror}")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}, line {number}: {e}") from None
+    for line_number, line in enumerate(lines, start=1):
+        try:
+            row, why = json.loads(line), "not a JSON object with an integer iteration"
+        except json.JSONDecodeError as e:
+            row, why = None, str(e)
+        if isinstance(row, dict) and isinstance(row.get("iteration"), int):
+            rows.append(row)
+        elif line_number == len(lines):
+            note(f"{path}: left out its last line, cut short (as train.py --resume drops it)")
+        else:
+            refuse(f"{path}, line {line_number}: {why}; only a cut last line is left out by itself")
+    if not rows:
+        refuse(f"{path} holds no row yet: nothing to draw")
     return rows
 
 
+def note_unplotted(name: str, rows: list[dict]) -> None:
+    """A note for each drawn key whose values include some that are not finite numbers (NaN, null, text): series
+    leaves them out."""
+    for key in PLOTTED:
+        left_out = sum(key in row and number(row[key]) is None for row in rows)
+        if left_out:
+            note(f"{name}: left out {left_out} value(s) of {key} that are not finite numbers")
+
+
 def series(rows: list[dict], key: str, x_key: str = "iteration") -> tuple[list[float], list[float]]:
-    """(x, y) over the rows that have `key`; x_key "seconds" is the running sum of the phase times."""
+    """(x, y) over the rows whose `key` is a finite number; x_key "seconds" is the running sum of the phase times
+    (those that are finite numbers)."""
     xs, ys, seconds = [], [], 0.0
     for row in rows:
-        seconds += sum(row.get(f"time/{phase}", 0.0) for phase in PHASES)
-        if key in row:
+        seconds += sum(number(row.get(f"time/{phase}", 0.0)) or 0.0 for phase in PHASES)
+        if number(row.get(key)) is not None:
             xs.append(seconds if x_key == "seconds" else row[x_key])
             ys.append(row[key])
     return xs, ys
@@ -101,17 +147,43 @@ def draw(runs: dict[str, list[dict]], out: Path) -> None:
     plt.close(fig)
 
 
+def output_path(path: Path) -> Path:
+    """Where to write the picture: its folder made if needed; refused in one line if it is a folder, cannot be made,
+    or names a format matplotlib cannot write. Without a suffix it gets .png, as matplotlib would add."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if path.is_dir():
+        refuse(f"--out {path} is a folder; give a file name such as {path / 'curves.png'}")
+    path = path if path.suffix else path.with_suffix(".png")
+    if path.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        refuse(f"--out {path}: matplotlib cannot write {path.suffix} files; use .png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        refuse(f"cannot make the folder of --out {path}: {e.strerror}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, help="train.py run folders, each with a metrics.jsonl")
     parser.add_argument("--out", type=Path, help="PNG to write (default: curves.png in the first run folder)")
     args = parser.parse_args(argv)
-    runs = {}
+    runs, seen = {}, {}
     for run_dir in args.run_dirs:
+        if run_dir.resolve() in seen:
+            refuse(f"{seen[run_dir.resolve()]} and {run_dir} are the same run folder: give each run once")
+        seen[run_dir.resolve()] = run_dir
         name = run_dir.resolve().name
-        runs[name if name not in runs else str(run_dir)] = read_run(run_dir)
-    out = args.out or args.run_dirs[0] / "curves.png"
-    draw(runs, out)
+        name = name if name not in runs else str(run_dir)
+        runs[name] = read_run(run_dir)
+        note_unplotted(name, runs[name])
+    import_pyplot()  # before output_path, which needs matplotlib too: a missing one is said first
+    out = output_path(args.out or args.run_dirs[0] / "curves.png")
+    try:
+        draw(runs, out)
+    except OSError as e:
+        refuse(f"cannot write {out}: {e.strerror}")
     print(f"wrote {out}")
 
 
