@@ -49,7 +49,7 @@ import signal
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 try:
     import fcntl  # the run-folder lock (Linux, macOS); without it (Windows) runs are not locked
@@ -174,6 +174,14 @@ def load_model(path: str, device: str):
         tokenizer.pad_token = tokenizer.eos_token
     disable_dropout(model)
     return model.to(device), tokenizer
+
+
+def load_config(path: str):
+    """The config of a hub id or a local folder, or None if it cannot be read now (load_model then says why)."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
 
 
 def disable_dropout(model) -> None:

@@ -1,97 +1,76 @@
-"""Sampling from a Hugging Face causal LM with its KV cache, with prefix reuse for the MC value rollouts.
+"""Sampling from a Hugging Face causal LM with a KV cache, for the answers and the MC value rollouts.
 
 VinePPO spends most of its compute here (docs/paper.md §1.2, §6): N answers per prompt, then K continuations from
-every step state of every answer. One function, `sample`, serves both uses:
+every step state of every answer. One function, `sample`, serves both, with one Sampling value (T, top-p, length
+budget, end tokens, stop strings) so the two cannot drift apart (docs/paper.md pitfall 1):
 
     answers:      sample(model, prompts, num_samples=N, **vars(sampling))  # sample j of prompt i: row i * N + j
     MC rollouts:  sample(model, states, num_samples=K, **vars(sampling))   # a state: prompt + an answer's first tokens
 
-with one Sampling value for both (T, top-p, length budget, end tokens, stop strings), as docs/paper.md pitfall 1
-requires.
-
-How it works (plain PyTorch + the model's own forward, no vLLM):
-  1. Prefix reuse. The states s_0..s_n of one answer are nested: each is a prefix of the next. For every prefix we
-     find the longest prefix of the call that starts with it (its "root", find_roots), compute the root's KV cache
-     once, and take every nested prefix's KV cache as the first len(prefix) positions of its root's cache (exact:
-     attention is causal, so the keys/values at position t depend only on tokens <= t). Its first-token logits are
-     the root's logits at position len(prefix) - 1. The K rows of a prefix are copies of that one cache, never
-     recomputed.
-  2. Batched prefill. The roots of a chunk go through the model several at a time (prefill): longest first, in
-     forward passes of up to PREFILL_BATCH_TOKENS tokens, each right-padded to its longest root, with an attention
-     mask and true position_ids as in decoding. A pass takes no root shorter than PREFILL_MIN_FILL x its longest
-     (plan_prefill_passes): padding costs as much compute as real tokens. The output layer runs only at the P
-     positions whose logits are read, never on (R, T_root, V). Batching changes float rounding only: logprobs differ
-     from one pass per root by < 1e-6 on the tests' tiny models and < 1e-5 on the benchmark's model (max abs), with
-     the same tokens.
-  3. Batched decoding, prefixes read once. When the call has many rows per root (sharing_pays: the MC rollouts, and
-     the answers' N samples per prompt), every root's keys and values stay once and each row keeps only its own
-     generated tokens; attention.py's shared-prefix attention reads the root (up to the row's prefix length) and the
-     row's tokens separately and merges the two exactly by their log-sum-exp, the rows of one root stacked so that the
-     prefix part is one matrix-matrix product. Otherwise (one sample per prompt, few rows) row b holds a copy of its
-     root's cache, right-padded to the chunk's longest root, and the attention mask hides positions >= len(prefix_b)
-     (the rest of the root and the padding); generated tokens go after that hole. Either way position_ids give each
-     row its true positions, so rotary / learned position embeddings see exactly what one prefix alone would.
-  4. Rows that stop (EOS, stop string, length limit) leave the batch and the KV cache at once (drop_rows), so compute
-     follows the live rows, not the longest one. The cache is preallocated and written in place
-     (attention.DecodeCache), and attention reads only the slots written so far.
-  5. Memory cap: prefixes are processed in chunks whose cache holds at most max_batch_tokens tokens: roots x longest
-     root + rows x max_new_tokens when shared, rows x (longest root + max_new_tokens) when copied (plan_chunks).
+How it works (plain PyTorch and the model's own forward; vLLM's design, small):
+  1. Roots. The states of one answer are nested: each is a prefix of the next. Every prefix belongs to the longest
+     prefix of the call that starts with it, its root (find_roots); a root's keys and values are computed once
+     (prefill) and every row of every prefix nested in it reads them (attention.py). The model's KV cache is the
+     engine's own: attention.BlockCache, in blocks, holding what the rows contain.
+  2. Continuous batching (Scheduler). Roots wait in a queue, longest first. At every step the rows that have a token
+     to feed decode together; as rows stop (EOS, stop string, length limit) their blocks are freed and waiting roots
+     are prefilled and join the batch, so every step runs as many rows as the memory budget holds until the work runs
+     out. If a row needs a block and none is free, the most recently admitted root is preempted: its rows start
+     over later and draw the same numbers again.
+  3. Draws. Each token's uniform number is a hash of (seed, row, token index) (uniforms): a row's samples do not
+     depend on which rows share its batch, on the memory budget or on preemption.
+  4. One host read per step: the sampled tokens (and a flag, below). Everything else the host knows already (it
+     decides the rows and their lengths) and sends to the device in one copy per step (upload).
 
 Sampling follows vLLM (the paper's sampler): logits / temperature, top-p (nucleus), one draw from the renormalised
-nucleus with a seeded torch.Generator; temperature 0 is greedy argmax. Log-probabilities are float32
-log_softmax(logits / temperature) of the sampled token (raw logits when greedy), before top-p, as the trainer computes
-them (docs/paper.md pitfall 8). Under bf16 autocast the logits are cast to float32 first.
+nucleus; temperature 0 is greedy argmax. Log-probabilities are float32 log_softmax(logits / temperature) of the sampled
+token (raw logits when greedy), before top-p, as the trainer computes them (docs/paper.md pitfall 8).
 
-What bounds speed (measured on CPU, benchmarks/bench_rollout.py, docs/speed.md): with many rows, attention over the
-cache dominates and is memory-bound. Shared, a root is read once per step for all its rows (1.2-1.7x the copies on
-the MC and answer workloads); what is left is the rows' own tokens, the model's matmuls on small batches, and the
-per-step Python (sampling, stop strings). Where nothing is shared and no row stops early (64 prompts x 64 greedy
-tokens), sample ties with one batched Hugging Face generate (~1.0x): both run the same forward passes; the gains come
-from prefix reuse and sharing, dropping stopped rows, and top-p without a full sort (2x generate at T=0.6).
+What bounds speed (docs/speed.md has the measurements). On a CPU a step costs in proportion to its rows: the model's
+matmuls and attention over the tokens the rows hold. On a GPU a step of a 1B model costs about the same for 30 rows
+as for 700 (kernel launches and the weights' memory traffic), so what counts is the number of sequential steps and
+the rows each holds: continuous batching keeps the batch full, and no step waits on the host more than once.
 
-Test: python -m pytest tests/test_rollout.py -q.   Benchmark: python benchmarks/bench_rollout.py [--quick].
+Test: python -m pytest tests/test_rollout.py tests/test_attention.py -q.   Benchmark: python benchmarks/bench_rollout.py
 
 Departures from the paper's vLLM sampler:
   1. Stop strings cut token ids, not text: the response ends at the last token boundary at or before the start of
      the stop string, so a token that holds text before the stop string is dropped too (vLLM cuts the text exactly).
   2. Stop strings are searched in the generated text only (vLLM does the same), never across the prefix boundary.
-  3. Sliding-window attention layers are not supported (a nested prefix cannot be sliced out of a windowed cache).
+  3. Sliding-window attention layers are not supported (check_model refuses them).
   4. Different random streams: the same seed gives the same samples here, not vLLM's samples.
-  5. Prefix sharing in attention is plain PyTorch (attention.py), not a fused kernel like vLLM's or FlashInfer's
-     cascade attention; vLLM shares only what its paged cache holds in common.
+  5. Attention over blocks and roots is plain PyTorch (attention.py), not vLLM's fused paged-attention kernel.
 
-Letters: B rows being decoded, P prefixes, R roots, K samples per prefix, T positions, V vocabulary, H key/value
-heads, D head dim.
+Letters: B rows being decoded, P prefixes, R roots, K samples per prefix, T positions, V vocabulary.
 """
 
-import contextlib
-from dataclasses import dataclass
+import collections
+import functools
+import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import attention
+from attention import BLOCK
+from scheduler import Scheduler
 
-# Default memory cap, in cached tokens per chunk: rows x (longest prefix + max_new_tokens). The KV cache costs
-# num_layers * num_kv_heads * head_dim * (key bytes + value bytes) per token; under bf16 autocast the keys stay
-# float32 (the rotary embedding's float32 cos/sin promote them; tests/test_memory_plan.py measures it), so 2**18
-# tokens is ~8.3 GiB for a 1.1B Llama (22 layers, 4 KV heads of 64), ~0.2 GB for the tests' tiny models. Lower it
-# if sampling runs out of memory; tools/memory_plan.py says what fits.
+# Memory cap of the KV cache, in cached tokens (roots and generated tokens), when sample is given none: this on a
+# CPU, and on CUDA the fraction KV_MEMORY_FRACTION of the memory free when sampling starts (vLLM's
+# gpu_memory_utilization). A token costs attention.kv_bytes_per_token: 2 x 22 layers x 4 heads x 64 x 2 bytes = 22.5
+# KiB for RhoMath-1.1B under bf16. tools/memory_plan.py says what fits.
 DEFAULT_MAX_BATCH_TOKENS = 2**18
-# Prefill forward passes (plan_prefill_passes): at most this many tokens per pass, roots x longest root of the pass,
-# and no root shorter than PREFILL_MIN_FILL x the pass's longest (the rest of its row is padding, computed and thrown
-# away). Measured on 2 CPU cores with the benchmark's 10M model: passes of ~2k tokens beat one pass per root and also
-# passes of 4k-16k tokens (probably as their activations no longer fit in the CPU caches), and one pass over roots of
-# 50-150 tokens, all padded to 150, was slower than one pass per root. On a GPU larger passes may pay (not measured).
-# The cap also bounds memory: tokens x intermediate size per MLP activation, and tokens x heads x T attention scores
-# where the attention kernel materialises them.
+KV_MEMORY_FRACTION = 0.7
+# Prefill passes (plan_prefill_passes): at most this many tokens per pass, roots x longest root of the pass, and no
+# root shorter than PREFILL_MIN_FILL x the pass's longest (the rest of its row is padding, computed and thrown away).
+# Measured on 2 CPU cores: passes of ~2k tokens beat one pass per root and passes of 4k-16k tokens.
 PREFILL_BATCH_TOKENS = 2**11
 PREFILL_MIN_FILL = 0.9
-# The roots' keys and values are shared (attention.py) when a call has at least this many rows and this many rows per
-# root (sharing_pays; below, the extra work of grouping and merging costs more than the copies it saves).
-SHARE_MIN_ROWS, SHARE_MIN_ROWS_PER_ROOT = 32, 4
-# Top-p first looks for the nucleus among this many most probable tokens (nucleus_mask).
+# Top-p looks for the nucleus among this many most probable tokens; where a step's nucleus is not among them, that
+# step is drawn again from a full sort (sample_next_tokens).
 TOP_P_CANDIDATES = 64
 # Stop strings are searched in the exact decoded text: no special-token skipping, no whitespace clean-up.
 DECODE_KWARGS = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -99,9 +78,9 @@ DECODE_KWARGS = dict(skip_special_tokens=False, clean_up_tokenization_spaces=Fal
 
 @dataclass(frozen=True)
 class Sampling:
-    """The settings of `sample` that the answers and the MC continuations of their step states must share (docs/paper.md
-    pitfall 1: T = 0.6, top-p 0.9, the same length budget and stop strings). train.py builds one value and hands it
-    to both, sample(model, prefixes, num_samples=K, **vars(sampling)), so the two cannot drift apart."""
+    """The settings of `sample` that the answers and the MC continuations of their step states share (docs/paper.md
+    pitfall 1). train.py builds one value and hands it to both: sample(model, prefixes, num_samples=K,
+    **vars(sampling))."""
 
     temperature: float  # 0: greedy
     top_p: float
@@ -109,7 +88,7 @@ class Sampling:
     eos_token_id: int | tuple[int, ...]  # every id that ends an answer (stop_token_ids)
     max_length: int | None = None  # most tokens in prefix + continuation
     stop_strings: tuple[str, ...] = ()
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # memory cap of one chunk (module doc, 5.)
+    max_batch_tokens: int | None = None  # KV cache cap in tokens (None: default_budget)
 
 
 @dataclass
@@ -118,12 +97,7 @@ class Rollouts:
     logprobs: list[torch.Tensor]  # float32 (len(response_ids[i]),): log_softmax(logits / T) of each sampled token
     finished: list[bool]  # True: stopped on EOS or a stop string; False: hit the length limit
     eos: list[int | None]  # the end token that stopped the sample (one of eos_token_id), else None
-
-    @classmethod
-    def empty(cls, num_rows: int) -> "Rollouts":
-        """num_rows empty, unfinished samples, to be filled in."""
-        return cls([[] for _ in range(num_rows)], [torch.zeros(0) for _ in range(num_rows)], [False] * num_rows,
-                   [None] * num_rows)
+    stats: dict = field(default_factory=dict)  # what the engine did: forward passes, host reads, ... (Scheduler)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -134,58 +108,120 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted({tokenizer.eos_token_id, *configured} - {None})
 
 
-def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Top-p (nucleus) set (Holtzman et al. 2020; vLLM): the smallest set of most probable tokens whose cumulative
-    probability reaches top_p. probs: (B, V), rows sum to 1. Returns a bool mask (B, V), True = kept.
-
-    A token is kept iff the mass of the tokens ranked above it is < top_p (so the top token always is). Sorting the
-    vocabulary every step costs as much as a small model's forward pass, so two cheaper exact cases come first:
-      peaked rows (a trained LM at T=0.6): the TOP_P_CANDIDATES most probable tokens hold >= top_p, the nucleus is
-        inside them;
-      flat rows (random models): the least probable half holds > 1 - top_p, the dropped tail is inside it; a token is
-        dropped iff its mass plus that of all less probable tokens is <= 1 - top_p (= mass above it >= top_p).
-    Otherwise, or if the rows of the batch disagree, one full sort."""
-    kept = torch.zeros_like(probs, dtype=torch.bool)  # (B, V)
-    top, top_idx = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)  # (B, N) descending
-    if bool((top.sum(dim=-1) >= top_p).all()):
-        return kept.scatter_(-1, top_idx, top.cumsum(dim=-1) - top < top_p)  # exclusive cumsum = mass above
-    low, low_idx = probs.topk(probs.shape[-1] // 2, dim=-1, largest=False)  # (B, V/2) ascending
-    tail_mass = low.cumsum(dim=-1)  # (B, V/2) mass of each token and all less probable ones
-    if bool((tail_mass[:, -1] > 1 - top_p).all()):
-        return kept.fill_(True).scatter_(-1, low_idx, tail_mass > 1 - top_p)
-    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)  # (B, V)
-    return kept.scatter_(-1, sorted_idx, sorted_probs.cumsum(dim=-1) - sorted_probs < top_p)
+# ---------------------------------------------------------------------------------------------------------------------
+# What the engine can run: refused in one line before any work
 
 
-def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from probs restricted to nucleus_mask and renormalised. probs: (B, V). Returns (B,).
+def check_config(config, max_length: int | None) -> None:
+    """Refuse a model whose attention this engine cannot cache (a sliding window shorter than max_length: a nested
+    prefix cannot be sliced out of a windowed cache, departure 3) or whose positions end before max_length."""
+    config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
+        window is not None and getattr(config, "use_sliding_window", True))
+    if sliding and window is not None and (max_length is None or window < max_length):
+        raise ValueError(f"this model attends over a sliding window of {window} tokens, which the sampler does not "
+                         "support (rollout.py departure 3); use a model with full attention, or a --max-length at most "
+                         "the window")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length is not None and positions < max_length:
+        raise ValueError(f"this model has {positions} positions, fewer than --max-length {max_length}; lower "
+                         "--max-length to at most that")
 
-    Inverse-CDF sampling in vocabulary order: u ~ U(0, kept mass], token = first index whose cumulative kept mass
-    >= u (never a dropped token: its cumulative mass equals that of the kept token before it, which comes first).
-    Cheaper on CPU than torch.multinomial; the same distribution."""
-    kept_probs = probs if top_p >= 1.0 else probs.masked_fill(~nucleus_mask(probs, top_p), 0.0)  # (B, V)
-    cdf = kept_probs.cumsum(dim=-1)  # (B, V)
-    gen_device = probs.device if generator is None else generator.device  # a CPU generator may drive a CUDA model
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=gen_device).to(probs.device)  # (B, 1) in [0, 1)
-    u = (1.0 - u) * cdf[:, -1:]  # (B, 1) in (0, kept mass]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+def check_model(model, max_length: int | None) -> None:
+    """check_config, and refuse a model whose attention layers do not call Hugging Face's attention interface (the
+    engine's attention plugs in there, attention.use)."""
+    check_config(model.config, max_length)
+    if not attention.supports(model):
+        implementation = getattr(model.config, "_attn_implementation", None)
+        raise ValueError(f"this model's attention ({type(model).__name__}, {implementation!r}) does not go through "
+                         "Hugging Face's attention interface with SDPA, which the sampler needs; load it with "
+                         "attn_implementation='sdpa'")
 
 
-def sample_next_tokens(
-    logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row. logits: (B, V). Returns tokens (B,) and their float32 logprobs (B,).
+def check_arguments(prompt_ids, num_samples, max_new_tokens, temperature, top_p, max_length, vocab_size) -> None:
+    """sample's arguments, each refused with a ValueError that names it."""
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be None or an integer >= 1, got {max_length!r}")
+    if not all(len(p) > 0 for p in prompt_ids):
+        raise ValueError("every prefix in prompt_ids needs at least one token")
+    low, high = min(map(min, prompt_ids), default=0), max(map(max, prompt_ids), default=0)
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"prompt_ids hold token ids from {low} to {high}; the model's vocabulary is 0 to {vocab_size - 1}")
 
-    logprob = log_softmax(logits / temperature)[token] (raw logits when temperature == 0, i.e. greedy argmax);
-    the token is drawn from softmax(logits / temperature) restricted to its top-p nucleus (sample_top_p)."""
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Draws: counter-based uniform numbers, top-p
+
+
+def uniforms(seed: int, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """U(0, 1] for each (row, token index), a hash of (seed, row, index), as counter-based generators (Philox, JAX's
+    threefry) do: a row's draws do not depend on the rows beside it. Integer arithmetic (32-bit values in int64,
+    products < 2**63), so every device gives the same numbers; 24 bits, as a float32 holds."""
+    x = (rows * 0x2545F491 + index * 0x1B873593 + seed) & 0xFFFFFFFF
+    for _ in range(3):  # a 32-bit integer finaliser (xor-shift-multiply rounds)
+        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (((x ^ (x >> 16)) >> 8) + 1).float() / 2**24
+
+
+def sample_next_tokens(logits, u, *, temperature: float, top_p: float, exact: bool = True):
+    """One token per row. logits (B, V), u (B,) in (0, 1]. Returns tokens (B,), their float32 logprobs (B,) and
+    whether the TOP_P_CANDIDATES most probable tokens held the nucleus, row by row (B,).
+
+    logprob = log_softmax(logits / temperature)[token] (raw logits when temperature == 0: greedy argmax). Top-p
+    (Holtzman et al. 2020; vLLM): the nucleus is the most probable tokens, in order, while the mass above a token is
+    < top_p; the token is the first in that order whose cumulative mass reaches u x the nucleus's mass (inverse CDF).
+    exact False looks only among the top candidates; the flag says where that was enough (if not, draw again with
+    exact True: same u, same order, so the same token wherever both apply). top_p = 1 draws in vocabulary order."""
     logits = logits.float()  # float32 logprobs even under bf16 autocast
     if temperature == 0:
-        logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
         tokens = logits.argmax(dim=-1)  # (B,)
+        logprobs = logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        return tokens, logprobs, torch.ones_like(tokens, dtype=torch.bool)
+    scaled = logits / temperature  # (B, V)
+    log_normalizer = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, 1)
+    if top_p >= 1:
+        order, ranked = None, scaled
+    elif exact:
+        ranked, order = scaled.sort(dim=-1, descending=True)  # (B, V)
     else:
-        logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
-        tokens = sample_top_p(logprobs.exp(), top_p, generator)  # (B,)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        ranked, order = scaled.topk(min(TOP_P_CANDIDATES, scaled.shape[-1]), dim=-1)  # (B, C) descending
+    probs = torch.exp(ranked - log_normalizer)  # (B, C)
+    cdf = probs.cumsum(dim=-1)  # (B, C)
+    kept = (cdf - probs < top_p).sum(dim=-1, keepdim=True)  # (B, 1) the nucleus: a prefix of the ranked tokens
+    mass = cdf.gather(-1, kept - 1)  # (B, 1) the nucleus's mass
+    pick = torch.searchsorted(cdf, u[:, None] * mass).clamp(max=kept - 1)  # (B, 1) first cdf >= u x mass
+    tokens = pick[:, 0] if order is None else order.gather(-1, pick)[:, 0]  # (B,)
+    logprobs = scaled.gather(-1, tokens[:, None])[:, 0] - log_normalizer[:, 0]
+    held = cdf[:, min(TOP_P_CANDIDATES, cdf.shape[-1]) - 1] >= top_p  # (B,) the candidates held the nucleus
+    return tokens, logprobs, held | (top_p >= 1)
+
+
+def draw(logits, u, *, temperature: float, top_p: float, exact: bool) -> tuple[list[int], torch.Tensor, bool, int]:
+    """sample_next_tokens, read to the host in one read with its flag packed in; again, sorted, where the top
+    candidates did not hold every row's nucleus. Returns the tokens, their logprobs (B,) on the device, whether the
+    next step should sort (this step's nucleus was not among the candidates), and the host reads made."""
+    tokens, logprobs, held = sample_next_tokens(logits, u, temperature=temperature, top_p=top_p, exact=exact)
+    packed = (tokens * 2 + held).tolist()  # the step's one host read
+    missed = not all(value & 1 for value in packed)
+    if missed and not exact:  # a nucleus past the candidates: this step again, from a full sort
+        tokens, logprobs, _ = sample_next_tokens(logits, u, temperature=temperature, top_p=top_p, exact=True)
+        return tokens.tolist(), logprobs, True, 2
+    return [value >> 1 for value in packed], logprobs, missed, 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Roots and their prefill
 
 
 def find_roots(prefixes: Sequence[Sequence[int]]) -> list[int]:
@@ -200,39 +236,6 @@ def find_roots(prefixes: Sequence[Sequence[int]]) -> list[int]:
         if len(p) <= len(q) and list(q[: len(p)]) == list(p):
             roots[a] = roots[b]
     return roots
-
-
-def plan_chunks(
-    prefix_lens: list[int], roots: list[int], *, num_samples: int, max_new_tokens: int, max_batch_tokens: int,
-    shared: bool = False,
-) -> list[list[int]]:
-    """Split prefix indices into chunks whose KV cache holds at most max_batch_tokens tokens: rows x (longest root +
-    max_new_tokens) when every row holds a copy of its root, roots x longest root + rows x max_new_tokens when the
-    roots are shared (attention.DecodeCache).
-
-    Prefixes of one root stay adjacent (their KV comes from one forward pass), roots go longest first so the
-    biggest chunk runs first. A single prefix whose num_samples rows exceed the cap still forms its own chunk."""
-    order = sorted(range(len(prefix_lens)), key=lambda i: (-prefix_lens[roots[i]], roots[i], -prefix_lens[i]))
-    chunks, current, longest, num_roots = [], [], 0, 0
-    for i in order:
-        new_longest = max(longest, prefix_lens[roots[i]])
-        new_roots = num_roots + (not current or roots[i] != roots[current[-1]])  # a root's prefixes are adjacent
-        rows = (len(current) + 1) * num_samples
-        size = new_roots * new_longest + rows * max_new_tokens if shared else rows * (new_longest + max_new_tokens)
-        if current and size > max_batch_tokens:
-            chunks.append(current)
-            current, new_longest, new_roots = [], prefix_lens[roots[i]], 1
-        current.append(i)
-        longest, num_roots = new_longest, new_roots
-    return chunks + ([current] if current else [])
-
-
-def sharing_pays(roots: list[int], num_samples: int) -> bool:
-    """Do the roots' keys and values pay to share (attention.py) in this call? When the rows are many and several
-    continue each root, measured on 2 CPU threads (docs/speed.md): 512 rows over 64 roots 1.26x, 720 over 16 roots
-    1.66x, 45 over one root 1.42x; but 18 rows 0.89-1.09x, 64 rows over 32 roots 0.93x, nothing shared 0.97x."""
-    rows = len(roots) * num_samples
-    return rows >= SHARE_MIN_ROWS and rows >= SHARE_MIN_ROWS_PER_ROOT * len(set(roots))
 
 
 def plan_prefill_passes(root_lens: list[int]) -> list[tuple[int, int]]:
@@ -252,70 +255,68 @@ def plan_prefill_passes(root_lens: list[int]) -> list[tuple[int, int]]:
     return passes
 
 
-def prefill(
-    model, prefixes: list[list[int]], device: torch.device
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """Forward passes over the chunk's roots, several roots per pass (docs/paper.md §6: prefix KV shared by its K
-    rollouts).
+def prefill(model, cache: attention.BlockCache, roots: list[list[int]], blocks: list[list[int]],
+            ends: list[tuple[int, int]], device) -> tuple[torch.Tensor, int]:
+    """Forward passes over roots (token lists), longest first, several per pass (plan_prefill_passes), each
+    right-padded to its longest root (pad id 0, hidden by the attention mask; position_ids 0..T-1, so a root's
+    positions do not depend on the others); every layer's keys and values go to the root's blocks. ends: (root index,
+    prefix length) of every prefix whose next-token logits are wanted (the logits at position t predict token t + 1).
 
-    Roots go longest first, in the passes of plan_prefill_passes, each right-padded to its longest root (pad id 0,
-    hidden by the attention mask; position_ids 0..T-1, so a root's positions do not depend on the others). A
-    pre-hook on the output layer (get_output_embeddings) hands it only the hidden states of the prefixes' last
-    positions, (1, P_pass, hidden) instead of (R_pass, T, hidden), so no (R, T_root, V) logits are made. The rest is
-    the model's own forward: anything it does between the last hidden state and the logits (final norm, scaling,
-    soft-capping) acts per position, so it gives the gathered positions what the full forward would (tested on
-    llama, qwen2 and gpt2, which apply nothing after the output layer).
-
-    Returns, for each layer, keys and values of all R roots padded on the right to the longest root, (R, H, T_root, D)
-    (the padding holds zeros or the pad tokens' keys / values; decoding masks it); the root of every prefix as an
-    index into them (P,); and every prefix's next-token logits (P, V), read at its last position (the logits at
-    position t predict token t + 1)."""
-    roots = find_roots(prefixes)
-    root_ids = sorted(set(roots), key=lambda r: -len(prefixes[r]))  # (R,) the roots' prefix indices, longest first
-    root_of = {r: k for k, r in enumerate(root_ids)}
-    prefix_root = torch.tensor([root_of[r] for r in roots], device=device)  # (P,)
-    prefix_len = torch.tensor([len(p) for p in prefixes], device=device)  # (P,)
-    longest = len(prefixes[root_ids[0]])  # T_root
-    head = model.get_output_embeddings()
-    layers, next_logits = [], None
-    for start, stop in plan_prefill_passes([len(prefixes[r]) for r in root_ids]):
-        width = len(prefixes[root_ids[start]])  # T of this pass: its longest root
-        batch = [prefixes[r] + [0] * (width - len(prefixes[r])) for r in root_ids[start:stop]]  # pad id: never seen
-        positions = torch.arange(width, device=device)  # (T,) true positions: the padding comes after them
-        attention_mask = positions[None] < prefix_len[root_ids[start:stop]][:, None]  # (R_pass, T) False = padding
-        in_pass = (prefix_root >= start) & (prefix_root < stop)  # (P,) prefixes whose root is in this pass
-        rows, cols = prefix_root[in_pass] - start, prefix_len[in_pass] - 1  # (P_pass,) each prefix's last position
-        # the output layer gets (1, P_pass, hidden) instead of (R_pass, T, hidden): out.logits is (1, P_pass, V)
+    A pre-hook on the output layer (get_output_embeddings) hands it only the hidden states at those ends, so no
+    (R, T, V) logits are made; anything a model does after it acts per position (tested on llama, qwen2 and gpt2).
+    Returns the logits (P, V) in the order of ends, and the number of passes."""
+    order = sorted(range(len(roots)), key=lambda k: -len(roots[k]))  # longest first
+    rank = {k: n for n, k in enumerate(order)}
+    roots, blocks, ends = [roots[k] for k in order], [blocks[k] for k in order], [(rank[k], n) for k, n in ends]
+    head, logits = model.get_output_embeddings(), [None] * len(ends)
+    passes = plan_prefill_passes([len(r) for r in roots])
+    for start, stop in passes:
+        width = len(roots[start])
+        batch = torch.tensor([r + [0] * (width - len(r)) for r in roots[start:stop]], device=device)  # (R_pass, T)
+        lengths = torch.tensor([len(r) for r in roots[start:stop]], device=device)
+        positions = torch.arange(width, device=device)
+        wanted = [k for k, (root, _) in enumerate(ends) if start <= root < stop]
+        rows = torch.tensor([ends[k][0] - start for k in wanted], device=device)
+        cols = torch.tensor([ends[k][1] - 1 for k in wanted], device=device)
         hook = head.register_forward_pre_hook(lambda module, args: (args[0][rows, cols][None],))
-        try:
-            out = model(
-                input_ids=torch.tensor(batch, device=device),
-                attention_mask=attention_mask,
-                position_ids=positions.expand(stop - start, width),
-                use_cache=True,
-            )
+        causal = (positions[None, :] <= positions[:, None]) & (positions[None, :] < lengths[:, None, None])
+        try:  # a 4D mask (R_pass, 1, T, T), used as given: no check of a 2D mask's values (a host read)
+            out = model(input_ids=batch, attention_mask=causal[:, None], position_ids=positions.expand(stop - start,
+                        width), use_cache=True)
         finally:
             hook.remove()
-        assert out.logits.shape[:2] == (1, len(rows)), "the model must compute its logits with get_output_embeddings()"
-        assert not any(out.cache.is_sliding), "sliding-window attention is not supported (departure 3)"
-        if next_logits is None:
-            next_logits = out.logits.new_empty((len(prefixes), out.logits.shape[-1]))  # (P, V)
-        next_logits[in_pass] = out.logits[0]
+        assert out.logits.shape[:2] == (1, len(wanted)), "the model must make its logits with get_output_embeddings()"
+        nb = -(-width // BLOCK)
+        table = torch.tensor([b + [0] * (nb - len(b)) for b in blocks[start:stop]], device=device)  # (R_pass, nb)
         for layer_idx, layer in enumerate(out.cache.layers):  # keys, values: (R_pass, H, T, D)
-            if start == 0:  # zero right padding beyond this pass's width, hidden by the attention mask in decoding
-                shapes = [(len(root_ids), t.shape[1], longest, t.shape[3]) for t in (layer.keys, layer.values)]
-                layers.append((layer.keys.new_zeros(shapes[0]), layer.values.new_zeros(shapes[1])))
-            layers[layer_idx][0][start:stop, :, :width] = layer.keys
-            layers[layer_idx][1][start:stop, :, :width] = layer.values
-    return layers, prefix_root, next_logits
+            cache.write_roots(layer_idx, layer.keys, layer.values, table)
+        for k, row in zip(wanted, out.logits[0]):
+            logits[k] = row
+    return torch.stack(logits), len(passes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stop strings
+
+
+@functools.lru_cache(maxsize=8)
+def stop_candidates(tokenizer, stop_strings: tuple[str, ...], vocab_size: int) -> np.ndarray:
+    """(V,) bool: can this token complete one of stop_strings? A stop string is complete at the token that holds its
+    last character, so only tokens whose text holds one (or a partial character, U+FFFD, or no text of its own) need
+    the check; the rest never do."""
+    texts = tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))], **DECODE_KWARGS)
+    lasts = {s[-1] for s in stop_strings}
+    candidates = np.ones(vocab_size, dtype=bool)  # ids past the tokenizer's: always checked
+    candidates[: len(texts)] = [any(c in t for c in lasts) or "\ufffd" in t or not t for t in texts]
+    return candidates
 
 
 def find_stop_cut(tokenizer, response_ids: list[int], stop_strings: Sequence[str], window: int) -> int | None:
     """If the decoded response contains a stop string, the number of tokens to keep: the longest token prefix whose
     text ends at or before the start of the first stop string. Else None.
 
-    Called after every new token, so a new stop string must end in the last tokens: decode only a window of them first
-    (window tokens hold at least window bytes; byte-level BPE tokens are never empty)."""
+    Called when a new token may complete a stop string, which then ends in the last tokens: decode only a window of
+    them first (window tokens hold at least window bytes; byte-level BPE tokens are never empty)."""
     tail = tokenizer.decode(response_ids[-window:], **DECODE_KWARGS)
     if not any(s in tail for s in stop_strings):
         return None
@@ -327,72 +328,8 @@ def find_stop_cut(tokenizer, response_ids: list[int], stop_strings: Sequence[str
     return keep
 
 
-def record_tokens(
-    out: Rollouts, batch_rows: list[int], tokens: torch.Tensor, token_logprobs: torch.Tensor, row_limit: list[int], *,
-    eos_ids: set[int], stop_strings: Sequence[str], tokenizer, window: int,
-) -> list[int]:
-    """Append every row's sampled token to its response (batch position pos holds row batch_rows[pos]; out.logprobs
-    holds lists of floats while decoding). Returns the batch positions of the rows that go on. A row stops when it
-    samples EOS (finished, EOS not kept), its text contains a stop string (finished, cut by find_stop_cut) or it
-    reaches its length limit (not finished). window: how many last tokens surely hold a new stop string."""
-    live = []
-    for pos, (b, token, lp) in enumerate(zip(batch_rows, tokens.tolist(), token_logprobs.tolist())):
-        if token in eos_ids:  # EOS: finished, and the EOS token is not part of the response
-            out.finished[b], out.eos[b] = True, token
-            continue
-        out.response_ids[b].append(token)
-        out.logprobs[b].append(lp)
-        cut = find_stop_cut(tokenizer, out.response_ids[b], stop_strings, window) if stop_strings else None
-        if cut is not None:  # stop string: finished, cut at a token boundary before it
-            out.finished[b] = True
-            del out.response_ids[b][cut:], out.logprobs[b][cut:]
-        elif len(out.response_ids[b]) < row_limit[b]:
-            live.append(pos)
-    return live
-
-
-def decode_chunk(
-    model, prefixes: list[list[int]], *, num_samples: int, limits: list[int], temperature: float, top_p: float,
-    eos_ids: set[int], generator: torch.Generator | None, stop_strings: Sequence[str], tokenizer, progress,
-    shared: bool,
-) -> Rollouts:
-    """Sample num_samples continuations of every prefix of one chunk; row b continues prefix b // num_samples.
-
-    Each step feeds the last token of every live row and samples its next token (record_tokens says which rows stop);
-    stopped rows leave the batch and the KV cache at once (DecodeCache.drop_rows). shared: the roots' keys and values
-    stay once and every row reads them through attention.shared_prefix_attention; else each row holds a copy."""
-    device = next(model.parameters()).device
-    layers, prefix_root, next_logits = prefill(model, prefixes, device)
-    row_prefix = torch.arange(len(prefixes), device=device).repeat_interleave(num_samples)  # (B,)
-    prefix_len = torch.tensor([len(p) for p in prefixes], device=device)[row_prefix]  # (B,)
-    kv = attention.DecodeCache(model, layers, prefix_root, prefix_len, num_samples, max(limits), shared)
-    num_rows = len(prefixes) * num_samples
-    row_limit = [limits[b // num_samples] for b in range(num_rows)]
-    window = 4 * max((len(s) for s in stop_strings), default=0) + 2  # tokens that surely hold a new stop string
-    out = Rollouts([[] for _ in range(num_rows)], [[] for _ in range(num_rows)], [False] * num_rows, [None] * num_rows)
-    batch_rows = list(range(num_rows))  # row id at each batch position
-    logits = next_logits.index_select(0, row_prefix)  # (B, V) the prefill's next-token logits
-    step = 0
-    while True:
-        tokens, token_logprobs = sample_next_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
-        live = record_tokens(out, batch_rows, tokens, token_logprobs, row_limit, eos_ids=eos_ids,
-                             stop_strings=stop_strings, tokenizer=tokenizer, window=window)
-        if progress is not None:
-            progress.update(len(batch_rows) - len(live))
-        if not live:
-            break
-        if len(live) < len(batch_rows):  # stopped rows leave the batch and the KV cache
-            order = kv.drop_rows(live, step)
-            keep = torch.tensor(order, device=device)
-            prefix_len, tokens = prefix_len[keep], tokens[keep]
-            batch_rows = [batch_rows[pos] for pos in order]
-        position_ids = (prefix_len + step)[:, None]  # (B, 1) true position of the fed token: the hole is skipped
-        out_step = model(input_ids=tokens[:, None], position_ids=position_ids, use_cache=True,
-                         **kv.inputs(len(batch_rows), step))
-        logits = out_step.logits[:, -1]  # (B, V) the fed token's position predicts the next token
-        step += 1
-    out.logprobs[:] = [torch.tensor(lp, dtype=torch.float32) for lp in out.logprobs]
-    return out
+# ---------------------------------------------------------------------------------------------------------------------
+# sample: the decoding loop
 
 
 def sample(
@@ -408,48 +345,157 @@ def sample(
     stop_strings: Sequence[str] = (),
     tokenizer=None,
     max_length: int | None = None,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    max_batch_tokens: int | None = None,
     show_progress: bool = False,
-    shared: bool | None = None,
 ) -> Rollouts:
     """num_samples continuations of every prefix in prompt_ids; sample j of prefix i is at index i * num_samples + j.
 
     A row stops at EOS (finished; EOS not returned), at a stop string (finished; cut before it, see find_stop_cut) or
-    at its length limit min(max_new_tokens, max_length - len(prefix)) (not finished), docs/paper.md §1.1, §4.3.
-    Each prefix's KV cache is computed once, nested prefixes are sliced from one pass over the longest (module doc).
-    shared: read each root once with attention.py's attention (True), copy it into every row (False), or decide by
-    sharing_pays (None); the tokens are the same and the logprobs equal within float rounding. The model runs in
-    eval mode under torch.inference_mode (its train/eval mode and attention are restored on return)."""
-    assert tokenizer is not None or not stop_strings, "stop_strings need a tokenizer to decode the response"
-    assert all(len(p) > 0 for p in prompt_ids), "every prefix needs at least one token"
+    at its length limit min(max_new_tokens, max_length - len(prefix)) (not finished), docs/paper.md §1.1, §4.3. Each
+    root's keys and values are computed once and read by every row of every prefix nested in it; the rows decode
+    in one continuously refilled batch whose KV cache holds at most max_batch_tokens tokens (module doc). The model
+    runs in eval mode under torch.no_grad, so that bf16 autocast casts each weight once per call, not per step (its
+    train/eval mode and attention are restored on return)."""
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    check_arguments(prompt_ids, num_samples, max_new_tokens, temperature, top_p, max_length, vocab_size)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the response")
     eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     limits = [max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(p)) for p in prompt_ids]
-    result = Rollouts.empty(len(prompt_ids) * num_samples)
-    todo = [i for i in range(len(prompt_ids)) if limits[i] > 0]  # no room left: empty response, not finished
-    roots = find_roots([prompt_ids[i] for i in todo])
-    lens = [len(prompt_ids[i]) for i in todo]
-    shared = sharing_pays(roots, num_samples) if shared is None else shared
-    shared = shared and attention.supports(model)
-    chunks = plan_chunks(lens, roots, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                         max_batch_tokens=max_batch_tokens, shared=shared)
-    progress = tqdm(total=len(todo) * num_samples, desc="sampling", unit="seq") if show_progress else None
-    was_training = model.training
+    check_model(model, max((len(p) + max(n, 0) for p, n in zip(prompt_ids, limits)), default=None))
+    device = next(model.parameters()).device
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator, device=getattr(generator, "device", "cpu")))
+    roots = find_roots(prompt_ids)
+    cache = make_cache(model, prompt_ids, roots, limits, num_samples, max_batch_tokens, device)
+    sched = Scheduler(prompt_ids, roots, num_samples, limits, len(cache.layers[0][0]), BLOCK)
+    candidates = stop_candidates(tokenizer, tuple(stop_strings), vocab_size) if stop_strings else None
+    stop = dict(eos_ids=eos_ids, stop_strings=stop_strings, tokenizer=tokenizer, candidates=candidates, limits=limits)
+    progress = tqdm(total=sum(map(len, sched.rows_of.values())), desc="sampling", unit="seq", disable=not show_progress)
+    was_training, stats, steps = model.training, collections.Counter(), []
     model.eval()
     try:
-        with torch.inference_mode(), attention.use(model) if shared else contextlib.nullcontext():
-            for chunk in chunks:
-                prefix_idx = [todo[c] for c in chunk]
-                out = decode_chunk(
-                    model, [list(prompt_ids[i]) for i in prefix_idx], num_samples=num_samples,
-                    limits=[limits[i] for i in prefix_idx], temperature=temperature, top_p=top_p, eos_ids=eos_ids,
-                    generator=generator, stop_strings=stop_strings, tokenizer=tokenizer, progress=progress,
-                    shared=shared,
-                )
-                for k, row in enumerate(i * num_samples + j for i in prefix_idx for j in range(num_samples)):
-                    result.response_ids[row], result.logprobs[row] = out.response_ids[k], out.logprobs[k]
-                    result.finished[row], result.eos[row] = out.finished[k], out.eos[k]
+        with torch.no_grad(), attention.use(model):
+            exact = False  # top-p among the top candidates, until a step's nucleus is not among them
+            while sched.live or sched.waiting:
+                logits, rows = forward_step(model, cache, sched, device, stats)
+                rows, index = np.array(rows), np.array([len(sched.tokens[b]) for b in rows])  # the drawn tokens' places
+                u = uniforms(seed, *upload(dict(rows=rows, index=index), device).values()) if temperature else None
+                tokens, logprobs, exact, reads = draw(logits, u, temperature=temperature, top_p=top_p, exact=exact)
+                steps.append((logprobs, rows, index))
+                stats["host_reads"] += reads
+                progress.update(record(sched, rows.tolist(), tokens, **stop))
     finally:
         model.train(was_training)
-        if progress is not None:
-            progress.close()
-    return result
+        progress.close()
+    return rollouts(sched, steps, stats)
+
+
+def make_cache(model, prefixes, roots, limits, num_samples, max_batch_tokens, device) -> attention.BlockCache:
+    """The call's KV pool, in the compute dtype (bf16 under autocast): max_batch_tokens tokens (default: this machine's,
+    budget), no more than the call can fill, and at least any one root with all its rows at their limits."""
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else next(
+        model.parameters()).dtype
+    budget = max_batch_tokens or default_budget(model.config, dtype, device)
+    blocks = lambda n: -(-n // BLOCK)  # noqa: E731
+    per_root = collections.Counter()  # a root's blocks if all its rows reach their limits
+    for r in set(roots):
+        per_root[r] += blocks(len(prefixes[r]))
+    for i, r in enumerate(roots):
+        per_root[r] += num_samples * blocks(max(limits[i], 0))
+    num_blocks = max(min(blocks(budget), sum(per_root.values())), max(per_root.values(), default=1))
+    return attention.BlockCache(model.config, num_blocks + 1, dtype, device)  # + block 0, scratch
+
+
+def default_budget(config, dtype, device) -> int:
+    """KV tokens when sample is given no max_batch_tokens: on CUDA KV_MEMORY_FRACTION of the memory free now, else
+    DEFAULT_MAX_BATCH_TOKENS."""
+    if device.type != "cuda":
+        return DEFAULT_MAX_BATCH_TOKENS
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(KV_MEMORY_FRACTION * free) // attention.kv_bytes_per_token(config, dtype)
+
+
+def forward_step(model, cache, sched: Scheduler, device, stats) -> tuple[torch.Tensor, list[int]]:
+    """One round: a decoding step of the rows that have a token to feed, and the prefill of the roots admitted now
+    (their rows draw a first token from it). Returns the next-token logits (B, V) and their rows."""
+    parts, rows = [], []
+    arrays = sched.step_inputs()  # first: the decoding rows get their blocks, then roots are admitted beside them
+    if arrays is not None:
+        parts.append(decode_step(model, cache, upload(arrays, device)))
+        rows += sched.fed
+        stats["decode_steps"] += 1
+        stats["decoded_tokens"] += len(sched.fed)
+    admitted = sched.admit()
+    if admitted:
+        roots, ends, new_rows = sched.new_rows(admitted)
+        blocks = [sched.root_blocks[r] for r in admitted]
+        logits, passes = prefill(model, cache, roots, blocks, ends, device)
+        parts.append(logits)
+        rows += new_rows
+        stats["prefill_passes"] += passes
+        stats["prefilled_tokens"] += sum(map(len, roots))
+    stats["peak_rows"] = max(stats["peak_rows"], len(rows))
+    return torch.cat(parts).float(), rows
+
+
+def upload(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
+    """The step's integer arrays in one host-to-device copy, which does not wait for the device (non_blocking)."""
+    sizes = [a.size for a in arrays.values()]
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays.values()]).astype(np.int64))
+    parts = flat.to(device, non_blocking=True).split(sizes)
+    return {name: part.view(a.shape) for (name, a), part in zip(arrays.items(), parts)}
+
+
+def decode_step(model, cache, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's forward pass over the fed tokens (B, 1) at their true positions, attention.paged_attention reading
+    the cache (attention.Step). Returns the next-token logits (B, V)."""
+    tokens, positions = inputs.pop("tokens"), inputs.pop("positions")
+    grid_len, pair_count = inputs.pop("grid_len"), inputs.pop("pair_count")  # (R, N), (M,)
+    root_positions = torch.arange(inputs["root_blocks"].shape[1] * BLOCK, device=tokens.device)
+    step = attention.Step(cache, visible=root_positions < grid_len[..., None],  # (R, N, T) a grid row sees its prefix
+                          pair_visible=torch.arange(BLOCK, device=tokens.device) < pair_count[:, None], **inputs)
+    out = model(input_ids=tokens[:, None], position_ids=positions[:, None], attention_mask=cache.no_mask,
+                use_cache=False, paged=step)
+    return out.logits[:, -1]  # (B, V) the fed token's position predicts the next token
+
+
+def record(sched: Scheduler, rows: list[int], tokens: list[int], *, eos_ids, stop_strings, tokenizer, candidates,
+           limits) -> int:
+    """Append tokens[k] to row rows[k]. A row stops at EOS (finished, EOS not kept), when its text holds a stop string
+    (finished, cut by find_stop_cut; checked only after a token that can complete one, stop_candidates) or at its
+    length limit (not finished). Returns the number of rows that stopped."""
+    window = 4 * max((len(s) for s in stop_strings), default=0) + 2  # tokens that surely hold a new stop string
+    stopped = []
+    for row, token in zip(rows, tokens):
+        response = sched.tokens[row]
+        if token in eos_ids:  # EOS: finished, and the EOS token is not part of the response
+            sched.finished[row], sched.eos[row] = True, token
+            stopped.append(row)
+            continue
+        response.append(token)
+        cut = find_stop_cut(tokenizer, response, stop_strings, window) if candidates is not None and candidates[
+            token] else None
+        if cut is not None:  # stop string: finished, cut at a token boundary before it
+            sched.finished[row] = True
+            del response[cut:]
+            stopped.append(row)
+        elif len(response) >= limits[row // sched.k]:
+            stopped.append(row)
+    sched.update(stopped, rows[len(sched.fed):])  # the rows after the fed ones were admitted in this round
+    return len(stopped)
+
+
+def rollouts(sched: Scheduler, steps: list, stats: collections.Counter) -> Rollouts:
+    """The Rollouts of the call: every row's tokens, and its logprobs gathered from the steps in one read (the draws
+    of EOS and of tokens cut by a stop string left out)."""
+    lengths = np.array([len(t) for t in sched.tokens])
+    values = torch.cat([s[0] for s in steps]).float().cpu().numpy() if steps else np.zeros(0)  # one read for the call
+    rows, index = (np.concatenate([s[k] for s in steps]) if steps else np.zeros(0, int) for k in (1, 2))
+    kept = index < lengths[rows]  # one draw per token of each response
+    order = np.lexsort((index[kept], rows[kept]))  # by row, then token index
+    assert len(order) == lengths.sum(), "one logprob per response token"
+    values = np.split(values[kept][order].astype(np.float32), np.cumsum(lengths)[:-1])
+    stats["host_reads"] += 1
+    stats["preempted_rows"] = sched.preempted
+    stats["forward_passes"] = stats["decode_steps"] + stats["prefill_passes"]
+    return Rollouts(sched.tokens, [torch.from_numpy(v) for v in values], sched.finished, sched.eos, dict(stats))

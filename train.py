@@ -172,9 +172,10 @@ class Args:
     gradient_checkpointing: bool = option(None, "Recompute the policy's and the critic's activations in the backward "
                                           "pass: less memory, more time, the same numbers. Default: on for CUDA, "
                                           "off on CPU.")
-    max_batch_tokens: int = option(rollout.DEFAULT_MAX_BATCH_TOKENS, "Cap on rows x (prefix + new tokens) per "
-                                   "sampling chunk, if sampling runs short of memory. It changes the random draws "
-                                   "(chunks are sampled in turn), so --resume needs the value the run started with.")
+    max_batch_tokens: int = option(None, "Tokens the sampler's KV cache holds at once (roots and generated tokens); "
+                                   "lower it if sampling runs short of memory. It changes no draw, so --resume allows "
+                                   "another value. Default: on CUDA 70% of the memory free when sampling starts, "
+                                   f"on CPU {rollout.DEFAULT_MAX_BATCH_TOKENS}.")
     threads: int = option(0, "torch CPU threads (0: torch's default). A run repeats exactly for the same seed, "
                           "thread count and CPU type; --resume allows another count (float rounding only).")
     grading_workers: int = option(0, "MATH: processes that compare answers with math-verify, each comparison bounded "
@@ -810,6 +811,11 @@ def set_up(args: Args) -> State:
     policy, reference, tokenizer = load_models(args, rows[0])
     train_problems, val_problems, test_problems = (reward.to_problems(split, tokenizer, args.dataset) for split in rows)
     check_prompts_fit(train_problems, args)
+    if args.device.startswith("cuda") and args.max_batch_tokens is None:
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        tokens = rollout.default_budget(policy.config, dtype, torch.device(args.device))
+        print(f"sampling: a KV cache of {rollout.KV_MEMORY_FRACTION:.0%} of the GPU memory free when sampling starts "
+              f"(now {tokens} tokens; --max-batch-tokens sets it)")
     critic = load_critic(args)
     optimizer, scheduler = make_optimizer(policy, args)
     state = State(train_problems, val_problems, test_problems, policy, reference, critic, tokenizer, optimizer,
@@ -871,7 +877,7 @@ AT_LEAST = {
     "sft_steps": (0, ""), "sft_batch_size": (1, ""), "eval_every": (0, " (0: never)"),
     "eval_problems": (0, " (0: all)"), "eval_samples": (1, ""), "value_diagnostic": (0, " (0: off)"),
     "diagnostic_rollouts": (1, ""), "log_samples": (0, " (0: off)"), "save_every": (0, ""),
-    "stop_after": (0, " (0: run on)"), "max_batch_tokens": (1, ""), "threads": (0, " (0: torch's default)"),
+    "stop_after": (0, " (0: run on)"), "threads": (0, " (0: torch's default)"),
     "dist_timeout": (1, ""), "grading_workers": (0, " (0: one per CPU core, at most 4; capped at the cores)"),
 }
 
@@ -889,6 +895,8 @@ def check_args(a: Args) -> list[str]:
         for name, (low, hint) in AT_LEAST.items()
         if getattr(a, name) < low
     ]
+    if a.max_batch_tokens is not None and a.max_batch_tokens < 1:
+        errors.append(f"--max-batch-tokens must be >= 1, got {a.max_batch_tokens}")
     finite, world_size = math.isfinite, int(os.environ.get("WORLD_SIZE", "1"))
     errors += [f"--{n.replace('_', '-')} must be > 0, got {getattr(a, n)}" for n in POSITIVE
                if not (getattr(a, n) > 0 and finite(getattr(a, n)))]
@@ -933,13 +941,13 @@ def check_args(a: Args) -> list[str]:
 
 # What --resume lets differ from the saved run: options that draw no random number of training and change no
 # setting of it. --device, --threads and --micro-batch-size can change float rounding only (so a run that ran out of
-# memory resumes with a smaller micro-batch), --gradient-checkpointing recomputes the same numbers; --eval-problems
-# changes what is evaluated (and so which policy best/ keeps), not the training; the diagnostic and the logged samples
-# draw from their own streams. Every other option, --max-batch-tokens included (it changes how the draws are
-# chunked), must be the saved run's.
+# memory resumes with a smaller micro-batch or KV cache: --max-batch-tokens moves no draw, rollout.uniforms),
+# --gradient-checkpointing recomputes the same numbers; --eval-problems changes what is evaluated (and so which policy
+# best/ keeps), not the training; the diagnostic and the logged samples draw from their own streams. Every other
+# option must be the saved run's.
 RESUME_MAY_DIFFER = {"resume", "stop_after", "device", "threads", "wandb", "eval_problems", "run_dir"}
 RESUME_MAY_DIFFER |= {"value_diagnostic", "diagnostic_rollouts", "log_samples", "gradient_checkpointing"}
-RESUME_MAY_DIFFER |= {"dist_timeout", "grading_workers", "micro_batch_size"}  # memory settings: float rounding only
+RESUME_MAY_DIFFER |= {"dist_timeout", "grading_workers", "micro_batch_size", "max_batch_tokens"}  # float rounding
 
 
 # An out-of-memory error names the phase it came from (the innermost of these functions on its traceback) and the
@@ -1024,6 +1032,8 @@ def load_models(args: Args, train_rows: list[dict]):
     first when this run makes it (sft.make_init); with --resume the policy comes from run_dir/checkpoint/. No reference
     is loaded when kl_coef = 0. Under torchrun both are sharded (distributed.shard_model)."""
     start = start_model(args)
+    if start != args.model and args.model != "tiny":  # the sampler's limits are checked before the SFT too
+        check_sampler(checkpoint.load_config(args.model), args)
     if start != args.model:  # made here once, by rank 0, and kept with the options that made it (departure 4)
         sft.make_init(start, {name: getattr(args, name) for name in INIT_OPTIONS}, rows=train_rows, device=args.device,
                       check_fit=functools.partial(check_prompts_fit, args=args), main=distributed.is_main(),
@@ -1031,6 +1041,7 @@ def load_models(args: Args, train_rows: list[dict]):
         distributed.wait_for_rank0()  # the other ranks wait (up to 6 hours) until rank 0 has made init/
     resume_from = os.path.join(args.run_dir, "checkpoint")
     policy, tokenizer = checkpoint.load_model(resume_from if args.resume else start, "cpu")
+    check_sampler(policy, args)
     ppo.float32_head(policy)  # float32 logits under autocast too (ppo.py departure 7)
     if args.gradient_checkpointing:  # active in train mode only (ppo_update), where the KV cache is off
         policy.activation_checkpointing_enable()
@@ -1044,6 +1055,18 @@ def load_models(args: Args, train_rows: list[dict]):
             ppo.store_in_bf16(reference)
         reference = distributed.shard_model(reference, args.device, bf16=args.bf16)
     return policy, reference, tokenizer
+
+
+def check_sampler(model_or_config, args: Args) -> None:
+    """Stop in one line, before any SFT or sampling, if rollout.sample cannot run this model (a sliding window, too few
+    positions for --max-length, an attention that is not Hugging Face's interface)."""
+    try:
+        if isinstance(model_or_config, torch.nn.Module):
+            rollout.check_model(model_or_config, args.max_length)
+        elif model_or_config is not None:
+            rollout.check_config(model_or_config, args.max_length)
+    except ValueError as e:
+        raise SystemExit(f"error: --model {args.model}: {e}") from None
 
 
 def autocast(args: Args):

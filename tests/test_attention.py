@@ -1,9 +1,10 @@
-"""attention.py, the shared-prefix attention of the MC rollouts: the merged prefix + suffix attention equals SDPA over
-the concatenated keys on random inputs (grouped-query heads, nested and one-token prefixes, roots with different
-numbers of rows); through a Hugging Face model, rollout.sample gives the copy path's tokens and logprobs (Llama and
-Qwen2, several chunks, stops, stop strings, bf16 autocast); the rule that picks it; more rows per chunk."""
+"""attention.py, the KV cache in blocks and the attention that reads it: the root part + (row, block) parts merged by
+log-sum-exp equal SDPA over the row's keys (grouped-query heads, nested and one-token prefixes, rows of 1 to 3 blocks,
+roots with different numbers of rows); the merge by hand; the prefill's keys land in the root's blocks; without a
+Step it is the model's SDPA, and use() gives the model its attention back."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,114 +12,100 @@ from conftest import make_model
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import attention
-import reward
-import rollout
+from attention import BLOCK
 
 
-def random_case(seed: int, kv_heads: int = 2, groups: int = 2, dim: int = 16, generated: int = 4):
-    """3 roots of 1, 5 and 9 tokens (padded to 9), 7 rows continuing them with prefix lengths 1..9 (one-token
-    prefixes included), each with `generated` tokens of its own."""
+def random_case(seed: int, kv_heads: int, groups: int, dim: int = 8):
+    """3 roots of 1, 40 and 70 tokens in blocks, 7 rows continuing them with prefix lengths 1..70 (one-token prefixes
+    included) and 1 to 3 blocks of generated tokens each (the last one fed now). Returns the pools, the Step, the
+    queries and, per row, its keys and values in order (root prefix, then its own), for SDPA."""
     g = torch.Generator().manual_seed(seed)
-    root_len, row_root = 9, torch.tensor([0, 1, 1, 2, 2, 2, 2])
-    prefix_len = torch.tensor([1, 5, 2, 9, 4, 1, 7])
-    root_keys, root_values = (torch.randn(3, kv_heads, root_len, dim, generator=g) for _ in range(2))
-    query = torch.randn(7, kv_heads * groups, dim, generator=g)
-    keys, values = (torch.randn(7, kv_heads, generated, dim, generator=g) for _ in range(2))
-    return query, keys, values, root_keys, root_values, row_root, prefix_len
-
-
-def reference(query, keys, values, root_keys, root_values, row_root, prefix_len) -> torch.Tensor:
-    """SDPA, one row at a time, over the row's own prefix of its root followed by its generated tokens."""
-    groups = query.shape[1] // keys.shape[1]
-    out = []
-    for b in range(len(query)):
-        r, n = int(row_root[b]), int(prefix_len[b])
-        k = torch.cat([root_keys[r, :, :n], keys[b]], dim=1).repeat_interleave(groups, dim=0)  # query head h: kv h // G
-        v = torch.cat([root_values[r, :, :n], values[b]], dim=1).repeat_interleave(groups, dim=0)
-        out.append(torch.nn.functional.scaled_dot_product_attention(query[b][:, None], k, v)[:, 0])
-    return torch.stack(out)
+    root_len, row_root = [1, 40, 70], [0, 1, 1, 2, 2, 2, 2]
+    prefix_len, generated = [1, 40, 3, 70, 33, 1, 64], [5, 33, 1, 64, 70, 2, 32]
+    cache = attention.BlockCache(SimpleNamespace(get_text_config=lambda: SimpleNamespace(
+        num_hidden_layers=1, num_key_value_heads=kv_heads, head_dim=dim)), 40, torch.float32, torch.device("cpu"))
+    keys, values = cache.layers[0]
+    keys.normal_(generator=g), values.normal_(generator=g)  # stale contents: masked slots must not matter
+    free = iter(torch.randperm(39, generator=g).add(1).tolist())  # blocks in any order, never block 0
+    root_blocks = [[next(free) for _ in range(-(-n // BLOCK))] for n in root_len]
+    row_blocks = [[next(free) for _ in range(-(-n // BLOCK))] for n in generated]
+    flat = lambda pool, blocks, n: pool[blocks].transpose(0, 1).reshape(kv_heads, -1, dim)[:, :n]  # noqa: E731
+    seqs = [tuple(torch.cat([flat(p, root_blocks[r], n), flat(p, row_blocks[b], generated[b])], dim=1)
+                  for p in (keys, values)) for b, (r, n) in enumerate(zip(row_root, prefix_len))]
+    width, widest = 4, 3  # grid: root 2 has 4 rows; roots padded to 3 blocks
+    grid_slot = torch.tensor([0, 4, 5, 8, 9, 10, 11])
+    grid_len = torch.zeros(3 * width, dtype=torch.long)
+    grid_len[grid_slot] = torch.tensor(prefix_len)
+    pairs = [(b, blk, BLOCK if j < len(row_blocks[b]) - 1 else generated[b] - BLOCK * j)
+             for b in range(7) for j, blk in enumerate(row_blocks[b])]
+    step = attention.Step(
+        cache, write_block=torch.tensor([0] * 7), write_slot=torch.tensor([0] * 7),  # the fed keys: scratch here
+        root_blocks=torch.tensor([rb + [0] * (widest - len(rb)) for rb in root_blocks]), grid_slot=grid_slot,
+        visible=torch.arange(widest * BLOCK) < grid_len.view(3, width, 1),
+        pair_row=torch.tensor([p[0] for p in pairs]), pair_block=torch.tensor([p[1] for p in pairs]),
+        pair_visible=torch.arange(BLOCK) < torch.tensor([p[2] for p in pairs])[:, None])
+    query = torch.randn(7, kv_heads * groups, 1, dim, generator=g)
+    return step, query, seqs
 
 
 @pytest.mark.parametrize("seed, kv_heads, groups", [(0, 2, 2), (1, 4, 1), (2, 1, 4)])
-def test_the_merged_attention_equals_sdpa_over_prefix_and_suffix(seed, kv_heads, groups):
-    query, keys, values, root_keys, root_values, row_root, prefix_len = random_case(seed, kv_heads, groups)
-    shared = attention.SharedPrefix([(root_keys, root_values)], row_root, prefix_len).group_rows()
-    out = attention.merged_attention(query, keys, values, root_keys, root_values, shared, 1 / math.sqrt(16))
-    expected = reference(query, keys, values, root_keys, root_values, row_root, prefix_len)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert shared.valid.shape == (3, 4, 9) and shared.valid.sum() == int(prefix_len.sum())  # root 2 has 4 rows
+def test_paged_attention_equals_sdpa_over_each_rows_keys(seed, kv_heads, groups):
+    step, query, seqs = random_case(seed, kv_heads, groups)
+    module = SimpleNamespace(layer_idx=0)
+    fed = torch.zeros(7, kv_heads, 1, 8)  # written to scratch block 0, which nothing visible reads
+    out, _ = attention.paged_attention(module, query, fed, fed, None, scaling=1 / math.sqrt(8), paged=step)
+    for b, (k, v) in enumerate(seqs):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query[b], k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0))  # head h: kv h // G
+        torch.testing.assert_close(out[b, 0], expected[:, 0], atol=1e-5, rtol=1e-5)
 
 
-def test_rows_are_grouped_by_root_after_rows_drop():
-    query, keys, values, root_keys, root_values, row_root, prefix_len = random_case(3)
-    keep = torch.tensor([6, 1, 3])  # rows reordered and dropped, as DecodeCache.drop_rows leaves them
-    shared = attention.SharedPrefix([(root_keys, root_values)], row_root[keep], prefix_len[keep]).group_rows()
-    out = attention.merged_attention(query[keep], keys[keep], values[keep], root_keys, root_values, shared, 0.25)
-    rows = (query[keep], keys[keep], values[keep])
-    expected = reference(*rows, root_keys, root_values, row_root[keep], prefix_len[keep])
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+def test_the_fed_tokens_keys_and_values_go_to_their_block_and_slot():
+    step, query, _ = random_case(3, 2, 2)
+    step.write_block, step.write_slot = torch.tensor([5, 6, 7, 8, 9, 10, 11]), torch.arange(7) * 4
+    fed_keys, fed_values = torch.randn(7, 2, 1, 8), torch.randn(7, 2, 1, 8)
+    attention.paged_attention(SimpleNamespace(layer_idx=0), query, fed_keys, fed_values, None, scaling=0.3, paged=step)
+    keys, values = step.cache.layers[0]
+    for b in range(7):
+        assert torch.equal(keys[5 + b, :, 4 * b], fed_keys[b, :, 0])
+        assert torch.equal(values[5 + b, :, 4 * b], fed_values[b, :, 0])
 
 
-def test_without_a_shared_prefix_it_is_sdpa_and_the_model_gets_its_attention_back():
+def test_merge_by_hand():
+    """Two parts of one row: scores [0, ln 3] and [ln 2]: weights 1/6, 3/6 and 2/6 of the values 1, 2 and 4."""
+    outs = torch.tensor([[(1 * 1 + 2 * 3) / 4], [4.0]])[:, :, None, None]  # (P, H=1, G=1, D=1) normalised parts
+    lses = torch.tensor([[math.log(4.0)], [math.log(2.0)]])[:, :, None]
+    out = attention.merge(outs.view(2, 1, 1, 1), lses.view(2, 1, 1), torch.tensor([0, 0]), rows=1)
+    assert out.item() == pytest.approx((1 + 2 * 3 + 4 * 2) / 6)
+
+
+def test_the_prefill_keys_land_in_the_roots_blocks():
+    cache = attention.BlockCache(SimpleNamespace(get_text_config=lambda: SimpleNamespace(
+        num_hidden_layers=2, num_key_value_heads=2, head_dim=4)), 8, torch.float32, torch.device("cpu"))
+    keys, values = torch.randn(2, 2, 40, 4), torch.randn(2, 2, 40, 4)  # roots of 40 and (padded) 33 tokens
+    cache.write_roots(1, keys, values, torch.tensor([[3, 5], [7, 0]]))  # the second root needs 2 blocks: padded
+    pool_keys, pool_values = cache.layers[1]
+    assert torch.equal(pool_keys[3], keys[0, :, :BLOCK]) and torch.equal(pool_keys[5, :, :8], keys[0, :, BLOCK:])
+    assert torch.equal(pool_values[7], values[1, :, :BLOCK])
+    assert torch.equal(attention.gather_roots(pool_keys, torch.tensor([[3, 5]]))[0, :, :40], keys[0])
+    assert not cache.layers[0][0].any(), "other layers untouched"
+
+
+def test_without_a_step_it_is_sdpa_and_the_model_gets_its_attention_back():
     model = make_model("llama", 64)
     module = model.model.layers[0].self_attn
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 4, 5, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g), torch.randn(2, 2, 5, 16)
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
     plain = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0]
-    assert torch.equal(attention.shared_prefix_attention(module, q, k, v, mask, scaling=0.25)[0], plain)
+    assert torch.equal(attention.paged_attention(module, q, k, v, mask, scaling=0.25)[0], plain)
     assert attention.supports(model)
     with attention.use(model):
         assert model.config._attn_implementation == attention.NAME
     assert model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("max_batch_tokens", [1 << 18, 200])  # one chunk; several (differently cut on each path)
-def test_sample_shared_gives_the_copy_paths_tokens_and_logprobs(tokenizer, family, max_batch_tokens):
-    """Greedy, nested prefixes (a root and two of its prefixes), a one-token prefix, K = 3, rows that stop at different
-    steps (their length limits differ; an EOS bias) and at the paper's stop string; and K = 1."""
-    model = make_model(family, len(tokenizer))
-    g = torch.Generator().manual_seed(0)
-    base = torch.randint(3, len(tokenizer), (40,), generator=g).tolist()
-    prefixes = [base[:1], base[:10], base[:25], base, [5, 6, 7, 8] + base[:12], [9]]
-    with torch.no_grad():
-        model.lm_head.weight[2] += 0.5 * model.lm_head.weight.std()  # EOS now and then: rows stop at different steps
-    for num_samples in (3, 1):
-        kwargs = dict(num_samples=num_samples, max_new_tokens=20, temperature=0.0, top_p=1.0, eos_token_id=2,
-                      stop_strings=reward.STOP_STRINGS, tokenizer=tokenizer, max_batch_tokens=max_batch_tokens,
-                      max_length=45)  # the 40-token prefix may make 5 tokens only
-        copied, shared = (rollout.sample(model, prefixes, shared=s, **kwargs) for s in (False, True))
-        assert shared.response_ids == copied.response_ids and shared.finished == copied.finished
-        assert len({len(r) for r in copied.response_ids}) > 1, "rows should stop at different steps"
-        for a, b in zip(shared.logprobs, copied.logprobs):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-
-
-def test_under_bf16_autocast_the_shared_logprobs_stay_close(tokenizer):
-    model = make_model("qwen2", len(tokenizer))
-    prefixes = [list(range(3, 30)), list(range(3, 12)), [7, 8, 9]]
-    kwargs = dict(num_samples=4, max_new_tokens=8, temperature=0.0, top_p=1.0, eos_token_id=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        copied, shared = (rollout.sample(model, prefixes, shared=s, **kwargs) for s in (False, True))
-    gaps = [float((a - b).abs().max()) for a, b in zip(shared.logprobs, copied.logprobs)
-            if len(a) and len(a) == len(b)]
-    assert gaps and max(gaps) < 0.05, gaps  # bf16: different roundings of the same sums
-
-
-def test_sharing_is_used_where_it_was_measured_to_pay():
-    assert rollout.sharing_pays(list(range(64)), 8)  # the answers: 64 prompts x 8
-    assert rollout.sharing_pays([0] * 5, 9)  # one answer's 5 nested states x K = 9
-    assert not rollout.sharing_pays([0, 1], 9)  # 18 rows
-    assert not rollout.sharing_pays(list(range(32)), 2)  # 2 rows per root
-    assert not rollout.sharing_pays(list(range(64)), 1)  # nothing shared (evaluation's greedy answers)
-
-
-def test_a_chunk_holds_more_rows_when_roots_are_shared():
-    lens, roots = [300] * 8 + [100] * 8, list(range(8)) + [8 + i // 2 for i in range(8)]
-    kwargs = dict(num_samples=9, max_new_tokens=100, max_batch_tokens=20_000)
-    copied = rollout.plan_chunks(lens, roots, **kwargs)
-    shared = rollout.plan_chunks(lens, roots, shared=True, **kwargs)
-    # copied: 9 rows x (300 + 100) per long prefix, 5 a chunk, then 9 x 200 per short one; shared: 12 roots padded
-    # to 300 once, + 16 x 9 rows x 100: 18,000 tokens, all in one chunk
-    assert [len(c) for c in copied] == [5, 5, 6] and len(shared) == 1 and sorted(shared[0]) == list(range(16))
+def test_kv_bytes_per_token_counts_keys_and_values_of_every_layer():
+    config = make_model("llama", 64).config  # 2 layers, 2 key/value heads of 16
+    assert attention.kv_bytes_per_token(config, torch.float32) == 2 * 2 * 2 * 16 * 4
+    assert attention.kv_bytes_per_token(config, torch.bfloat16) == 2 * 2 * 2 * 16 * 2

@@ -64,8 +64,10 @@ def test_weights_gradients_and_adamw_state_equal_a_real_model_after_one_step(tie
     assert len(state) == len(list(model.parameters()))
     assert {key for s in state for key in s} == {"step", "exp_avg", "exp_avg_sq"}  # step: one scalar each
     assert sum(s["exp_avg"].nbytes + s["exp_avg_sq"].nbytes for s in state) == plan["adam_moments"]
-    # the reference as train.load_models makes it on CUDA (bf16), the critic as train.load_critic (ppo.ValueModel)
-    assert sum(p.nbytes for p in copy.deepcopy(model).to(torch.bfloat16).parameters()) == plan["reference"]
+    # the reference as train.load_models makes it on CUDA (ppo.store_in_bf16), the critic as train.load_critic
+    reference = copy.deepcopy(model)
+    ppo.store_in_bf16(reference)
+    assert sum(p.nbytes for p in reference.parameters()) == plan["reference"]
     assert sum(p.nbytes for p in ppo.ValueModel(copy.deepcopy(model)).parameters()) == plan["critic_weights"]
 
 
@@ -86,38 +88,39 @@ def test_parameter_counts_of_the_table_models_equal_hugging_face_models_and_a_ha
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_kv_cache_bytes_equal_rollouts_buffers(autocast):
+def test_kv_cache_bytes_equal_rollouts_pool(autocast):
+    """The pool rollout.sample makes for a budget of max_batch_tokens (more prefixes than it holds), in the compute
+    dtype: bf16 under autocast."""
     config = tiny_config()
     model = make_model(config).eval()
-    prefixes = [[1, 5, 6, 7, 8], [1, 5, 6], [1, 9, 9, 9]]  # the second is nested in the first: 2 roots of <= 5 tokens
-    num_samples, max_len, max_new = 3, 20, 15  # the copy path's slots: the longest root (5) + max_new
-    prefix_len = torch.tensor([len(p) for p in prefixes]).repeat_interleave(num_samples)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        layers, prefix_root, _ = rollout.prefill(model, prefixes, torch.device("cpu"))
-        buffers = attention.DecodeCache(model, layers, prefix_root, prefix_len, num_samples, max_new, False).buffers
-        shared = attention.DecodeCache(model, layers, prefix_root, prefix_len, num_samples, max_new, True).buffers
-    cached_tokens = len(prefixes) * num_samples * max_len  # rows x slots, what plan_chunks caps at max_batch_tokens
-    plan = memory_plan.memory_plan(
-        config, gpu_bytes=0, max_batch_tokens=cached_tokens, bf16=autocast, num_samples=num_samples
-    )
-    assert sum(t.nbytes for pair in buffers for t in pair) == plan["kv_cache"]
-    # under autocast the keys stay float32 (bf16 k times float32 rotary cos/sin) and the values are bf16
-    assert (buffers[0][0].dtype, buffers[0][1].dtype) == (torch.float32, torch.bfloat16 if autocast else torch.float32)
-    roots = sum(t.nbytes for pair in layers for t in pair)
-    assert roots == memory_plan.kv_bytes_per_token(config, autocast) * 2 * 5  # 2 roots padded to 5 positions
-    assert roots <= plan["kv_prefill"]
-    # shared: the rows hold only their generated tokens, the roots stay once: what plan_chunks counts then
-    rows_only = sum(t.nbytes for pair in shared for t in pair)
-    assert rows_only + roots == memory_plan.kv_bytes_per_token(config, autocast) * (2 * 5 + len(prefix_len) * max_new)
+    prefixes = [[1, 3 + i] + list(range(50, 90)) for i in range(40)]  # 40 roots of 2 blocks, 2 rows of 4 blocks each
+    roots = rollout.find_roots(prefixes)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        cache = rollout.make_cache(model, prefixes, roots, [100] * 40, 2, 1000, torch.device("cpu"))
+    plan = memory_plan.memory_plan(config, gpu_bytes=0, max_batch_tokens=1000, bf16=autocast)
+    assert sum(t.nbytes for pair in cache.layers for t in pair) == plan["kv_cache"]
+    assert cache.layers[0][0].dtype == (torch.bfloat16 if autocast else torch.float32)
 
 
 def test_kv_bytes_per_token_by_hand():
-    # layers x KV heads x head dim x (4-byte key + 2-byte value) under autocast, (4 + 4) in float32
-    assert memory_plan.kv_bytes_per_token(memory_plan.tinyllama_config(), bf16=True) == 22 * 4 * 64 * 6 == 33_792
-    assert memory_plan.kv_bytes_per_token(memory_plan.tinyllama_config(), bf16=False) == 22 * 4 * 64 * 8
-    assert memory_plan.kv_bytes_per_token(memory_plan.deepseekmath_7b_config(), bf16=True) == 30 * 32 * 128 * 6
-    plan = memory_plan.memory_plan(memory_plan.tinyllama_config(), gpu_bytes=0, max_batch_tokens=2**18)
-    assert plan["kv_cache"] == 33_792 * 2**18  # rollout.DEFAULT_MAX_BATCH_TOKENS: 8.86e9 bytes for the 1.1B
+    # keys and values x layers x KV heads x head dim x 2 bytes under autocast (bf16 cache), 4 in float32
+    assert memory_plan.kv_bytes_per_token(memory_plan.tinyllama_config(), bf16=True) == 2 * 22 * 4 * 64 * 2 == 22_528
+    assert memory_plan.kv_bytes_per_token(memory_plan.tinyllama_config(), bf16=False) == 2 * 22 * 4 * 64 * 4
+    assert memory_plan.kv_bytes_per_token(memory_plan.deepseekmath_7b_config(), bf16=True) == 2 * 30 * 32 * 128 * 2
+    config = memory_plan.tinyllama_config()
+    assert memory_plan.kv_bytes_per_token(config, True) == attention.kv_bytes_per_token(config, torch.bfloat16)
+    plan = memory_plan.memory_plan(config, gpu_bytes=0, max_batch_tokens=2**18)
+    assert plan["kv_cache"] == 22_528 * (2**18 + 32)  # 8,192 blocks of 32 tokens and the scratch block: 5.9 GB
+
+
+def test_the_default_kv_cache_is_the_engines_rule_on_the_gpu_it_plans():
+    """rollout.default_budget on CUDA: KV_MEMORY_FRACTION of the free memory; the plan's free memory when sampling
+    starts is the GPU's minus the context, the fixed state and (several GPUs) the gathered weights."""
+    config = memory_plan.tinyllama_config()
+    plan = memory_plan.memory_plan(config, gpu_bytes=80 * 2**30)
+    free = plan["usable"] - plan["fixed"]
+    assert plan["kv_default_tokens"] == int(rollout.KV_MEMORY_FRACTION * free) // (2 * 22 * 4 * 64 * 2)
+    assert 1_500_000 < plan["kv_default_tokens"] < 2_500_000  # ~2.1M tokens on an 80 GB GPU at 1.1B
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -126,6 +129,7 @@ def test_activation_bytes_equal_what_autograd_saves(autocast):
     tensors autograd saves in the forward pass (CPU autocast casts the same ops to bf16 as CUDA's for this model)."""
     config = tiny_config()
     model = make_model(config).train()
+    ppo.float32_head(model)  # as train.load_models: the head's input and weight stay float32
     batch, seq_len = 3, 40
     ids, mask = right_padded_batch(batch, seq_len, config.vocab_size)
     storages = {}
@@ -169,6 +173,7 @@ def test_ppo_micro_batch_and_logprob_peaks_match_torch_memtracker(checkpointing,
     mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")  # a private torch tool
     config = tiny_config(vocab_size=1000)
     model = make_model(config)
+    ppo.float32_head(model)  # as train.load_models
     if checkpointing:
         model.activation_checkpointing_enable()
     batch, seq_len = 3, 48
@@ -195,7 +200,9 @@ def test_ppo_micro_batch_and_logprob_peaks_match_torch_memtracker(checkpointing,
 def test_a_7b_model_does_not_fit_one_80gb_gpu_and_the_1b_fits_at_the_paper_settings():
     seven_b, tiny_llama = memory_plan.deepseekmath_7b_config(), memory_plan.tinyllama_config()
     plan = memory_plan.memory_plan(seven_b, gpu_bytes=80 * 2**30)
-    assert plan["fixed"] == (4 + 8 + 2) * 6_910_365_696  # float32 weights, AdamW moments, bf16 reference
+    float32 = 2 * 102400 * 4096 + (2 * 30 + 1) * 4096  # the embedding, the LM head and the RMSNorm weights
+    reference = 2 * (6_910_365_696 - float32) + 4 * float32  # the layers' matmul weights in bf16
+    assert plan["fixed"] == (4 + 8) * 6_910_365_696 + reference  # float32 weights, AdamW moments, the reference
     assert plan["fixed"] > plan["usable"] and memory_plan.fit_status(plan["peak"], plan["usable"]) == "no"
     assert memory_plan.largest_fitting(seven_b, 80 * 2**30) == (None, None)
     plan = memory_plan.memory_plan(tiny_llama, gpu_bytes=80 * 2**30)  # micro-batch 8, 2048 tokens, 2^18 KV tokens
@@ -258,7 +265,6 @@ def refusal(capsys, argv: list[str]) -> str:
         ("--micro-batch-size", "0"),  # "fits: yes"
         ("--seq-len", "-10"),
         ("--max-batch-tokens", "0"),
-        ("--max-new-tokens", "0"),  # divided by zero
     ],
     ids=" ".join,
 )

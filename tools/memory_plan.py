@@ -15,18 +15,18 @@ V vocabulary, n = micro_batch x seq_len tokens, E = micro_batch x (seq_len - 1) 
 
 What each phase holds (train.py on CUDA: float32 weights, bf16 autocast, --bf16 and --gradient-checkpointing on):
   fixed        policy weights 4P (float32), AdamW moments 8P (exp_avg, exp_avg_sq; from the first step on),
-               the frozen reference 2P (cast to bf16, train.load_models; none when --kl-coef 0), and with
-               --advantage critic the critic's weights and moments 12 P_critic (ppo.ValueModel: the transformer
-               without its LM head, plus a hidden -> 1 head).
-  sampling     + the KV cache of one chunk, max_batch_tokens x kv_bytes_per_token (attention.DecodeCache; plan_chunks
-               caps what it holds at max_batch_tokens: rows x (longest root + max_new_tokens) copied, roots x longest
-               root + rows x max_new_tokens shared), + the prefill's per-root copies
-               (rollout.prefill; at most 1/num_samples of the chunk), + a bf16 copy of the largest weight (under
-               inference_mode autocast casts every weight at every call and caches nothing), + the decode step's
-               float32 logits and top-p buffers, ~40 bytes per row and vocabulary entry (an estimate, not measured),
-               for at most max_batch_tokens / max_new_tokens rows.
-  logprobs     + bf16 copies of every matmul weight (autocast caches them for the whole no_grad block) + the logits
-               (+ one float32 hidden state with checkpointing on: the cost of its enable_input_require_grads hook).
+               the frozen reference (ppo.store_in_bf16: its matmul weights but the LM head's in bf16, the rest
+               float32; none when --kl-coef 0), and with --advantage critic the critic's weights and moments
+               12 P_critic (ppo.ValueModel: the transformer without its LM head, plus a hidden -> 1 head).
+  sampling     + the KV cache, max_batch_tokens (rounded up to blocks, + one scratch block) x kv_bytes_per_token
+               (attention.BlockCache; rollout.default_budget: on CUDA without --max-batch-tokens, KV_MEMORY_FRACTION
+               of the memory free then, kv_default_tokens), + one prefill pass's own cache (rollout.prefill:
+               rollout.PREFILL_BATCH_TOKENS tokens), + bf16 copies of the matmul weights (autocast caches them for
+               the sampling call), + the decode step's float32 logits and top-p buffers, ~40 bytes per row and
+               vocabulary entry (an estimate, not measured) for at most scheduler.MAX_ROWS rows.
+  logprobs     + bf16 copies of every matmul weight but the LM head's (autocast caches them for the whole no_grad
+               block; the head runs in float32, ppo.float32_head) + the logits (+ one float32 hidden state with
+               checkpointing on: the cost of its enable_input_require_grads hook).
   PPO          + gradients 4P (and the critic's) + the activations saved for backward + the logits, at the worse of
                three moments: the end of the forward, the LM head's backward, one checkpointed layer's recompute.
   AdamW step   + gradients + one float32 temporary per parameter (torch's foreach AdamW computes sqrt(exp_avg_sq)
@@ -45,10 +45,10 @@ and layer, in bytes (w = 2 under autocast, 4 in float32):
     4 w i                    gate output, SiLU output, up output, their product
 i.e. 34 h + 8 i + 4 a + 8 + 2 s under autocast when a d = h. Gradient checkpointing (non-reentrant, Hugging Face's
 default) keeps only each layer's float32 input (4 h) and recomputes one layer at a time in the backward pass.
-The logits: the LM head's output (w n V), its float32 copy and the tempered logits / T (4 E each) at the end of the
-forward (ppo.token_logprobs); in the backward 20 E: the saved tempered logits plus the float32 temporaries of the
-logsumexp and gather gradients. The PPO micro-batch and logprob peaks agree with torch's MemTracker on CPU within
-0.4% (tests/test_memory_plan.py); the same composite ops run on CUDA.
+The logits: the LM head's float32 output (4 n V: it runs outside autocast, ppo.float32_head) and the tempered
+logits / T (4 E) at the end of the forward (ppo.token_logprobs); in the backward 20 E: the saved tempered logits plus
+the float32 temporaries of the logsumexp and gather gradients. The PPO micro-batch and logprob peaks agree with
+torch's MemTracker on CPU within 2% (tests/test_memory_plan.py); the same composite ops run on CUDA.
 
 Several GPUs (--gpus N, torchrun; distributed.py): FSDP2 shards the weights, gradients, AdamW moments and temporary,
 and the reference, so each GPU holds 1/N of them (SHARDED; tests/test_distributed.py measures half on 2 ranks). On
@@ -58,9 +58,8 @@ for the logprobs; in the PPO micro-batch the root's weights (embedding, final no
 running and the next, prefetched) and one layer's unreduced gradients (gathered_bytes). Not counted: NCCL's own
 buffers (a few hundred MB), and the CPU memory of loading (every rank reads the float32 model before sharding it).
 
-The KV cache under autocast: keys are float32, values bf16. The rotary embedding multiplies the bf16 keys by float32
-cos/sin (made from the float32 hidden states), which promotes them (tests/test_memory_plan.py measures it), so a
-cached token costs L x g x d x (4 + 2) bytes, 1.5x the 2 x L x g x d x 2 of a bf16 model.
+The KV cache is stored in the compute dtype: bf16 under autocast (the attention's products cast the keys and values
+to it anyway), so a cached token costs 2 x L x g x d x 2 bytes, float32 2 x L x g x d x 4.
 
 "Fits": the planned peak is at most 90% of the GPU minus RESERVED (the CUDA context and cuBLAS workspaces live outside
 PyTorch's allocator); "tight": within that 10%, where the caching allocator's fragmentation may still run out.
@@ -77,11 +76,16 @@ import sys
 
 from transformers import AutoConfig, LlamaConfig
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rollout  # noqa: E402  the engine's constants: one source of truth
+import scheduler  # noqa: E402
+from attention import BLOCK  # noqa: E402
+
 GiB = 2**30
 RESERVED = GiB  # CUDA context, cuBLAS workspaces: outside torch's allocator
 GPU_SIZES_GB = (24, 40, 80)  # GPU memory sizes as sold, in GiB (24 GB = 24 GiB on an RTX 4090, 80 GB on an A100/H100)
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # divisors of the paper's minibatch of 64 episodes
-MAX_BATCH_TOKENS = tuple(2**k for k in range(12, 21))  # 4096 .. 1048576 cached tokens per sampling chunk
+MAX_BATCH_TOKENS = tuple(2**k for k in range(12, 22))  # 4096 .. 2097152 cached tokens
 
 
 def tinyllama_config() -> LlamaConfig:
@@ -149,9 +153,9 @@ def parameter_counts(config) -> dict[str, int]:
 
 
 def kv_bytes_per_token(config, bf16: bool) -> int:
-    """Bytes one cached token costs in rollout's KV cache: L x g x d x (key bytes + value bytes). Under autocast the
-    keys are float32 (promoted by the float32 rotary cos/sin) and the values bf16; in float32 both are 4 bytes."""
-    return config.num_hidden_layers * kv_heads(config) * head_dim(config) * ((4 + 2) if bf16 else (4 + 4))
+    """Bytes one cached token costs in rollout's KV cache (attention.BlockCache): keys and values of every layer, in
+    the compute dtype: 2 x L x g x d x (2 under autocast, else 4)."""
+    return 2 * config.num_hidden_layers * kv_heads(config) * head_dim(config) * (2 if bf16 else 4)
 
 
 def layer_activation_bytes(config, seq_len: int, bf16: bool) -> int:
@@ -166,27 +170,27 @@ def layer_activation_bytes(config, seq_len: int, bf16: bool) -> int:
 
 
 def head_activation_bytes(config, bf16: bool) -> int:
-    """Bytes per token saved outside the layers: the final RMSNorm (input, normalised, 1/rms), the LM head's input
-    (a bf16 cast under autocast, the norm output in float32) and the int64 token id of the embedding lookup."""
+    """Bytes per token saved outside the layers: the final RMSNorm (input, normalised, 1/rms), the LM head's float32
+    input (it runs in float32, ppo.float32_head) and the int64 token id of the embedding lookup."""
     h = config.hidden_size
-    return 4 * h + 4 * h + 4 + (2 * h if bf16 else 4 * h) + 8
+    return 4 * h + 4 * h + 4 + 4 * h + 8
 
 
 def model_state_bytes(counts: dict[str, int], critic: bool, reference: bool, bf16: bool) -> dict[str, int]:
     """Bytes of the weights, gradients and AdamW state of the policy and of the critic, of the reference model, and of
     autocast's bf16 weight copies, from parameter_counts (module docstring, "fixed", "logprobs", "PPO")."""
     p, p_critic = counts["total"], counts["critic"] if critic else 0
-    w = 2 if bf16 else 4
+    body = counts["matmul"] - counts["lm_head"]  # the matmul weights autocast casts: all but the float32 head
     return {
         "policy_weights": 4 * p,
         "policy_grads": 4 * p,
         "adam_moments": 8 * p,
         "adam_step_temp": 4 * max(p, p_critic),
-        "reference": w * p if reference else 0,
+        "reference": (2 * body + 4 * (p - body) if bf16 else 4 * p) if reference else 0,  # ppo.store_in_bf16
         "critic_weights": 4 * p_critic,
         "critic_grads": 4 * p_critic,
         "critic_moments": 8 * p_critic,
-        "autocast_weights": 2 * counts["matmul"] if bf16 else 0,
+        "autocast_weights": 2 * body if bf16 else 0,
     }
 
 
@@ -206,21 +210,25 @@ def gathered_bytes(config, counts: dict[str, int], gpus: int, critic: bool, refe
     p, tied = counts["total"], getattr(config, "tie_word_embeddings", False)
     root = config.vocab_size * config.hidden_size * (1 if tied else 2) + config.hidden_size
     layer = (p - root) // config.num_hidden_layers
+    w = 2 if bf16 else 4  # the layers are gathered in bf16 on CUDA (distributed.mixed_precision), the root float32
     return {
-        "full_weights": 4 * p,
+        "full_weights": 4 * root + w * (p - root),
         "full_critic": 4 * counts["critic"] if critic else 0,
-        "full_reference": (2 if bf16 else 4) * p if reference else 0,
-        "update_gathered": 4 * (root + 3 * layer),
+        "full_reference": 4 * root + w * (p - root) if reference else 0,
+        "update_gathered": 4 * root + w * 3 * layer,
     }
 
 
-def sampling_bytes(config, bf16: bool, max_batch_tokens: int, max_new_tokens: int, num_samples: int) -> dict[str, int]:
-    """Bytes of one sampling chunk: its KV cache, the prefill's per-root copies and the decode step's logits and top-p
-    buffers (module docstring, "sampling")."""
+def sampling_bytes(config, bf16: bool, max_batch_tokens: int) -> dict[str, int]:
+    """Bytes of sampling: the KV cache (rollout.make_cache's pool), one prefill pass's own cache (float32 keys under
+    autocast: the rotary embedding promotes them) and the decode step's logits and top-p buffers (module docstring,
+    "sampling")."""
+    blocks = max_batch_tokens // BLOCK + (max_batch_tokens % BLOCK > 0) + 1  # + the scratch block
+    per_layer_token = config.num_hidden_layers * kv_heads(config) * head_dim(config)
     return {
-        "kv_cache": kv_bytes_per_token(config, bf16) * max_batch_tokens,
-        "kv_prefill": kv_bytes_per_token(config, bf16) * max_batch_tokens // num_samples,
-        "decode_logits": 40 * max(1, max_batch_tokens // max_new_tokens) * config.vocab_size,
+        "kv_cache": kv_bytes_per_token(config, bf16) * BLOCK * blocks,
+        "kv_prefill": per_layer_token * ((4 + 2) if bf16 else 8) * rollout.PREFILL_BATCH_TOKENS,
+        "decode_logits": 40 * min(scheduler.MAX_ROWS, blocks) * config.vocab_size,
     }
 
 
@@ -244,13 +252,13 @@ def activation_bytes(config, micro_batch_size: int, seq_len: int, bf16: bool) ->
     return {
         "activations_checkpointed": checkpointed_saved_bytes(config, micro_batch_size, seq_len, bf16) + n * layer,
         "activations_full": n * (config.num_hidden_layers * layer + head_activation_bytes(config, bf16)) + rope,
-        "logits_forward": micro_batch_size * seq_len * config.vocab_size * w + (8 if bf16 else 4) * e,
+        "logits_forward": micro_batch_size * seq_len * config.vocab_size * 4 + 4 * e,  # float32 head, / T
         "logits_backward": 20 * e,
     }
 
 
 def training_activation_bytes(
-    config, plan: dict[str, int], head_copy: int, micro_batch_size: int, seq_len: int, checkpointing: bool, bf16: bool
+    config, plan: dict[str, int], micro_batch_size: int, seq_len: int, checkpointing: bool, bf16: bool
 ) -> int:
     """Bytes a PPO micro-batch holds beyond the weights, AdamW state and gradients, at its worst moment: with
     checkpointing the worse of the end of the forward, the LM head's backward and one layer's recompute; without it
@@ -261,7 +269,7 @@ def training_activation_bytes(
         saved = checkpointed_saved_bytes(config, micro_batch_size, seq_len, bf16)
         return max(
             plan["autocast_weights"] + saved + plan["logits_forward"],  # end of the forward, autocast cache alive
-            head_copy + saved + plan["logits_backward"],  # the LM head's backward
+            saved + plan["logits_backward"],  # the LM head's backward
             saved + 3 * n * layer // 2,  # one layer recomputed, and the gradients through it (1.05-1.33x, on CPU)
         )
     activations = plan["autocast_weights"] + plan["activations_full"]
@@ -282,10 +290,10 @@ def phase_peaks(
     fixed = plan["policy_weights"] + plan["adam_moments"] + plan["reference"]
     fixed += plan["critic_weights"] + plan["critic_moments"]
     grads = plan["policy_grads"] + plan["critic_grads"]
-    head_copy = 2 * counts["lm_head"] if bf16 else 0  # the LM head's bf16 weight, saved for its backward
-    activations = training_activation_bytes(config, plan, head_copy, micro_batch_size, seq_len, checkpointing, bf16)
+    activations = training_activation_bytes(config, plan, micro_batch_size, seq_len, checkpointing, bf16)
     peaks = {"fixed": fixed}
-    sampled = plan["kv_cache"] + plan["kv_prefill"] + plan["decode_logits"] + head_copy
+    casts = plan["autocast_weights"] if not plan["full_weights"] else 0  # several GPUs: layers gathered in bf16
+    sampled = plan["kv_cache"] + plan["kv_prefill"] + plan["decode_logits"] + casts
     # several GPUs: the critic's V_old runs after the sampling, on its gathered weights beside the policy's
     peaks["sampling_peak"] = fixed + plan["full_weights"] + max(sampled, plan["full_critic"])
     peaks["logprobs_peak"] = fixed + plan["full_weights"] + plan["full_reference"] + plan["autocast_weights"]
@@ -305,31 +313,37 @@ def memory_plan(
     micro_batch_size: int = 8,
     seq_len: int = 2048,
     max_batch_tokens: int = 2**18,
-    max_new_tokens: int = 1024,
     gradient_checkpointing: bool = True,
     critic: bool = False,
     reference: bool = True,
     bf16: bool = True,
-    num_samples: int = 8,
     gpus: int = 1,
 ) -> dict[str, int]:
     """Bytes of each component and the peak of each phase of one train.py iteration (module docstring), for a
     Llama-style config, a GPU of gpu_bytes, and train.py's --micro-batch-size, a padded micro-batch length seq_len
     (at most --max-length), --max-batch-tokens, --max-new-tokens, --gradient-checkpointing, --advantage critic, a
-    reference model (--kl-coef > 0), --bf16, the rows per prefix in sampling (num_samples: 8 answers, K = 9), and
-    the number of GPUs the state is sharded over (gpus, torchrun). Every value is in bytes, per GPU; headroom =
-    usable - peak is negative when it does not fit."""
+    reference model (--kl-coef > 0), --bf16, and the number of GPUs the state is sharded over (gpus, torchrun). Every
+    value is in bytes, per GPU; headroom = usable - peak is negative when it does not fit; kv_default_tokens is the KV
+    cache sampling takes on this GPU without --max-batch-tokens."""
     counts = parameter_counts(config)
     plan = model_state_bytes(counts, critic, reference, bf16)
     plan |= {key: -(-plan[key] // gpus) for key in SHARDED}  # ceil: FSDP2 pads the last shard
     plan |= gathered_bytes(config, counts, gpus, critic, reference, bf16)
-    plan |= sampling_bytes(config, bf16, max_batch_tokens, max_new_tokens, num_samples)
+    plan |= sampling_bytes(config, bf16, max_batch_tokens)
     plan |= activation_bytes(config, micro_batch_size, seq_len, bf16)
     plan |= phase_peaks(config, plan, counts, micro_batch_size, seq_len, gradient_checkpointing, bf16)
     plan["gpu"] = gpu_bytes
     plan["usable"] = gpu_bytes - RESERVED
     plan["headroom"] = plan["usable"] - plan["peak"]
+    plan["kv_default_tokens"] = default_kv_tokens(config, plan, bf16)
     return plan
+
+
+def default_kv_tokens(config, plan: dict[str, int], bf16: bool) -> int:
+    """The KV cache rollout.default_budget takes on CUDA without --max-batch-tokens: KV_MEMORY_FRACTION of the memory
+    free when sampling starts (all of the GPU but the CUDA context, the fixed state and the gathered weights)."""
+    free = plan["usable"] - plan["fixed"] - plan["full_weights"]
+    return max(0, int(rollout.KV_MEMORY_FRACTION * free) // kv_bytes_per_token(config, bf16))
 
 
 def fit_status(peak: int, usable: int) -> str:
@@ -357,12 +371,12 @@ COMPONENTS = [  # (key, label) of the breakdown table
     ("policy_grads", "gradients, float32"),
     ("adam_moments", "AdamW moments, 2 x float32"),
     ("adam_step_temp", "AdamW step temporary, float32"),
-    ("reference", "reference model (bf16 on CUDA; --kl-coef > 0)"),
+    ("reference", "reference model (bf16 matmuls on CUDA; --kl-coef > 0)"),
     ("critic_weights", "critic weights (--advantage critic)"),
     ("critic_moments", "critic AdamW moments (+ as much again in grads)"),
     ("autocast_weights", "autocast bf16 weight copies"),
     ("kv_cache", "KV cache at --max-batch-tokens"),
-    ("kv_prefill", "prefill root copies (<= 1/num_samples of it)"),
+    ("kv_prefill", "one prefill pass's own cache"),
     ("decode_logits", "decode step logits and top-p buffers"),
     ("activations_checkpointed", "activations, checkpointing on"),
     ("activations_full", "activations, checkpointing off"),
@@ -482,7 +496,6 @@ def main(argv: list[str] | None = None) -> None:
         "--seq-len", type=positive, default=2048, help="padded micro-batch length (worst: --max-length)"
     )
     parser.add_argument("--max-batch-tokens", type=positive, default=2**18, help="train.py --max-batch-tokens")
-    parser.add_argument("--max-new-tokens", type=positive, default=1024, help="train.py --max-new-tokens")
     parser.add_argument("--no-checkpointing", action="store_true", help="train.py --gradient-checkpointing false")
     parser.add_argument("--critic", action="store_true", help="the breakdown with --advantage critic")
     parser.add_argument("--no-reference", action="store_true", help="--kl-coef 0: no reference model")
@@ -500,7 +513,6 @@ def main(argv: list[str] | None = None) -> None:
         micro_batch_size=cli.micro_batch_size,
         seq_len=cli.seq_len,
         max_batch_tokens=cli.max_batch_tokens,
-        max_new_tokens=cli.max_new_tokens,
         gradient_checkpointing=not cli.no_checkpointing,
         reference=not cli.no_reference,
         bf16=not cli.float32,
