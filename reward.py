@@ -1,38 +1,27 @@
 r"""The task layer: load problems, format the prompt, extract and grade final answers.
 
-Paper: VinePPO (arXiv:2410.01679); what its official code does: docs/paper.md §4.1 (prompt and SFT format), §4.3
-(GSM8K reward), §4.4 (MATH reward and splits). A third data set, `arithmetic`, is ours: short synthetic multi-step word
-problems in the GSM8K answer format, so that a ~1-5M-parameter model trained from scratch on a CPU can be SFT-warmed
-to an imperfect accuracy in minutes and then improved by RL (demos and tests).
+Paper: VinePPO (arXiv:2410.01679), as its official code does it: docs/paper.md §4.1 (prompt), §4.3 (GSM8K reward),
+§4.4 (MATH reward and splits). A third data set, `arithmetic`, is ours: synthetic word problems in GSM8K's format,
+small enough for a model trained from scratch on a CPU (demos and tests).
 
-    prompt   = format_prompt(question, dataset)      "[MATH_TASK] Problem:\n{question}\n\nSolution:"
-    response = "\n" + worked solution + "\n"         GSM8K/arithmetic end with "#### 72\n", MATH with \boxed{..}
-    reward   = grade(response, gold_answer, dataset) 1.0 or 0.0
-    rewards  = grade_batch(responses, golds, dataset) the same numbers for many (MATH: in grading.py's worker pool)
+    prompt   = format_prompt(question, dataset)       "[MATH_TASK] Problem:\n{question}\n\nSolution:"
+    response = "\n" + worked solution + "\n"          GSM8K/arithmetic end with "#### 72\n", MATH with \boxed{..}
+    reward   = grade(response, gold_answer, dataset)  1.0 or 0.0; grade_batch for many
 
-Test: python -m pytest tests/test_reward.py -q   (reads the data shipped in data/, see data/README.md)
+Test: python -m pytest tests/test_reward.py -q   (reads data/, see data/README.md)
 
 Departures from the paper (numbered):
-1. GSM8K gold answers have their commas removed too. The paper's code removes commas from the prediction only
+1. GSM8K gold answers lose their commas too. The paper's code strips them from the prediction only
    (`pred.strip().replace(",", "").lower() == gold.strip().lower()`), so the 93 of 8792 GSM8K problems whose gold
-   answer is written "1,080" could never be graded correct. Otherwise grading is the paper's exact string match.
-2. MATH answers are compared with the `math-verify` package instead of the paper's Minerva/DeepSeekMath normaliser
-   plus sympy grader, and only a \boxed{..} (or \fbox{..}) answer counts: the paper's extractor falls back to
-   "The answer is ..." and then to the last number in the text; we return None (reward 0) instead.
-3. A MATH comparison gets a budget of MATH_VERIFY_SECONDS of CPU time, and one more try with MATH_RETRY_SECONDS
-   when it overruns that (the first comparison of a kind pays sympy's set-up), and answers longer than
-   MAX_ANSWER_CHARS or too big to compute (too_big_to_verify: a tower of powers such as 10^{10^{10}}, an exponent of 5
-   or more digits, the factorial of a 5-digit number) count as wrong, so that grade() returns within about two seconds
-   of CPU time for any input. math-verify runs in a pool of worker processes (grading.py, GRADING_POOL), each warmed
-   up at start (WARM_UP) and bounding its comparisons with a SIGPROF timer of its own (verify_in_worker); one that
-   overruns MATH_WALL_SECONDS of wall clock by a second is killed and replaced. A comparison that runs out of time
-   scores 0 but is not a verdict: it is asked again the next time. The training process sets no timer. Verdicts are
-   kept per (answer, gold) pair (MATH_CACHE).
-4. grade() cuts the response at the first stop string ("\n\n\nProblem:"), as vLLM's `stop` does in the paper, so a
-   sampler that keeps the stop string in its output grades the same.
-5. The validation subsets (GSM8K: 373 of train, MATH: 500 of the PRM800K train split) are our own seeded draws; the
-   authors' exact held-out ids ship in their release zip, which we do not have. MATH's 12,000-problem PRM800K train
-   split is rebuilt from MATH (see data/README.md); its row order is not OpenAI's.
+   is written "1,080" could never be graded correct.
+2. MATH answers are compared with `math-verify`, not the paper's Minerva normaliser and sympy grader, and only a
+   \boxed{..} (or \fbox{..}) answer counts: no fallback to "The answer is ..." or to the last number.
+3. MATH comparisons run in worker processes (grading.py), each bounded: MATH_VERIFY_SECONDS of CPU time, one retry
+   with MATH_RETRY_SECONDS, a kill past MATH_WALL_SECONDS of wall clock. A timeout scores 0 but is not cached.
+   Answers longer than MAX_ANSWER_CHARS or too_big_to_verify count as wrong.
+4. grade() cuts the response at the first stop string, as vLLM's `stop` does in the paper.
+5. The validation subsets (GSM8K: 373 of train, MATH: 500 of PRM800K train) are our own seeded draws (the authors'
+   ids are in a release zip we lack). PRM800K train is rebuilt from MATH, in another row order (data/README.md).
 """
 
 import collections
@@ -53,48 +42,41 @@ import grading
 
 DATASETS = ("gsm8k", "math", "arithmetic")
 SPLITS = ("train", "validation", "test")
-STOP_STRINGS = ("\n\n\nProblem:",)  # the paper's stop string (docs/paper.md §1.1, pitfall 11)
+STOP_STRINGS = ("\n\n\nProblem:",)  # docs/paper.md pitfall 11
 # docs/paper.md §4.1, §9: no space or newline after "Solution:"
 PROMPT_TEMPLATE = "[MATH_TASK] Problem:\n{question}\n\nSolution:"
 
-DATA_DIR = Path(__file__).resolve().parent / "data"  # the copies shipped with the repository (data/README.md)
-# Local JSONL file behind each split (plain, or gzip-compressed with ".gz" added); "validation" is a seeded subset of
-# the "train" file (docs/paper.md §4.3, §4.4).
+DATA_DIR = Path(__file__).resolve().parent / "data"  # data/README.md
+# "validation" is drawn from "train" (departure 5)
 SOURCE_FILES = {"gsm8k": {"train": "train.jsonl", "test": "test.jsonl"},
                 "math": {"train": "prm800k_train.jsonl", "test": "math500_test.jsonl"}}
-# The same files on the Hugging Face hub: (repository, config, split). The PRM800K train split (12,000 problems =
-# all of MATH minus MATH500) has no official hub copy; zzy1123/MATH_train_test_split is a public copy of OpenAI's
-# prm800k/math_splits/train.jsonl with the MATH500 schema. We could not check it offline.
+# (repository, config, split) on the Hugging Face hub; PRM800K train's is an unofficial copy
 HUB_SOURCES = {"train.jsonl": ("openai/gsm8k", "main", "train"), "test.jsonl": ("openai/gsm8k", "main", "test"),
                "prm800k_train.jsonl": ("zzy1123/MATH_train_test_split", None, "train"),
                "math500_test.jsonl": ("HuggingFaceH4/MATH-500", None, "test")}
-NUM_VALIDATION = {"gsm8k": 373, "math": 500}  # docs/paper.md §4.3: ~373 GSM8K problems held out; §4.4: 11,500 + 500
-VALIDATION_SEED = 2410  # fixed, so every run holds out the same problems
+NUM_VALIDATION = {"gsm8k": 373, "math": 500}  # docs/paper.md §4.3, §4.4
+VALIDATION_SEED = 2410
 ARITHMETIC_SPLITS = {"train": (20_000, 0), "validation": (500, 1), "test": (500, 2)}  # (num_problems, seed)
 
-MAX_ANSWER_CHARS = 1000  # the longest MATH gold answer has 159 characters; longer \boxed{..} contents count as wrong
-MATH_VERIFY_SECONDS = 0.5  # CPU seconds for one math-verify comparison (parse + verify) in a grading worker
-MATH_RETRY_SECONDS = 1.0  # CPU seconds for its second and last try, when the first ran out of time
-MATH_WALL_SECONDS = 5.0  # the pool's backstop: a comparison still running after this + 1 s of wall clock is killed
-DEADLINE_REPEAT = 0.05  # after the budget, the SIGPROF timer fires again every this many CPU seconds until it returns
-# What each grading worker compares before its first task: the first comparison of a kind sets sympy up (the first
-# of all takes 0.4 s of CPU), which no task's budget should pay. Polynomials, fractions, intervals, sets, tuples.
+MAX_ANSWER_CHARS = 1000  # the longest MATH gold answer has 159 characters
+MATH_VERIFY_SECONDS = 0.5  # CPU seconds for one comparison (parse + verify)
+MATH_RETRY_SECONDS = 1.0  # CPU seconds for the one retry
+MATH_WALL_SECONDS = 5.0  # wall-clock backstop: the pool kills a worker 1 s past it
+DEADLINE_REPEAT = 0.05  # CPU seconds between repeats of a deadline
+# Each worker compares these first, so that no task's budget pays sympy's set-up.
 WARM_UP = [("(1+x)^2", "x^2+2x+1"), ("\\frac12", "0.5"), ("[1, 2)", "[1,2)"), ("\\{2,1\\}", "\\{1,2\\}"),
            ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})")]
-MATH_CACHE_SIZE = 2**16  # verdicts kept, per (answer, gold) pair; the oldest go first (math_answers_equal)
-UNBRACED_BOX = re.compile(r" +([^\s{$][^$\n]*)")  # "\boxed 5$" (MATH's old style): up to "$" or the end of the line
+MATH_CACHE_SIZE = 2**16  # (answer, gold) verdicts kept
+UNBRACED_BOX = re.compile(r" +([^\s{$][^$\n]*)")  # "\boxed 5$" (old MATH style): to "$" or the end of the line
 OPENING_BRACE = re.compile(r" *\{")
 
-# We pass math-verify no timeouts of its own (they use signal.alarm, whole seconds only, main thread only) and run it
-# under our own deadline instead; silence its one-off "timeout is disabled" warning.
+# math-verify's own timeouts (signal.alarm: whole seconds, main thread only) are off: silence their warning
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
-# The processes that run math-verify (math_answers_equal): one per CPU core, at most 4 (train.py --grading-workers,
-# never more than the cores). They work while the training process waits for them.
 
 
 def cpu_cores() -> int:
-    """The CPU cores this process may run on (its affinity, where the platform tells it), at least 1."""
+    """The CPU cores this process may run on (its affinity, where known), at least 1."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -118,14 +100,11 @@ def check_dataset(dataset: str) -> None:
 
 
 def load_problems(dataset: str, split: str, data_dir: str | Path | None = None, **difficulty) -> list[dict]:
-    """Problems of one split as dicts with "question", "answer" (gold final answer) and "solution".
+    """Problems of one split as dicts with "question", "answer" (gold final answer) and "solution" (the SFT
+    response of docs/paper.md §4.1, which grade() scores 1.0).
 
-    "solution" is the SFT response of docs/paper.md §4.1: "\\n" + worked solution + "\\n" (GSM8K without its <<..>>
-    calculator annotations, ending "#### 72\\n"; MATH ending with \\boxed{..}), so grade(solution, answer) == 1.0.
-    data_dir: None reads the copies shipped in the repository's data/ folder; a folder path reads a folder of the
-    same layout (gsm8k/*.jsonl and math/*.jsonl, plain or .gz), or the data set's own subfolder; "hub" downloads
-    the same files from the Hugging Face hub. The arithmetic data set is generated and ignores data_dir; difficulty
-    (num_steps, multiply: make_arithmetic_problems' options) sets its problems, and is an error for the others.
+    data_dir: None reads data/; a folder must have data/'s layout or be a data set's subfolder; "hub" reads the
+    Hugging Face hub. `arithmetic` is generated: no data_dir, but `difficulty` (make_arithmetic_problems' options).
     """
     check_dataset(dataset)
     if split not in SPLITS:
@@ -137,7 +116,7 @@ def load_problems(dataset: str, split: str, data_dir: str | Path | None = None, 
         problems = make_arithmetic_problems(num_problems, seed, **difficulty)
         if split != "train":
             return problems
-        # the space of small problems is not that large: keep the held-out questions out of train
+        # small problems repeat: keep the held-out questions out of train
         held_out = {p["question"] for s in ("validation", "test") for p in load_problems(dataset, s, **difficulty)}
         return [p for p in problems if p["question"] not in held_out]
     filename = SOURCE_FILES[dataset]["test" if split == "test" else "train"]
@@ -152,8 +131,7 @@ def load_problems(dataset: str, split: str, data_dir: str | Path | None = None, 
 
 
 def find_local_file(data_dir: str | Path, dataset: str, filename: str) -> Path:
-    """data_dir/dataset/filename, or data_dir/filename when data_dir is already the data set's folder; either one
-    plain or gzip-compressed (filename + ".gz")."""
+    """data_dir/dataset/filename or data_dir/filename, plain or with ".gz" added."""
     candidates = [Path(data_dir) / dataset / filename, Path(data_dir) / filename]
     for path in candidates:
         for candidate in (path, path.with_name(path.name + ".gz")):
@@ -164,18 +142,17 @@ def find_local_file(data_dir: str | Path, dataset: str, filename: str) -> Path:
 
 
 def read_jsonl_problems(path: Path, dataset: str) -> list[dict]:
-    """One problem per non-blank line of a JSONL file (gzip-compressed if its name ends in .gz); a malformed line
-    raises ValueError naming file and line."""
+    """One problem per non-blank line of a JSONL (or .gz) file; a malformed line raises ValueError naming it."""
     problems = []
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             for line_number, raw in enumerate(f, start=1):
                 try:
-                    line = raw.decode("utf-8")  # per line, so that a bad byte is reported with its line
+                    line = raw.decode("utf-8")  # per line, to name the line of a bad byte
                     if line.strip():
                         problems.append(row_to_problem(json.loads(line), dataset))
-                except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
+                except ValueError as e:
                     raise ValueError(f"{path}, line {line_number}: {e}") from e
     except (gzip.BadGzipFile, EOFError) as e:  # a damaged or cut-off gzip file
         raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
@@ -183,13 +160,13 @@ def read_jsonl_problems(path: Path, dataset: str) -> list[dict]:
 
 
 def load_hub_problems(dataset: str, filename: str) -> list[dict]:
-    """The file's copy on the Hugging Face hub (HUB_SOURCES), through `datasets`, imported only here."""
+    """The file's copy on the Hugging Face hub (HUB_SOURCES), through `datasets`."""
     repo, config, split = HUB_SOURCES[filename]
     try:
         import datasets
 
         rows = list(datasets.load_dataset(repo, config, split=split))
-    except Exception as e:  # no network, offline mode, moved repository...: all mean "use local files"
+    except Exception as e:  # no network, offline mode, moved repository...
         raise RuntimeError(
             f"could not load {repo} ({split}) from the Hugging Face hub: {type(e).__name__}: {e}\n"
             f"Leave data_dir unset (train.py: no --data-dir) to read the copies shipped in data/ (see data/README.md)."
@@ -215,18 +192,15 @@ def row_to_problem(row: dict, dataset: str) -> dict:
         return {"question": row["problem"].strip(), "answer": row["answer"], "solution": "\n" + row["solution"] + "\n"}
     if "####" not in row["answer"]:
         raise ValueError("GSM8K answer has no '####' final-answer line")
-    # docs/paper.md §4.1: the SFT target is the GSM8K answer without its calculator annotations ("<<48/2=24>>").
+    # the SFT target drops GSM8K's calculator annotations ("<<48/2=24>>"), docs/paper.md §4.1
     solution = re.sub(r"<<.*?>>", "", row["answer"], flags=re.DOTALL)
     final_answer = row["answer"].rsplit("####", 1)[1].strip()
     return {"question": row["question"].strip(), "answer": final_answer, "solution": "\n" + solution + "\n"}
 
 
 def split_validation(problems: list[dict], *, num_validation: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded, fixed subset of num_validation problems, and the rest, both in their original order.
-
-    The draw is over the problems sorted by (question, solution), so it depends on the set of problems only, not
-    on the row order of the file or hub copy they came from.
-    """
+    """A seeded subset of num_validation problems, and the rest, in file order; drawn from the problems sorted by
+    content, so the row order cannot change it."""
     if num_validation >= len(problems):
         raise ValueError(f"cannot hold out {num_validation} validation problems from {len(problems)} training problems")
     by_content = sorted(range(len(problems)), key=lambda i: (problems[i]["question"], problems[i]["solution"]))
@@ -249,13 +223,12 @@ ARITHMETIC_MULTIPLY = {2: "doubles them", 3: "triples them"}
 def make_arithmetic_problems(
     num_problems: int, seed: int, *, num_steps: int = 3, max_number: int = 20, multiply: float = 0.15
 ) -> list[dict]:
-    """Synthetic multi-step word problems with one line per step and a final "#### N" line (GSM8K format).
+    """Synthetic multi-step word problems, one line per step and a final "#### N" line (GSM8K format).
 
     "Tom has 12 apples. He buys 7 more, uses 5, doubles them, then sells 3. How many now?"
     -> "\\nTom has 12 apples.\\n12 + 7 = 19\\n19 - 5 = 14\\n14 * 2 = 28\\n28 - 3 = 25\\n#### 25\\n"
-    Each step doubles or triples with probability `multiply` (where the result stays <= 999), else adds or
-    subtracts a number in [1, max_number] (coin flip); every intermediate result stays in [0, 999]. Deterministic
-    for a seed (random.Random(seed)); the defaults are the CPU demo's task.
+    A step doubles or triples with probability `multiply`, else adds or subtracts a number in [1, max_number];
+    every result stays in [0, 999].
     """
     ok = num_steps >= 1 and 1 <= max_number <= 999 and 0 <= multiply <= 1
     assert ok, f"bad difficulty num_steps={num_steps} max_number={max_number} multiply={multiply}"
@@ -292,17 +265,16 @@ def make_arithmetic_problems(
 
 @dataclass
 class Problem:
-    """One problem as the training loop uses it: a row of load_problems with its prompt's token ids (to_problems)."""
+    """A row of load_problems with its prompt's token ids (to_problems)."""
 
     question: str
-    answer: str  # the gold final answer, which grade compares with
+    answer: str  # the gold final answer
     solution: str  # the gold worked solution (sft.py's target)
-    prompt_ids: list[int]  # BOS + format_prompt(question) (docs/paper.md §4.1); the response starts with "\n"
+    prompt_ids: list[int]  # BOS + format_prompt(question)
 
 
 def to_problems(rows: list[dict], tokenizer, dataset: str) -> list[Problem]:
-    """load_problems' rows as Problems, each with its prompt's ids: BOS (if the tokenizer has one) + the paper's
-    zero-shot prompt, all in one tokenizer call."""
+    """load_problems' rows as Problems, prompt ids with BOS if the tokenizer has one."""
     texts = [format_prompt(row["question"], dataset) for row in rows]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -320,12 +292,10 @@ ARITHMETIC_LINE_RE = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
 
 
 def extract_answer(text: str, dataset: str) -> str | None:
-    """The final answer in a response, or None when it has none.
+    """The final answer in a response, or None (docs/paper.md §4.3, §4.4).
 
-    GSM8K/arithmetic (docs/paper.md §4.3): everything after the LAST "####", stripped ("#### 72\\nextra" gives
-    "72\\nextra", which then fails to match: the paper's behaviour, kept). "The answer is 72" without "####" gives None:
-    the paper's original-format extractor accepts nothing else. MATH (docs/paper.md §4.4): the contents of the last
-    \\boxed{..}.
+    GSM8K/arithmetic: all after the LAST "####", stripped (so "#### 72\\nextra" fails to match, as in the paper).
+    MATH: the last \\boxed{..}'s contents.
     """
     if dataset in ("gsm8k", "arithmetic"):
         position = text.rfind("####")
@@ -336,23 +306,15 @@ def extract_answer(text: str, dataset: str) -> str | None:
 
 
 def counts_as_finished(response: str, dataset: str) -> bool:
-    """Does an answer that stopped by itself (EOS or stop string) count as finished? (docs/paper.md §4.3, pitfall 10)
-
-    The official code marks a GSM8K answer from which no final answer can be extracted (no "####") as unfinished:
-    reward 0 and no EOS token appended, like an answer cut by the length limit. Its MATH extractor always returns
-    something (it falls back to the last number), so there every answer that stopped by itself is finished.
-    """
+    """Does an answer that stopped by itself count as finished (docs/paper.md pitfall 10)? As in the official code,
+    not a GSM8K one without "####" (reward 0, no EOS); every MATH one."""
     check_dataset(dataset)
     return dataset == "math" or extract_answer(response, dataset) is not None
 
 
 def last_boxed_content(text: str) -> str | None:
-    """Contents of the last \\boxed{..} or \\fbox{..}, braces balanced; "\\boxed 5$" gives "5".
-
-    None when there is no box, when the last box never closes, or when its contents pass MAX_ANSWER_CHARS. The
-    brace scan is bounded, so a 1 MB response costs a few C-speed string searches and at most MAX_ANSWER_CHARS
-    Python loop steps. Escaped braces need no special case: "\\{1,2\\}" has one "{" and one "}", which balance.
-    """
+    """Contents of the last \\boxed{..} or \\fbox{..} ("\\boxed 5$" gives "5"); None when there is none, it never
+    closes, or its contents pass MAX_ANSWER_CHARS. Escaped braces "\\{1,2\\}" balance by themselves."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
@@ -374,12 +336,10 @@ def last_boxed_content(text: str) -> str | None:
 
 
 def grade(response: str, gold_answer: str, dataset: str) -> float:
-    """Reward of a response: 1.0 if its final answer equals the gold answer, else 0.0; never raises on any strings.
+    """1.0 if the response's final answer equals the gold answer, else 0.0; never raises on any strings.
 
     GSM8K/arithmetic (docs/paper.md §4.3): pred.replace(",", "").lower() == gold.strip().replace(",", "").lower(), no
-    numeric normalisation ("72.0" and "$72" are wrong). MATH (docs/paper.md §4.4): the last \\boxed answer is
-    equivalent to the gold answer under math-verify (math_answers_equal, in a worker process). A response without a
-    parsable answer gets 0.0. Many at once: grade_batch."""
+    numeric normalisation ("72.0" and "$72" are wrong). MATH (§4.4): equal under math-verify (math_answers_equal)."""
     if not isinstance(response, str) or not isinstance(gold_answer, str):
         return 0.0
     pred = final_answer(response, dataset)
@@ -390,11 +350,8 @@ def grade(response: str, gold_answer: str, dataset: str) -> float:
     return 1.0 if pred.replace(",", "").lower() == gold_answer.strip().replace(",", "").lower() else 0.0
 
 
-def grade_batch(responses: list[str], gold_answers: list[str], dataset: str) -> list[float]:
-    """grade of every (response, gold answer) pair, the same numbers: GSM8K and arithmetic one by one (string
-    comparisons, microseconds), MATH in one call, so that the comparisons math-verify must make run together in the
-    worker pool, each distinct (answer, gold) pair once (math_answers_equal). A response of None (an unfinished
-    answer, as the callers pass it) scores 0.0 and is not graded."""
+def grade_batch(responses: list[str | None], gold_answers: list[str], dataset: str) -> list[float]:
+    """grade of every pair, MATH's in one math_answers_equal call; None (an unfinished answer) scores 0.0."""
     if dataset != "math":
         return [grade(r, g, dataset) if r is not None else 0.0 for r, g in zip(responses, gold_answers, strict=True)]
     preds = [final_answer(r, dataset) if isinstance(r, str) and isinstance(g, str) else None
@@ -404,22 +361,19 @@ def grade_batch(responses: list[str], gold_answers: list[str], dataset: str) -> 
 
 
 def final_answer(response: str, dataset: str) -> str | None:
-    """extract_answer of the response cut at the first stop string (departure 4: what vLLM's `stop` would have cut off
-    is not part of the answer)."""
+    """extract_answer of the response cut at the first stop string (departure 4)."""
     for stop in STOP_STRINGS:
         response = response.split(stop, 1)[0]
     return extract_answer(response, dataset)
 
 
 class MathVerifyDeadline(BaseException):
-    """Raised by our SIGPROF handler. A BaseException, so math-verify's own `except Exception` blocks let it pass."""
+    """Raised by raise_deadline; a BaseException, so math-verify's `except Exception` blocks let it pass."""
 
 
 def raise_deadline(signum: int, frame) -> None:
-    """SIGPROF handler: interrupt whatever math-verify is doing when its CPU budget is spent. One deadline can be
-    swallowed (Python prints and drops an exception raised inside a __del__ or a garbage-collector callback, which may
-    be what runs when the signal is handled), so the timer repeats until verify_within cancels it; a signal handled
-    after the cancel finds the timer off and is ignored."""
+    """SIGPROF handler: interrupt math-verify. A deadline raised inside a __del__ or a GC callback is dropped, so the
+    timer repeats until verify_within cancels it; a signal handled after the cancel is ignored."""
     if signal.getitimer(signal.ITIMER_PROF)[0] > 0:
         raise MathVerifyDeadline()
 
@@ -443,10 +397,8 @@ def exponent_groups(text: str) -> list[str]:
 
 
 def too_big_to_verify(answer: str) -> bool:
-    """Would a computer algebra system try to build an astronomically large number from this answer? A power whose
-    exponent holds another power (10^{10^{10}}: sympy works out the integer, GIL held, no signal can stop it), an
-    exponent with a number of 5 or more digits, the factorial of such a number or of a power. No MATH gold answer
-    comes close: their largest exponent has 4 digits (2^{2005}-style) and no tower."""
+    """Would sympy build a huge integer from this answer (GIL held: no signal stops it)? A power tower (10^{10^{10}}),
+    an exponent with a number of 5+ digits, or the factorial of one or of a power. No MATH gold comes close."""
     if re.search(r"\d{5,}\s*!", answer) or re.search(r"\^\s*(\{[^{}]*\}|\d+)\s*\)?\s*!", answer):
         return True
     for group in exponent_groups(answer):
@@ -456,15 +408,11 @@ def too_big_to_verify(answer: str) -> bool:
 
 
 def math_answers_equal(pairs: list[tuple[str, str]]) -> list[bool]:
-    """Is each predicted MATH answer equivalent to its gold one? Identical strings are; answers longer than
-    MAX_ANSWER_CHARS or too big to compute (too_big_to_verify) are not; math-verify decides the rest, in the worker
-    processes of GRADING_POOL (verify_in_worker), each distinct (answer, gold) pair once. A comparison that ran out of
-    time (None from the worker, or the pool's default None for a worker killed or lost) counts as not equal this time
-    but is not kept: MATH_CACHE keeps only verdicts (the K continuations of a state often reach the same answer). This
-    process sets no timer and no signal handler."""
+    """Is each predicted MATH answer equivalent to its gold one? Identical strings are, too long or too_big_to_verify
+    ones are not; GRADING_POOL decides the rest, each distinct pair once; timeouts are not cached (departure 3)."""
     verdicts, ask = [], {}
     for pred, gold in pairs:
-        if pred.strip() == gold.strip():  # includes two MATH train problems whose gold box is empty ("\\boxed{}")
+        if pred.strip() == gold.strip():  # includes two MATH train golds that are empty ("\\boxed{}")
             verdicts.append(True)
         elif len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS or too_big_to_verify(pred):
             verdicts.append(False)
@@ -478,14 +426,12 @@ def math_answers_equal(pairs: list[tuple[str, str]]) -> list[bool]:
             if verdict is not None:  # a timeout is no verdict: the pair is asked again next time
                 MATH_CACHE[pair] = verdict
         while len(MATH_CACHE) > MATH_CACHE_SIZE:
-            MATH_CACHE.popitem(last=False)  # the oldest verdicts go first
+            MATH_CACHE.popitem(last=False)  # oldest first
     return [bool(ask[pair]) if verdict is None else verdict for verdict, pair in zip(verdicts, pairs)]
 
 
 def set_grading_workers(workers: int) -> None:
-    """MATH comparisons use this many worker processes from the next grading on (train.py --grading-workers), at
-    most one per CPU core (cpu_cores; a bigger request is capped, and says so in one line): more workers than cores
-    only make every comparison wait for a core."""
+    """Grade MATH with this many worker processes from now on (train.py --grading-workers), at most cpu_cores()."""
     if workers < 1:
         raise ValueError(f"grading workers must be at least 1, got {workers}")
     if workers > cpu_cores():
@@ -496,13 +442,9 @@ def set_grading_workers(workers: int) -> None:
 
 
 def verify_in_worker(pred: str, gold: str) -> bool | None:
-    """math-verify on one pair, in a grading worker's main thread: True or False, or None when it ran out of time.
-    It gets MATH_VERIFY_SECONDS of CPU time, then, if that ran out, one more try with MATH_RETRY_SECONDS (the parses
-    that finished are cached, and sympy has set up what this kind of answer needs). CPU time, not wall clock, so that
-    other processes on a busy machine cannot use the budget up (departure 3). math-verify's own timeouts
-    (signal.alarm, whole seconds) are turned off. The pool kills a worker that overruns MATH_WALL_SECONDS by a second
-    (a C computation that holds the GIL)."""
-    if not hasattr(signal, "setitimer"):  # no interval timers on this platform (Windows): the pool's kill bounds it
+    """math-verify on one pair in a grading worker: True, False, or None when both tries ran out of time. CPU time,
+    not wall clock, so that other processes on a busy machine cannot use the budget up."""
+    if not hasattr(signal, "setitimer"):  # no interval timers (Windows): the pool's kill bounds it
         return verify_boxed(pred, gold)
     old_handler = signal.signal(signal.SIGPROF, raise_deadline)
     try:
@@ -513,9 +455,8 @@ def verify_in_worker(pred: str, gold: str) -> bool | None:
 
 
 def verify_within(seconds: float, pred: str, gold: str) -> bool | None:
-    """verify_boxed under a SIGPROF timer of `seconds` of this process's CPU time that raises MathVerifyDeadline and
-    fires again every DEADLINE_REPEAT seconds until the comparison returns; None when it fired. raise_deadline must be
-    the SIGPROF handler."""
+    """verify_boxed under a SIGPROF timer of `seconds` of CPU time (raise_deadline must be the handler); None when
+    it fired."""
     verdict = None
     try:
         signal.setitimer(signal.ITIMER_PROF, seconds, DEADLINE_REPEAT)
@@ -523,7 +464,7 @@ def verify_within(seconds: float, pred: str, gold: str) -> bool | None:
     except MathVerifyDeadline:
         pass
     finally:
-        while True:  # a deadline may come during the cancel itself: until the timer is off (none can come after)
+        while True:  # a deadline may fire during the cancel itself
             try:
                 signal.setitimer(signal.ITIMER_PROF, 0)
                 break
@@ -539,6 +480,5 @@ def verify_boxed(pred: str, gold: str) -> bool:
 
 @lru_cache(maxsize=16384)
 def parse_boxed(answer: str) -> list:
-    """math-verify's parse of one answer (sympy objects and the raw string), cached: gold answers repeat for every
-    sample of a prompt. An interrupted parse raises, so nothing half-done is cached."""
+    """math-verify's parse of one answer, cached; an interrupted parse raises, so nothing half-done is cached."""
     return parse("$\\boxed{" + answer + "}$", parsing_timeout=None)
