@@ -1,7 +1,8 @@
 """The KV cache that rollout.sample decodes with, held in blocks, and the attention that reads it.
 
-Memory in blocks (vLLM's paged attention, Kwon et al. 2023): every layer has one pool of keys and one of values,
-(NB, H, BLOCK, D) in the compute dtype, made once per sample call. A root (a prefix of the call that others start
+Memory in blocks (vLLM's paged attention, Kwon et al. 2023): every layer has one pool of keys and values,
+(NB, H, 2, BLOCK, D) in the compute dtype, made once per sample call (keys and values of a block side by side, so
+that one gather moves both). A root (a prefix of the call that others start
 with, rollout.find_roots) holds ceil(T / BLOCK) blocks, written by the prefill; each row's generated tokens hold
 blocks of their own, one more every BLOCK tokens. So the cache holds what the rows contain, not what they might
 grow to, and a block that a finished row frees is taken by the next one (rollout.Scheduler decides who holds what).
@@ -44,25 +45,27 @@ NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask is used as given
 
 
 class BlockCache:
-    """The keys and values pools, one pair per layer, (NB, H, BLOCK, D) each, zeroed (a masked slot then holds no
-    NaN that a zero weight could turn into one)."""
+    """The pools, one per layer, (NB, H, 2, BLOCK, D): keys at [:, :, 0], values at [:, :, 1]. A block is zeroed when
+    a row takes it (Step.fresh_blocks) and a root's is written whole by its prefill, so a masked slot holds no NaN
+    that a zero weight could turn into one; block 0, scratch, starts zeroed."""
 
     def __init__(self, config, num_blocks: int, dtype: torch.dtype, device: torch.device):
         layers, heads, dim = kv_shape(config)
-        shape = (num_blocks, heads, BLOCK, dim)
-        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self.layers = [torch.empty((num_blocks, heads, 2, BLOCK, dim), dtype=dtype, device=device)
                        for _ in range(layers)]
+        for pool in self.layers:
+            pool[0].zero_()
         self.no_mask = NO_MASK.to(device)  # what the decoding steps pass as their attention mask, made once
+        self.roots = {}  # layer -> (roots version, the live roots gathered (R, H, 2, T, D)): made once per version
 
     def write_roots(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, blocks: torch.Tensor) -> None:
         """The prefill's keys and values of R roots, (R, H, T, D), into their blocks (R, ceil(T / BLOCK)), padding
         into block 0."""
-        for pool, new in zip(self.layers[layer_idx], (keys, values)):
-            num_roots, heads, length, dim = new.shape
-            width = blocks.shape[1] * BLOCK
-            new = torch.nn.functional.pad(new, (0, 0, 0, width - length))  # (R, H, width, D)
-            new = new.view(num_roots, heads, -1, BLOCK, dim).transpose(1, 2).reshape(-1, heads, BLOCK, dim)
-            pool.index_copy_(0, blocks.flatten(), new.to(pool.dtype))
+        pool, (num_roots, heads, length, dim) = self.layers[layer_idx], keys.shape
+        new = torch.stack([keys, values], dim=2)  # (R, H, 2, T, D)
+        new = torch.nn.functional.pad(new, (0, 0, 0, blocks.shape[1] * BLOCK - length))  # padded to whole blocks
+        new = new.view(num_roots, heads, 2, -1, BLOCK, dim).permute(0, 3, 1, 2, 4, 5)  # (R, blocks, H, 2, BLOCK, D)
+        pool.index_copy_(0, blocks.flatten(), new.reshape(-1, heads, 2, BLOCK, dim).to(pool.dtype))
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -93,6 +96,12 @@ class Step:
     pair_row: torch.Tensor  # (M,) the row of each (row, block) pair
     pair_block: torch.Tensor  # (M,) its block
     pair_visible: torch.Tensor  # (M, BLOCK) True on the block's written slots
+    fresh_blocks: torch.Tensor  # (F,) blocks rows took for this step: zeroed before the fed tokens are written
+    roots_version: int = 0  # changes when roots are admitted: their gathered keys and values are kept until then
+    grid_is_rows: bool = False  # every root has N rows, in order: grid_slot is 0, 1, ..., B - 1
+    pairs_are_rows: bool = False  # every row reads one block of its own: pair_row is 0, 1, ..., B - 1
+    root_bias: torch.Tensor | None = None  # made from visible by the first layer, kept for the others
+    pair_bias: torch.Tensor | None = None  # the same from pair_visible
 
 
 def supports(model) -> bool:
@@ -124,66 +133,96 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, pag
     docstring); else SDPA. Returns (B, 1, Hq, D), as Hugging Face's attention functions do, and no weights."""
     if paged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    keys, values = paged.cache.layers[module.layer_idx]  # (NB, H, BLOCK, D)
-    keys[paged.write_block, :, paged.write_slot] = key[:, :, 0].to(keys.dtype)
-    values[paged.write_block, :, paged.write_slot] = value[:, :, 0].to(values.dtype)
+    pool = paged.cache.layers[module.layer_idx]  # (NB, H, 2, BLOCK, D)
+    if paged.fresh_blocks.numel():
+        pool.index_fill_(0, paged.fresh_blocks, 0)
+    pool[paged.write_block, :, :, paged.write_slot] = torch.stack([key[:, :, 0], value[:, :, 0]], dim=2).to(pool.dtype)
     rows, num_heads, _, dim = query.shape
-    q = query[:, :, 0].reshape(rows, keys.shape[1], -1, dim)  # (B, H, G, D): grouped-query heads share a K/V head
-    root_out, root_lse = root_part(q, keys, values, paged, scaling)  # (B, H, G, D), (B, H, G)
-    pair_out, pair_lse = block_part(q, keys, values, paged, scaling)  # (M, H, G, D), (M, H, G)
-    owner = torch.cat([torch.arange(rows, device=q.device), paged.pair_row])  # (B + M,) the row of every part
-    out = merge(torch.cat([root_out, pair_out]), torch.cat([root_lse, pair_lse]), owner, rows)  # (B, H, G, D)
+    q = (query[:, :, 0] * scaling).reshape(rows, pool.shape[1], -1, dim)  # (B, H, G, D): G query heads per K/V head
+    root_out, root_lse = root_part(q, live_roots(module.layer_idx, paged), paged)  # (B, H, G, D), (B, H, G)
+    pair_out, pair_lse = block_part(q, pool, paged)  # (M, H, G, D), (M, H, G)
+    out = merge(root_out, root_lse, pair_out, pair_lse, paged.pair_row)  # (B, H, G, D)
     return out.to(query.dtype).reshape(rows, 1, num_heads, dim), None
 
 
-def root_part(q, keys, values, paged: Step, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+def root_part(q, roots: tuple[torch.Tensor, torch.Tensor], paged: Step) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's attention over its root's first L_b keys, root by root, the rows of a root stacked (one batched
-    matrix product over the R roots). q (B, H, G, D). Returns the normalised output (B, H, G, D) and the log-sum-exp
-    of the scores (B, H, G)."""
+    matrix product over the R roots). q (B, H, G, D), scaled. Returns the normalised output (B, H, G, D) and the
+    log-sum-exp of the scores (B, H, G)."""
     rows, heads, groups, dim = q.shape
     num_roots, width, length = paged.visible.shape  # R, N, T
-    root_keys, root_values = (gather_roots(pool, paged.root_blocks) for pool in (keys, values))  # (R, H, T, D)
-    grid = q.new_zeros(num_roots * width, heads, groups, dim)
-    grid[paged.grid_slot] = q
+    root_keys, root_values = roots  # (R, H, T, D)
+    grid = q
+    if not paged.grid_is_rows:
+        grid = q.new_zeros(num_roots * width, heads, groups, dim)
+        grid[paged.grid_slot] = q
     grid = grid.view(num_roots, width, heads, groups, dim).transpose(1, 2).reshape(num_roots, heads, -1, dim)
-    scores = torch.matmul(grid.to(root_keys.dtype), root_keys.transpose(-1, -2)).float() * scaling  # (R, H, N G, T)
-    scores = scores.view(num_roots, heads, width, groups, length)
-    scores = scores.masked_fill(~paged.visible[:, None, :, None, :], MASKED)  # a row sees its own prefix only
-    lse = torch.logsumexp(scores, dim=-1)  # (R, H, N, G)
-    weights = torch.exp(scores - lse[..., None]).to(root_values.dtype).view(num_roots, heads, -1, length)
-    out = torch.matmul(weights, root_values).view(num_roots, heads, width, groups, dim)  # (R, H, N, G, D)
-    out = out.transpose(1, 2).reshape(num_roots * width, heads, groups, dim)[paged.grid_slot]
-    lse = lse.transpose(1, 2).reshape(num_roots * width, heads, groups)[paged.grid_slot]
-    return out, lse
+    if paged.root_bias is None:  # once per step: (R, 1, N G, T), each grid row's visible root positions, G times
+        visible = paged.visible[:, :, None, :].expand(-1, -1, groups, -1).reshape(num_roots, 1, width * groups, length)
+        paged.root_bias = mask_bias(visible, root_keys.dtype)
+    out, lse = attend(grid.to(root_keys.dtype), root_keys, root_values, paged.root_bias)  # (R, H, N G, D), (R, H, N G)
+    out, lse = out.view(num_roots, heads, width, groups, dim), lse.view(num_roots, heads, width, groups)
+    out = out.transpose(1, 2).reshape(num_roots * width, heads, groups, dim)
+    lse = lse.transpose(1, 2).reshape(num_roots * width, heads, groups)
+    if paged.grid_is_rows:
+        return out, lse
+    return out.index_select(0, paged.grid_slot), lse.index_select(0, paged.grid_slot)
+
+
+def live_roots(layer: int, paged: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """The live roots' keys and values (R, H, T, D) of a layer, gathered from their blocks once per version of the
+    live roots (they change when a root joins or leaves, not at every step; the copy costs their memory again)."""
+    version, gathered = paged.cache.roots.get(layer, (None, None))
+    if version != paged.roots_version:
+        gathered = gather_roots(paged.cache.layers[layer], paged.root_blocks)
+        paged.cache.roots[layer] = (paged.roots_version, gathered)
+    return gathered[:, :, 0], gathered[:, :, 1]
 
 
 def gather_roots(pool: torch.Tensor, root_blocks: torch.Tensor) -> torch.Tensor:
-    """The live roots' keys (or values) from their blocks: pool (NB, H, BLOCK, D), root_blocks (R, NR). Returns
-    (R, H, NR * BLOCK, D)."""
-    num_roots, width = root_blocks.shape
-    blocks = pool[root_blocks.flatten()].view(num_roots, width, *pool.shape[1:])  # (R, NR, H, BLOCK, D)
-    return blocks.transpose(1, 2).reshape(num_roots, pool.shape[1], width * pool.shape[2], pool.shape[3])
+    """The live roots' keys and values from their blocks: pool (NB, H, 2, BLOCK, D), root_blocks (R, NR). Returns
+    (R, H, 2, NR * BLOCK, D)."""
+    (num_roots, width), (_, heads, _, block, dim) = root_blocks.shape, pool.shape
+    blocks = pool.index_select(0, root_blocks.flatten()).view(num_roots, width, heads, 2, block, dim)
+    return blocks.permute(0, 2, 3, 1, 4, 5).reshape(num_roots, heads, 2, width * block, dim)
 
 
-def block_part(q, keys, values, paged: Step, scaling) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every row's attention over each block of its own keys: one product per (row, block) pair. q (B, H, G, D).
-    Returns each pair's normalised output (M, H, G, D) and log-sum-exp (M, H, G)."""
-    block_keys, block_values = keys[paged.pair_block], values[paged.pair_block]  # (M, H, BLOCK, D)
-    pair_q = q[paged.pair_row].to(block_keys.dtype)  # (M, H, G, D)
-    scores = torch.matmul(pair_q, block_keys.transpose(-1, -2)).float() * scaling  # (M, H, G, BLOCK)
-    scores = scores.masked_fill(~paged.pair_visible[:, None, None, :], MASKED)  # slots not yet written
-    lse = torch.logsumexp(scores, dim=-1)  # (M, H, G)
-    out = torch.matmul(torch.exp(scores - lse[..., None]).to(block_values.dtype), block_values)  # (M, H, G, D)
-    return out, lse
+def block_part(q, pool, paged: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's attention over each block of its own keys: one product per (row, block) pair. q (B, H, G, D),
+    scaled; pool (NB, H, 2, BLOCK, D). Returns each pair's normalised output (M, H, G, D) and log-sum-exp (M, H, G)."""
+    blocks = pool.index_select(0, paged.pair_block)  # (M, H, 2, BLOCK, D): keys and values in one gather
+    pair_q = (q if paged.pairs_are_rows else q.index_select(0, paged.pair_row)).to(blocks.dtype)  # (M, H, G, D)
+    if paged.pair_bias is None:  # once per step: (M, 1, 1, BLOCK), the block's written slots
+        paged.pair_bias = mask_bias(paged.pair_visible[:, None, None, :], blocks.dtype)
+    return attend(pair_q, blocks[:, :, 0], blocks[:, :, 1], paged.pair_bias)
 
 
-def merge(outs: torch.Tensor, lses: torch.Tensor, owner: torch.Tensor, rows: int) -> torch.Tensor:
-    """Merge parts of attention by their log-sum-exp: outs (P, H, G, D), lses (P, H, G), owner (P,) the row of each
-    part. Returns (B, H, G, D) float32: o = sum_i o_i exp(lse_i - lse), lse = log sum_i exp(lse_i)."""
-    top = lses.new_full((rows, *lses.shape[1:]), MASKED).scatter_reduce_(  # (B, H, G) each row's largest
-        0, owner[:, None, None].expand_as(lses), lses, "amax")
-    weights = torch.exp(lses - top[owner])  # (P, H, G) <= 1, stable
-    total = torch.zeros_like(top).index_add_(0, owner, weights)  # (B, H, G) = exp(lse - top)
-    out = torch.zeros((rows, *outs.shape[1:]), device=outs.device)  # (B, H, G, D)
-    out.index_add_(0, owner, outs.float() * weights[..., None])
+def mask_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where visible, MASKED elsewhere: the additive mask attend takes."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, MASKED)
+
+
+def attend(q, keys, values, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T + bias) v and the log-sum-exp of those scores (float32). q (X, H, L, D), scaled; keys, values
+    (X, H, S, D); bias (X, 1, L or 1, S), mask_bias. On a CPU this is PyTorch's fused flash-attention kernel, the one
+    scaled_dot_product_attention runs, called by its (private) name because it also returns the log-sum-exp;
+    elsewhere the products written out."""
+    if q.device.type == "cpu":
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = flash(q, keys, values, attn_mask=bias, scale=1.0)
+        return out, lse.float()
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() + bias  # (X, H, L, S)
+    lse = torch.logsumexp(scores, dim=-1)  # (X, H, L)
+    return torch.matmul(torch.exp(scores - lse[..., None]).to(values.dtype), values), lse
+
+
+def merge(root_out, root_lse, pair_out, pair_lse, pair_row) -> torch.Tensor:
+    """Merge each row's root part (B, H, G, D), log-sum-exp (B, H, G), with its (row, block) parts (M, H, G, D) and
+    (M, H, G), pair_row (M,) their rows. Returns (B, H, G, D) float32:
+        o = sum_i o_i exp(lse_i - lse),  lse = log sum_i exp(lse_i)   (computed from each row's largest lse_i)"""
+    top = root_lse.scatter_reduce(0, pair_row[:, None, None].expand_as(pair_lse), pair_lse, "amax")  # (B, H, G)
+    root_weight = torch.exp(root_lse - top)  # (B, H, G) <= 1, stable
+    pair_weight = torch.exp(pair_lse - top.index_select(0, pair_row))  # (M, H, G)
+    total = root_weight.index_add(0, pair_row, pair_weight)  # (B, H, G) = exp(lse - top)
+    out = (root_out.float() * root_weight[..., None]).index_add_(0, pair_row, pair_out.float() * pair_weight[..., None])
     return out / total[..., None]

@@ -56,14 +56,16 @@ from tqdm import tqdm
 
 import attention
 from attention import BLOCK
+import scheduler
 from scheduler import Scheduler
 
 # Memory cap of the KV cache, in cached tokens (roots and generated tokens), when sample is given none: this on a
-# CPU, and on CUDA the fraction KV_MEMORY_FRACTION of the memory free when sampling starts (vLLM's
-# gpu_memory_utilization). A token costs attention.kv_bytes_per_token: 2 x 22 layers x 4 heads x 64 x 2 bytes = 22.5
-# KiB for RhoMath-1.1B under bf16. tools/memory_plan.py says what fits.
+# CPU, and on CUDA (default_budget) KV_MEMORY_FRACTION of the memory free when sampling starts, less what sampling
+# adds besides (autocast's bf16 weight copies, a step's logits), as vLLM's gpu_memory_utilization. A token costs
+# attention.kv_bytes_per_token: 2 x 22 layers x 4 heads x 64 x 2 bytes = 22 KiB for RhoMath-1.1B under bf16.
+# tools/memory_plan.py says what fits.
 DEFAULT_MAX_BATCH_TOKENS = 2**18
-KV_MEMORY_FRACTION = 0.7
+KV_MEMORY_FRACTION = 0.9
 # Prefill passes (plan_prefill_passes): at most this many tokens per pass, roots x longest root of the pass, and no
 # root shorter than PREFILL_MIN_FILL x the pass's longest (the rest of its row is padding, computed and thrown away).
 # Measured on 2 CPU cores: passes of ~2k tokens beat one pass per root and passes of 4k-16k tokens.
@@ -367,7 +369,7 @@ def sample(
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator, device=getattr(generator, "device", "cpu")))
     roots = find_roots(prompt_ids)
     cache = make_cache(model, prompt_ids, roots, limits, num_samples, max_batch_tokens, device)
-    sched = Scheduler(prompt_ids, roots, num_samples, limits, len(cache.layers[0][0]), BLOCK)
+    sched = Scheduler(prompt_ids, roots, num_samples, limits, len(cache.layers[0]), BLOCK)
     candidates = stop_candidates(tokenizer, tuple(stop_strings), vocab_size) if stop_strings else None
     stop = dict(eos_ids=eos_ids, stop_strings=stop_strings, tokenizer=tokenizer, candidates=candidates, limits=limits)
     progress = tqdm(total=sum(map(len, sched.rows_of.values())), desc="sampling", unit="seq", disable=not show_progress)
@@ -395,7 +397,7 @@ def make_cache(model, prefixes, roots, limits, num_samples, max_batch_tokens, de
     budget), no more than the call can fill, and at least any one root with all its rows at their limits."""
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else next(
         model.parameters()).dtype
-    budget = max_batch_tokens or default_budget(model.config, dtype, device)
+    budget = max_batch_tokens or default_budget(model, dtype, device)
     blocks = lambda n: -(-n // BLOCK)  # noqa: E731
     per_root = collections.Counter()  # a root's blocks if all its rows reach their limits
     for r in set(roots):
@@ -406,13 +408,18 @@ def make_cache(model, prefixes, roots, limits, num_samples, max_batch_tokens, de
     return attention.BlockCache(model.config, num_blocks + 1, dtype, device)  # + block 0, scratch
 
 
-def default_budget(config, dtype, device) -> int:
-    """KV tokens when sample is given no max_batch_tokens: on CUDA KV_MEMORY_FRACTION of the memory free now, else
-    DEFAULT_MAX_BATCH_TOKENS."""
+def default_budget(model, dtype, device) -> int:
+    """KV tokens when sample is given no max_batch_tokens: on CUDA KV_MEMORY_FRACTION of the memory free now less
+    autocast's bf16 copies of the weights (2 bytes each, made in the first step) and a step's logits and top-p
+    buffers (~40 bytes per row and vocabulary entry, MAX_ROWS rows); else DEFAULT_MAX_BATCH_TOKENS."""
     if device.type != "cuda":
         return DEFAULT_MAX_BATCH_TOKENS
     free, _ = torch.cuda.mem_get_info(device)
-    return int(KV_MEMORY_FRACTION * free) // attention.kv_bytes_per_token(config, dtype)
+    weights = next(model.parameters()).dtype
+    casts = 2 * sum(p.numel() for p in model.parameters()) if dtype != weights else 0
+    logits = 40 * scheduler.MAX_ROWS * model.get_output_embeddings().weight.shape[0]
+    tokens = int(KV_MEMORY_FRACTION * (free - casts - logits)) // attention.kv_bytes_per_token(model.config, dtype)
+    return max(1, tokens)
 
 
 def forward_step(model, cache, sched: Scheduler, device, stats) -> tuple[torch.Tensor, list[int]]:
@@ -421,7 +428,9 @@ def forward_step(model, cache, sched: Scheduler, device, stats) -> tuple[torch.T
     parts, rows = [], []
     arrays = sched.step_inputs()  # first: the decoding rows get their blocks, then roots are admitted beside them
     if arrays is not None:
-        parts.append(decode_step(model, cache, upload(arrays, device)))
+        step = dict(roots_version=sched.roots_version, grid_is_rows=arrays["grid_len"].size == len(sched.fed),
+                    pairs_are_rows=arrays["pair_row"].size == len(sched.fed))  # every root N rows; one block each
+        parts.append(decode_step(model, cache, upload(arrays, device), step))
         rows += sched.fed
         stats["decode_steps"] += 1
         stats["decoded_tokens"] += len(sched.fed)
@@ -446,14 +455,15 @@ def upload(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
     return {name: part.view(a.shape) for (name, a), part in zip(arrays.items(), parts)}
 
 
-def decode_step(model, cache, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def decode_step(model, cache, inputs: dict[str, torch.Tensor], step: dict) -> torch.Tensor:
     """The model's forward pass over the fed tokens (B, 1) at their true positions, attention.paged_attention reading
     the cache (attention.Step). Returns the next-token logits (B, V)."""
     tokens, positions = inputs.pop("tokens"), inputs.pop("positions")
     grid_len, pair_count = inputs.pop("grid_len"), inputs.pop("pair_count")  # (R, N), (M,)
     root_positions = torch.arange(inputs["root_blocks"].shape[1] * BLOCK, device=tokens.device)
     step = attention.Step(cache, visible=root_positions < grid_len[..., None],  # (R, N, T) a grid row sees its prefix
-                          pair_visible=torch.arange(BLOCK, device=tokens.device) < pair_count[:, None], **inputs)
+                          pair_visible=torch.arange(BLOCK, device=tokens.device) < pair_count[:, None], **inputs,
+                          **step)
     out = model(input_ids=tokens[:, None], position_ids=positions[:, None], attention_mask=cache.no_mask,
                 use_cache=False, paged=step)
     return out.logits[:, -1]  # (B, V) the fed token's position predicts the next token

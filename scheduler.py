@@ -32,6 +32,8 @@ PRIOR_FRACTION, PRIOR_ROWS = 0.25, 4
 # At most this many rows decode at once (vLLM's max_num_seqs): a step's logits and top-p buffers are ~40 bytes per row
 # and vocabulary entry, 1.3 GB at 1,024 rows of a 32k vocabulary.
 MAX_ROWS = 1024
+# Waiting roots join when they bring at least this fraction of the decoding rows (or end the queue).
+REFILL = 0.125
 
 
 class Scheduler:
@@ -52,6 +54,9 @@ class Scheduler:
         self.new_root_ids = itertools.count(len(prefixes))  # ids of the roots that preempted rows become
         self.free = list(range(num_blocks - 1, 0, -1))  # block 0 is scratch (attention.py)
         self.live_roots, self.root_blocks = [], {}  # admitted roots, oldest first, and their blocks
+        self.gathered, self.gathered_blocks = [], []  # the roots attention holds gathered (the live ones when it
+        self.roots_version = 0  # gathered them, last admission) and their blocks; attention.Step.roots_version
+        self.fresh = []  # blocks rows took for the next step (attention zeroes them)
         self.live, self.fed, self.root_of, self.blocks = [], [], {}, {}  # decoding rows (grouped by root), this
         # step's rows, each row's root and blocks
         num_rows = len(prefixes) * num_samples
@@ -68,24 +73,27 @@ class Scheduler:
     def admit(self) -> list[int]:
         """Take roots from the front of the queue while their blocks, and the blocks their rows and the decoding rows
         are expected to add (expected_new_tokens each, within its limit), fit in the free ones, and at most MAX_ROWS
-        rows decode; the first root always, when nothing decodes (rollout.sample sizes the pool to hold any one root
-        with all its rows)."""
+        rows decode. They join in batches: when nothing decodes (the first root always: rollout.sample sizes the
+        pool to hold any one root with all its rows), or when they bring REFILL x the decoding rows or end the
+        queue, so that one prefill pass and one gathering of the roots serve many rows."""
         mean = self.expected_new_tokens()
         more = lambda b: self.blocks_for(min(mean, self.limits[b // self.k] - len(self.tokens[b])))  # noqa: E731
-        reserved, admitted, rows = sum(more(b) for b in self.live), [], len(self.live)
-        while self.waiting:
-            root = self.waiting[0]
-            own, grow = self.blocks_for(len(self.root_tokens[root])), sum(more(b) for b in self.rows_of[root])
-            rows += len(self.rows_of[root])
-            if (self.live or admitted) and (reserved + own + grow > len(self.free) or rows > MAX_ROWS):
+        needed, rows, fit = sum(more(b) for b in self.live), 0, []
+        for root in self.waiting:
+            needed += self.blocks_for(len(self.root_tokens[root])) + sum(more(b) for b in self.rows_of[root])
+            if (self.live or fit) and (needed > len(self.free) or len(self.live) + rows + len(self.rows_of[root]) >
+                                       MAX_ROWS):
                 break
+            fit.append(root)
+            rows += len(self.rows_of[root])
+        if self.live and len(fit) < len(self.waiting) and rows < REFILL * len(self.live):
+            return []  # wait until more rows have ended
+        for root in fit:
             self.waiting.popleft()
-            self.root_blocks[root] = [self.free.pop() for _ in range(own)]
+            self.root_blocks[root] = [self.free.pop() for _ in range(self.blocks_for(len(self.root_tokens[root])))]
             self.live_roots.append(root)
             self.root_of.update(dict.fromkeys(self.rows_of[root], root))
-            admitted.append(root)
-            reserved += grow
-        return admitted
+        return fit
 
     def expected_new_tokens(self) -> float:
         """How many more tokens a row is expected to draw: the mean length of a geometric (memoryless) length
@@ -104,6 +112,7 @@ class Scheduler:
     def step_inputs(self) -> dict[str, np.ndarray] | None:
         """Give each decoding row the block its fed token (its last sampled one) needs, preempting the newest rows
         while none is free. Returns the step's arrays (layout), or None when no row decodes."""
+        self.fresh = []
         for row in list(self.live):
             own = len(self.tokens[row]) - 1 - self.base[row]  # the fed token's index among the row's own
             if own % self.block == 0 and row in self.root_of:  # it opens a block (preempt may have taken the row)
@@ -111,35 +120,40 @@ class Scheduler:
                     self.preempt(self.live[-1])
                 if row in self.root_of:
                     self.blocks.setdefault(row, []).append(self.free.pop())
+                    self.fresh.append(self.blocks[row][-1])
         self.fed = list(self.live)
         return self.layout() if self.live else None
 
     def layout(self) -> dict[str, np.ndarray]:
         """One decoding step as int64 arrays named as attention.Step's fields (with grid_len and pair_count, from
-        which it makes its masks). The rows of a root are contiguous in self.live (admitted together, removed
-        in order)."""
+        which it makes its masks). The roots are those attention holds gathered (regathered after an admission;
+        a root that ended since keeps its place, with no row). The rows of a root are contiguous in self.live
+        (admitted together, removed in order)."""
         live, block = self.live, self.block
+        if not set(self.live_roots) <= set(self.gathered):  # a root was admitted: attention gathers them again
+            self.gathered, self.roots_version = list(self.live_roots), self.roots_version + 1
+            widest = max(len(self.root_blocks[r]) for r in self.gathered)
+            self.gathered_blocks = [self.root_blocks[r] + [0] * (widest - len(self.root_blocks[r]))
+                                    for r in self.gathered]
         own = np.array([len(self.tokens[b]) - 1 for b in live]) - self.base[live]  # (B,) fed token among the row's own
         prefix_len = np.array([self.prefix_len[b] for b in live])  # (B,)
-        root_pos = {r: n for n, r in enumerate(self.live_roots)}
+        root_pos = {r: n for n, r in enumerate(self.gathered)}
         row_root = np.array([root_pos[self.root_of[b]] for b in live])  # (B,)
-        counts = np.bincount(row_root, minlength=len(self.live_roots))  # (R,) rows per live root
+        counts = np.bincount(row_root, minlength=len(self.gathered))  # (R,) rows per gathered root
         width = int(counts.max())  # N
         grid_slot = row_root * width + np.arange(len(live)) - (np.cumsum(counts) - counts)[row_root]
-        grid_len = np.zeros(len(self.live_roots) * width, dtype=np.int64)  # padded grid rows see nothing
+        grid_len = np.zeros(len(self.gathered) * width, dtype=np.int64)  # padded grid rows see nothing
         grid_len[grid_slot] = prefix_len
         num_blocks = own // block + 1  # (B,) blocks each row reads, the last one partly written
         pair_count = np.full(int(num_blocks.sum()), block)
         pair_count[np.cumsum(num_blocks) - 1] = own % block + 1
-        widest = max(len(self.root_blocks[r]) for r in self.live_roots)
         return dict(
             tokens=np.array([self.tokens[b][-1] for b in live]), positions=prefix_len + own,
             write_block=np.array([self.blocks[b][i // block] for b, i in zip(live, own)]), write_slot=own % block,
-            root_blocks=np.array([self.root_blocks[r] + [0] * (widest - len(self.root_blocks[r]))
-                                  for r in self.live_roots]),
-            grid_slot=grid_slot, grid_len=grid_len.reshape(len(self.live_roots), width),
-            pair_row=np.repeat(np.arange(len(live)), num_blocks), pair_count=pair_count,
-            pair_block=np.concatenate([self.blocks[b][:n] for b, n in zip(live, num_blocks)]),
+            root_blocks=np.array(self.gathered_blocks), grid_slot=grid_slot,
+            grid_len=grid_len.reshape(len(self.gathered), width), pair_row=np.repeat(np.arange(len(live)), num_blocks),
+            pair_count=pair_count, pair_block=np.concatenate([self.blocks[b][:n] for b, n in zip(live, num_blocks)]),
+            fresh_blocks=np.array(self.fresh, dtype=np.int64),
         )
 
     def preempt(self, row: int) -> None:

@@ -24,8 +24,9 @@ def random_case(seed: int, kv_heads: int, groups: int, dim: int = 8):
     prefix_len, generated = [1, 40, 3, 70, 33, 1, 64], [5, 33, 1, 64, 70, 2, 32]
     cache = attention.BlockCache(SimpleNamespace(get_text_config=lambda: SimpleNamespace(
         num_hidden_layers=1, num_key_value_heads=kv_heads, head_dim=dim)), 40, torch.float32, torch.device("cpu"))
-    keys, values = cache.layers[0]
-    keys.normal_(generator=g), values.normal_(generator=g)  # stale contents: masked slots must not matter
+    pool = cache.layers[0]
+    pool.normal_(generator=g)  # stale contents: masked slots must not matter
+    keys, values = pool[:, :, 0], pool[:, :, 1]
     free = iter(torch.randperm(39, generator=g).add(1).tolist())  # blocks in any order, never block 0
     root_blocks = [[next(free) for _ in range(-(-n // BLOCK))] for n in root_len]
     row_blocks = [[next(free) for _ in range(-(-n // BLOCK))] for n in generated]
@@ -43,7 +44,8 @@ def random_case(seed: int, kv_heads: int, groups: int, dim: int = 8):
         root_blocks=torch.tensor([rb + [0] * (widest - len(rb)) for rb in root_blocks]), grid_slot=grid_slot,
         visible=torch.arange(widest * BLOCK) < grid_len.view(3, width, 1),
         pair_row=torch.tensor([p[0] for p in pairs]), pair_block=torch.tensor([p[1] for p in pairs]),
-        pair_visible=torch.arange(BLOCK) < torch.tensor([p[2] for p in pairs])[:, None])
+        pair_visible=torch.arange(BLOCK) < torch.tensor([p[2] for p in pairs])[:, None],
+        fresh_blocks=torch.zeros(0, dtype=torch.long))
     query = torch.randn(7, kv_heads * groups, 1, dim, generator=g)
     return step, query, seqs
 
@@ -65,18 +67,20 @@ def test_the_fed_tokens_keys_and_values_go_to_their_block_and_slot():
     step.write_block, step.write_slot = torch.tensor([5, 6, 7, 8, 9, 10, 11]), torch.arange(7) * 4
     fed_keys, fed_values = torch.randn(7, 2, 1, 8), torch.randn(7, 2, 1, 8)
     attention.paged_attention(SimpleNamespace(layer_idx=0), query, fed_keys, fed_values, None, scaling=0.3, paged=step)
-    keys, values = step.cache.layers[0]
+    keys, values = step.cache.layers[0][:, :, 0], step.cache.layers[0][:, :, 1]
     for b in range(7):
         assert torch.equal(keys[5 + b, :, 4 * b], fed_keys[b, :, 0])
         assert torch.equal(values[5 + b, :, 4 * b], fed_values[b, :, 0])
 
 
 def test_merge_by_hand():
-    """Two parts of one row: scores [0, ln 3] and [ln 2]: weights 1/6, 3/6 and 2/6 of the values 1, 2 and 4."""
-    outs = torch.tensor([[(1 * 1 + 2 * 3) / 4], [4.0]])[:, :, None, None]  # (P, H=1, G=1, D=1) normalised parts
-    lses = torch.tensor([[math.log(4.0)], [math.log(2.0)]])[:, :, None]
-    out = attention.merge(outs.view(2, 1, 1, 1), lses.view(2, 1, 1), torch.tensor([0, 0]), rows=1)
-    assert out.item() == pytest.approx((1 + 2 * 3 + 4 * 2) / 6)
+    """A root part with scores [0, ln 3] over values 1 and 2, and one block part with score ln 2 over value 4: the
+    weights are 1/6, 3/6 and 2/6. Row 1's block part has a score 100 higher than its root part's: it alone counts."""
+    root_out = torch.tensor([(1 * 1 + 2 * 3) / 4, 5.0]).view(2, 1, 1, 1)  # (B, H=1, G=1, D=1) normalised
+    root_lse = torch.tensor([math.log(4.0), 0.0]).view(2, 1, 1)
+    pair_out, pair_lse = torch.tensor([4.0, 7.0]).view(2, 1, 1, 1), torch.tensor([math.log(2.0), 100.0]).view(2, 1, 1)
+    out = attention.merge(root_out, root_lse, pair_out, pair_lse, torch.tensor([0, 1]))
+    assert out.flatten().tolist() == pytest.approx([(1 + 2 * 3 + 4 * 2) / 6, 7.0])
 
 
 def test_the_prefill_keys_land_in_the_roots_blocks():
@@ -84,11 +88,12 @@ def test_the_prefill_keys_land_in_the_roots_blocks():
         num_hidden_layers=2, num_key_value_heads=2, head_dim=4)), 8, torch.float32, torch.device("cpu"))
     keys, values = torch.randn(2, 2, 40, 4), torch.randn(2, 2, 40, 4)  # roots of 40 and (padded) 33 tokens
     cache.write_roots(1, keys, values, torch.tensor([[3, 5], [7, 0]]))  # the second root needs 2 blocks: padded
-    pool_keys, pool_values = cache.layers[1]
+    pool_keys, pool_values = cache.layers[1][:, :, 0], cache.layers[1][:, :, 1]
     assert torch.equal(pool_keys[3], keys[0, :, :BLOCK]) and torch.equal(pool_keys[5, :, :8], keys[0, :, BLOCK:])
     assert torch.equal(pool_values[7], values[1, :, :BLOCK])
-    assert torch.equal(attention.gather_roots(pool_keys, torch.tensor([[3, 5]]))[0, :, :40], keys[0])
-    assert not cache.layers[0][0].any(), "other layers untouched"
+    gathered = attention.gather_roots(cache.layers[1], torch.tensor([[3, 5]]))  # (R, H, 2, T, D)
+    assert torch.equal(gathered[0, :, 0, :40], keys[0]) and torch.equal(gathered[0, :, 1, :40], values[0])
+    assert not cache.layers[0][0].any(), "block 0, scratch, starts zeroed"
 
 
 def test_without_a_step_it_is_sdpa_and_the_model_gets_its_attention_back():
