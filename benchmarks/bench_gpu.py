@@ -13,28 +13,29 @@ functions run one iteration (docs/paper.md §1.1) with the Args that train.parse
     sample answers      train.sample_and_grade (rollout.sample), then train.make_episodes
     HF generate         model.generate on the same prompts and settings, for comparison (not part of an iteration)
     MC values           train.vine_advantages (vine.estimate_values: K rollouts from every step state)
-    MC values, copied   the same phase again with every row holding a copy of its root (rollout.sharing_pays off),
-                        from the same generator state: what the shared-prefix attention saves in time and memory
     old/ref logprobs    train.old_and_ref_logprobs, the first thing train.ppo_update does (timed apart by patching)
     PPO update          the rest of train.ppo_update: 2 epochs of minibatches of 64, micro-batches, AdamW steps
 For each: seconds (torch.cuda.synchronize around the timer), peak GPU memory (torch.cuda.max_memory_allocated, reset
 at the start of each phase), tokens (sampling: generated; logprobs: episode tokens, each through policy and
 reference; PPO: episode tokens x epochs) and tokens/s; and on CUDA the peak that memory_plan.memory_plan predicts
-for the phase (without AdamW moments before the first optimizer step: this is the first iteration).
+for the phase (without AdamW moments before the first optimizer step: this is the first iteration). For the sampling
+phases also what the engine did (Rollouts.stats): forward passes, ms and rows per decoding step, host reads per pass,
+and on CUDA the synchronizing calls torch reports per pass (torch.cuda.set_sync_debug_mode). --out FILE appends each
+row to FILE as one JSON line as soon as it is measured (benchmarks/gpu_check.py keeps what a time cap cuts).
 
 What is synthetic, and why:
 1. Prompts are random token ids, lengths uniform in --prompt-tokens (40-130 by default: GSM8K prompts with the
    paper's template are 149-446 characters from the 5th to the 95th percentile in data/gsm8k, at an assumed ~3.5
    characters per Llama token).
-2. Lengths. A random model almost never samples EOS, so while sampling (torch.inference_mode, which rollout.sample
-   and our generate call use) a forward hook on the LM head sets the EOS logit so that softmax(logits / T)[EOS] =
+2. Lengths. A random model almost never samples EOS, so while sampling (inside sampling_eos: rollout.sample and our
+   generate call) a forward hook on the LM head sets the EOS logit so that softmax(logits / T)[EOS] =
    1 / --mean-answer-tokens at every position (set_eos_probability). Answers and MC continuations are then
    geometric, mean 100 tokens by default (GSM8K solutions average 249 characters), a few up to max_new_tokens, like a
    real policy's long tail; a continuation is as long as an answer on average, where a trained model's only finishes
    the rest of a solution, so the MC phase generates up to ~2x a real one's tokens: compare tokens/s, not seconds.
-   The logprob and training passes (not inference mode) see the random model unchanged. A random model's
-   next-token distribution is nearly flat, so top-p takes rollout.nucleus_mask's full-sort path, slower than the
-   top-64 path a trained, peaked model takes.
+   The logprob and training passes (not sampling) see the random model unchanged. A random model's next-token
+   distribution is nearly flat, so top-p sorts the vocabulary at every step (rollout.sample_next_tokens), slower than
+   the top-64 candidates a trained, peaked model's nucleus fits in.
 3. Steps. The tokenizer (synthetic_tokenizer) is word-level with exactly the model's vocabulary, and every
    --newline-every-th token ends a line, so vine.split_steps finds ~1 + 100 / 40 = 3.5 steps per answer, as GSM8K
    solutions have (3.58 on average in data/gsm8k).
@@ -46,14 +47,17 @@ Untested here (written without a GPU): everything behind `if cuda`. Test: python
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
 import tempfile
 import time
+import warnings
 from unittest import mock
 
 import torch
@@ -68,7 +72,8 @@ import reward  # noqa: E402
 import rollout  # noqa: E402
 import train  # noqa: E402
 
-PHASES = ("sample answers", "HF generate", "MC values", "MC values, copied", "old/ref logprobs", "PPO update")
+PHASES = ("sample answers", "HF generate", "MC values", "old/ref logprobs", "PPO update")
+SAMPLING = [False]  # True inside sampling_eos: the EOS hook acts
 # --small: train.py options for a few seconds on one CPU thread (as tests/conftest.py's TINY)
 SMALL_ARGS = (
     "--prompts_per_iteration 4 --samples_per_prompt 2 --num_mc_rollouts 2 --max_new_tokens 24 --minibatch_size 4 "
@@ -85,7 +90,7 @@ def small_config() -> LlamaConfig:
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=512,
-        max_position_embeddings=256,
+        max_position_embeddings=2048,  # train.py's gsm8k --max-length (rotary: no table to fill)
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
@@ -104,12 +109,22 @@ def synthetic_tokenizer(vocab_size: int, newline_every: int) -> PreTrainedTokeni
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+@contextlib.contextmanager
+def sampling_eos():
+    """Within the block the EOS hook (set_eos_probability) acts: sampling, not the logprob or training passes."""
+    SAMPLING[0] = True
+    try:
+        yield
+    finally:
+        SAMPLING[0] = False
+
+
 def set_eos_probability(module, inputs, logits, *, eos_token_id: int, probability: float, temperature: float):
-    """Forward hook of the LM head: under torch.inference_mode (sampling), set the EOS logit so that
+    """Forward hook of the LM head: while sampling (sampling_eos), set the EOS logit so that
     softmax(logits / T)[EOS] = probability at every position:
         l_EOS = T * (logsumexp_{v != EOS}(l_v / T) + log(p / (1 - p)))
     since then exp(l_EOS / T) / (exp(l_EOS / T) + sum_{v != EOS} exp(l_v / T)) = p. Other passes are left alone."""
-    if not torch.is_inference_mode_enabled():
+    if not SAMPLING[0]:
         return None
     scaled = logits.float() / temperature  # (B, T, V)
     scaled[..., eos_token_id] = -math.inf
@@ -119,7 +134,7 @@ def set_eos_probability(module, inputs, logits, *, eos_token_id: int, probabilit
 
 
 def synthetic_problems(num_prompts: int, lengths: tuple[int, int], tokenizer, generator) -> list:
-    """reward.Problems whose prompt ids are BOS + random word ids, lengths uniform in [lo, hi]; gold answer "0"."""
+    """reward.Problem values whose prompt ids are BOS + random word ids, lengths uniform in [lo, hi]; gold answer "0"."""
     problems = []
     for _ in range(num_prompts):
         length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=generator))
@@ -129,23 +144,51 @@ def synthetic_problems(num_prompts: int, lengths: tuple[int, int], tokenizer, ge
 
 
 @contextlib.contextmanager
-def measure(rows: dict, name: str, device: str):
-    """Time the block and record rows[name] = {seconds, peak, tokens}: peak is torch.cuda.max_memory_allocated
-    over the block (None on CPU). The peak statistic is reset after the block too, so that an enclosing block's peak
-    covers only what follows it."""
+def measure(rows: dict, name: str, device: str, out: str | None = None):
+    """Time the block and record rows[name] = {seconds, peak, tokens, engine, syncs}: peak is
+    torch.cuda.max_memory_allocated over the block (None on CPU); engine sums the Rollouts.stats of every
+    rollout.sample call in it; syncs counts the synchronizing calls torch reports on CUDA. The peak statistic is reset
+    after the block too, so that an enclosing block's peak covers only what follows it. out: a file the row is
+    appended to as a JSON line."""
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    row = rows.setdefault(name, {"seconds": 0.0, "peak": None, "tokens": 0})
+    row = rows.setdefault(name, {"seconds": 0.0, "peak": None, "tokens": 0, "engine": {}, "syncs": None})
+    engine = collections.Counter()
     start = time.perf_counter()
-    yield row
+    with recording(engine), warnings.catch_warnings(record=True) as caught:
+        if cuda:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield row
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
     if cuda:
         torch.cuda.synchronize()
-    row["seconds"] = time.perf_counter() - start
-    if cuda:
         row["peak"] = torch.cuda.max_memory_allocated()
+        row["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
         torch.cuda.reset_peak_memory_stats()
+    row["seconds"], row["engine"] = time.perf_counter() - start, dict(engine)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps({"phase": name, **row}) + "\n")
+
+
+@contextlib.contextmanager
+def recording(engine: collections.Counter):
+    """Within the block, every rollout.sample call adds its Rollouts.stats to engine."""
+    sample = rollout.sample
+
+    def recorded(*args, **kwargs):
+        out = sample(*args, **kwargs)
+        engine.update(out.stats)
+        return out
+
+    with mock.patch.object(rollout, "sample", recorded):
+        yield
 
 
 def measured_call(rows: dict, name: str, device: str, fn, *args, **kwargs):
@@ -163,7 +206,7 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], *, num_samples: 
     attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=args.device)
     torch.manual_seed(seed)  # generate draws from the global generator
     model.eval()
-    with torch.inference_mode(), train.autocast(args):
+    with torch.inference_mode(), train.autocast(args), sampling_eos():
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -182,7 +225,7 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], *, num_samples: 
 
 def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
     """One iteration through train.py's functions, phase by phase (module docstring); returns the measurements."""
-    rows, device = {}, args.device
+    rows, device, out = {}, args.device, cli.out
     generator = torch.Generator().manual_seed(cli.seed)
     problems = synthetic_problems(args.prompts_per_iteration, cli.prompt_tokens, tokenizer, generator)
     hook = functools.partial(
@@ -197,10 +240,11 @@ def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
     short = dataclasses.replace(args, max_new_tokens=2)
     sampling = train.sampling_settings(args, policy, tokenizer)
     warm = dataclasses.replace(sampling, temperature=1.0, max_new_tokens=2)
-    train.sample_answers(policy, tokenizer, prompts[:1], num_samples=1, sampling=warm, generator=None, args=short)
+    with sampling_eos():
+        train.sample_answers(policy, tokenizer, prompts[:1], num_samples=1, sampling=warm, generator=None, args=short)
     generate_tokens(policy, tokenizer, prompts[:1], num_samples=1, args=short, seed=0)
     # -------- sample answers: rollout.sample through train.py; rewards replaced by seeded random 0/1 (docstring 4)
-    with measure(rows, "sample answers", device) as row:
+    with measure(rows, "sample answers", device, out) as row, sampling_eos():
         rollouts, _ = train.sample_and_grade(policy, tokenizer, problems, sampling, generator, args)
         num_answers = len(rollouts.response_ids)
         rewards = torch.randint(0, 2, (num_answers,), generator=torch.Generator().manual_seed(cli.seed)).tolist()
@@ -208,19 +252,21 @@ def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
         row["tokens"] = sum(len(ids) for ids in rollouts.response_ids)
     # -------- the same prompts through Hugging Face generate (a comparison, not part of the iteration)
     if cli.generate_prompts != 0:
-        with measure(rows, "HF generate", device) as row:
+        with measure(rows, "HF generate", device, out) as row:
             some = prompts[: cli.generate_prompts]  # None: all
             row["tokens"] = generate_tokens(
                 policy, tokenizer, some, num_samples=args.samples_per_prompt, args=args, seed=cli.seed
             )
-    # -------- MC values of every step state and the advantages, with the roots shared and copied
-    vine_stats = measure_mc_values(rows, policy, tokenizer, problems, rollouts, episodes, sampling, generator, args)
+    # -------- MC values of every step state and the advantages
+    with measure(rows, "MC values", device, out) as row, sampling_eos():
+        vine_stats = train.vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, generator, args)
+        row["tokens"] = vine_stats["vine/mc_tokens"]
     # -------- old/ref logprobs (timed apart, as a patched call) and the PPO update
     optimizer, scheduler = train.make_optimizer(policy, args)
     watched = policy.get_output_embeddings().weight
     before = watched.detach().to("cpu", copy=True)  # a CPU copy: the GPU peaks stay the model's own
     timed = functools.partial(measured_call, rows, "old/ref logprobs", device, train.old_and_ref_logprobs)
-    with mock.patch.object(train, "old_and_ref_logprobs", timed), measure(rows, "PPO update", device) as row:
+    with mock.patch.object(train, "old_and_ref_logprobs", timed), measure(rows, "PPO update", device, out) as row:
         ppo_stats = train.ppo_update(
             policy, reference, None, optimizer, scheduler, episodes, tokenizer.pad_token_id, generator, args
         )
@@ -238,26 +284,6 @@ def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
     }
 
 
-def measure_mc_values(rows: dict, policy, tokenizer, problems, rollouts, episodes, sampling, generator, args) -> dict:
-    """The MC values phase as train.py runs it (the roots shared in attention where rollout.sharing_pays says so),
-    then again with every row holding a copy of its root, from the same generator state; the iteration goes on with
-    the shared run's values, advantages and generator state. Returns the shared run's vine stats."""
-    start, stats = generator.get_state(), {}
-    for name, copies in (("MC values", False), ("MC values, copied", True)):
-        generator.set_state(start)
-        off = mock.patch.object(rollout, "sharing_pays", lambda *a: False) if copies else contextlib.nullcontext()
-        with off, measure(rows, name, args.device) as row:
-            stats[name] = train.vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, generator,
-                                                args)
-            row["tokens"] = stats[name]["vine/mc_tokens"]
-        if not copies:
-            after, kept = generator.get_state(), [(e.values, e.advantages) for e in episodes]
-    generator.set_state(after)
-    for e, (values, advantages) in zip(episodes, kept):
-        e.values, e.advantages = values, advantages
-    return stats["MC values"]
-
-
 def planned_peaks(plan: dict) -> dict:
     """memory_plan's peak for each measured phase of a FIRST iteration: no AdamW moments exist before its first
     optimizer step, so they are left out of the phases that precede it."""
@@ -265,7 +291,6 @@ def planned_peaks(plan: dict) -> dict:
     return {
         "sample answers": plan["sampling_peak"] - first,
         "MC values": plan["sampling_peak"] - first,
-        "MC values, copied": plan["sampling_peak"] - first,
         "old/ref logprobs": plan["logprobs_peak"] - first,
         "PPO update": max(plan["training_peak"], plan["optimizer_peak"]),
     }
@@ -293,6 +318,22 @@ def format_rows(rows: dict, planned: dict, unit: tuple[int, str]) -> str:
     return "\n".join(lines)
 
 
+def format_engine(rows: dict) -> str:
+    """What the engine did in each sampling phase: forward passes (decoding steps + prefill passes), ms and rows per
+    decoding step, host reads per pass, synchronizing calls per pass (CUDA), rows preempted."""
+    lines = ["\nengine (phase, passes = decoding steps + prefill passes, ms and rows per decoding step, host reads and "
+             "syncs per pass, rows preempted):"]
+    for phase in ("sample answers", "MC values"):
+        e, seconds, syncs = rows[phase]["engine"], rows[phase]["seconds"], rows[phase]["syncs"]
+        passes, steps = e.get("forward_passes", 0), max(e.get("decode_steps", 0), 1)
+        if passes:
+            lines.append(f"  {phase:15s} {passes:6d} = {steps} + {e['prefill_passes']}  "
+                         f"{1000 * seconds / steps:7.1f} ms  "
+                         f"{e['decoded_tokens'] / steps:7.1f} rows  {e['host_reads'] / passes:.2f} reads  "
+                         f"{'-' if syncs is None else f'{syncs / passes:.2f}'} syncs  {e['preempted_rows']} preempted")
+    return "\n".join(lines)
+
+
 def parse_cli(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="CPU smoke run: tiny model, tiny sizes, same code path")
@@ -308,6 +349,7 @@ def parse_cli(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--generate-prompts", type=int, help="prompts for HF generate (default all; 0: skip)")
     parser.add_argument("--seed", type=int, default=0, help="model weights, prompts, sampling, rewards")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --small)")
+    parser.add_argument("--out", help="append each phase's row to this file as a JSON line when it is measured")
     cli = parser.parse_args(argv)
     small = dict(mean_answer_tokens=8.0, newline_every=4, prompt_tokens=(6, 12), threads=1)
     full = dict(mean_answer_tokens=100.0, newline_every=40, prompt_tokens=(40, 130), threads=None)
@@ -356,12 +398,10 @@ def main(argv: list[str] | None = None) -> dict:
         gpu_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else 0,
         micro_batch_size=args.micro_batch_size,
         seq_len=results["longest_episode"],
-        max_batch_tokens=args.max_batch_tokens,
-        max_new_tokens=args.max_new_tokens,
+        max_batch_tokens=args.max_batch_tokens or rollout.DEFAULT_MAX_BATCH_TOKENS,
         gradient_checkpointing=args.gradient_checkpointing,
         reference=args.kl_coef > 0,
         bf16=args.bf16,
-        num_samples=min(args.samples_per_prompt, args.num_mc_rollouts),
     )
     results["plan"] = plan
     print_report(results, config, args)
@@ -375,10 +415,8 @@ def print_worst_case(config, args) -> None:
         gpu_bytes=torch.cuda.get_device_properties(0).total_memory,
         micro_batch_size=args.micro_batch_size,
         seq_len=args.max_length,
-        max_batch_tokens=args.max_batch_tokens,
-        max_new_tokens=args.max_new_tokens,
+        max_batch_tokens=args.max_batch_tokens or rollout.DEFAULT_MAX_BATCH_TOKENS,
         reference=args.kl_coef > 0,
-        num_samples=min(args.samples_per_prompt, args.num_mc_rollouts),
     )
     gib, status = memory_plan.GiB, memory_plan.fit_status(plan["peak"], plan["usable"])
     print(
@@ -406,6 +444,7 @@ def print_report(results: dict, config, args) -> None:
         f"checkpointing {args.gradient_checkpointing}\n"
     )
     print(format_rows(rows, planned_peaks(plan), unit))
+    print(format_engine(rows))
     if "HF generate" in rows:
         ours = rows["sample answers"]["tokens"] / rows["sample answers"]["seconds"]
         theirs = rows["HF generate"]["tokens"] / rows["HF generate"]["seconds"]

@@ -30,14 +30,16 @@ def test_small_run_drives_one_iteration_of_train_py(capsys):
     assert len(lengths) == 4 * 2 and rows["sample answers"]["tokens"] == sum(lengths)
     assert any(answers.finished) and len(set(lengths)) > 1  # EOS is reachable and lengths vary
     assert vine_stats["vine/mc_rollouts"] == 2 * vine_stats["vine/states_unique"]  # K = 2 per unique state
+    assert rows["MC values"]["engine"]["forward_passes"] > 0 and rows["MC values"]["engine"]["host_reads"] > 0
     assert vine_stats["vine/mean_steps"] > 1  # the newline tokens make steps
     assert rows["PPO update"]["tokens"] == 2 * rows["old/ref logprobs"]["tokens"]  # 2 epochs over the episodes
     assert math.isfinite(ppo_stats["loss/total"]) and ppo_stats["ppo/skipped_minibatches"] == 0
     assert results["weight_change"] > 0  # AdamW moved the policy
-    assert results["plan"]["kv_cache"] > 0 and "memory plan" in out
+    assert results["plan"]["kv_cache"] > 0 and "memory plan" in out and "engine (phase" in out
 
 
 def test_eos_hook_sets_the_eos_probability_while_sampling_only():
+    """Within sampling_eos; outside it (the logprob and training passes, also under no_grad) the model is unchanged."""
     config = bench_gpu.small_config()
     torch.manual_seed(0)
     model = bench_gpu.AutoModelForCausalLM.from_config(config).eval()
@@ -48,7 +50,7 @@ def test_eos_hook_sets_the_eos_probability_while_sampling_only():
     model.get_output_embeddings().register_forward_hook(hook)
     with torch.no_grad():  # logprob and training passes: the model is left alone
         assert torch.equal(model(input_ids=ids).logits, plain)
-    with torch.inference_mode():  # rollout.sample and generate: P(EOS) at temperature 0.6 is 1 / 100 everywhere
+    with torch.no_grad(), bench_gpu.sampling_eos():  # sampling: P(EOS) at temperature 0.6 is 1 / 100 everywhere
         logits = model(input_ids=ids).logits
     probs = torch.softmax(logits / 0.6, dim=-1)  # (2, 7, V)
     assert torch.allclose(probs[..., 2], torch.full((2, 7), 0.01), atol=1e-6)

@@ -61,9 +61,10 @@ def test_two_gpus_shard_with_fsdp2_over_nccl(tmp_path, advantage):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_shared_prefix_attention_on_cuda_gives_the_copy_paths_tokens(tokenizer, bf16):
-    """attention.py's shared-prefix path against the copy path on the GPU: the same greedy tokens in float32, and
-    logprobs within 1e-4 (float32) or bf16's rounding (under autocast, where the tokens may part once they differ)."""
+def test_the_engine_on_cuda_draws_the_same_with_any_budget(tokenizer, bf16):
+    """rollout.sample on the GPU (blocks, refills, preemption by recomputation): greedy tokens of nested prefixes with
+    a budget of a few blocks equal those with room for everything, in float32; under bf16 most rows decode alike and
+    their logprobs agree within bf16's rounding."""
     import rollout
     from conftest import make_model
 
@@ -71,13 +72,34 @@ def test_shared_prefix_attention_on_cuda_gives_the_copy_paths_tokens(tokenizer, 
     g = torch.Generator().manual_seed(0)
     base = torch.randint(3, len(tokenizer), (60,), generator=g).tolist()
     prefixes = [base[:1], base[:20], base[:45], base, [5, 6, 7] + base[:30]]
-    kwargs = dict(num_samples=9, max_new_tokens=24, temperature=0.0, top_p=1.0, eos_token_id=2)
+    kwargs = dict(num_samples=9, max_new_tokens=40, temperature=0.0, top_p=1.0, eos_token_id=2)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        copied, shared = (rollout.sample(model, prefixes, shared=s, **kwargs) for s in (False, True))
+        roomy, tight = (rollout.sample(model, prefixes, max_batch_tokens=b, **kwargs) for b in (1 << 16, 256))
+    assert tight.stats["preempted_rows"] > 0 or tight.stats["prefill_passes"] > roomy.stats["prefill_passes"]
     if not bf16:
-        assert shared.response_ids == copied.response_ids
-    same = [(a, b) for a, b, x, y in zip(shared.logprobs, copied.logprobs, shared.response_ids, copied.response_ids)
+        assert tight.response_ids == roomy.response_ids
+    same = [(a, b) for a, b, x, y in zip(tight.logprobs, roomy.logprobs, tight.response_ids, roomy.response_ids)
             if x == y]
     assert len(same) >= len(prefixes), "most rows should decode alike"
     gap = max(float((a - b).abs().max()) for a, b in same if len(a))
     assert gap < (BF16_LOGPROB_TOLERANCE if bf16 else 1e-4), gap
+
+
+def test_under_cuda_bf16_the_reference_scores_as_the_policy_on_a_model_with_large_logits(tmp_path, tokenizer):
+    """train.load_models on CUDA (--bf16 by default): the policy and the reference give the same logprobs at
+    iteration 0 on a model whose logits are large (the tiny random models' are near 0 and hide rounding), and the
+    logits are float32."""
+    from test_bf16 import peaked_model_folder
+
+    import ppo
+
+    folder = peaked_model_folder(tmp_path / "model", tokenizer)
+    args = train.parse_args(TINY + ["--model", str(folder), "--device", "cuda", "--run_dir", str(tmp_path / "run")])
+    policy, reference, _ = train.load_models(args, [])
+    ids = torch.randint(3, len(tokenizer), (3, 700), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad(), train.autocast(args):
+        assert policy(ids).logits.dtype == torch.float32
+        a, b = (ppo.token_logprobs(m, ids, torch.ones_like(ids), 0.6) for m in (policy, reference))
+    gap = (a - b).abs()
+    print(f"CUDA bf16: policy - reference logprobs, mean |difference| {float(gap.mean()):.2e}")
+    assert float(gap.mean()) <= 1e-4
