@@ -20,8 +20,9 @@ What survives what (tests/test_checkpoint.py and tests/test_reliability.py check
     kill -9, power loss                        nothing runs                               the last checkpoint;
                                                --resume drops the metrics.jsonl lines written after it (a cut last
                                                line too) and redoes those iterations, so each is logged once
-    a crash in the middle of a save            saves go to X.tmp, then two renames        the previous X, or the new
-                                               one when the crash fell between the renames (recover_folder)
+    a crash in the middle of a save            saves go to X.tmp, fsynced, then two       the previous X, or the new
+                                               renames (fsynced too)                      one when the crash fell
+                                                                                          between the renames
     a full disk, file-size limit or read-only  one line "could not write ...", exit 1     the previous save
     folder at a save
     --resume of a damaged checkpoint           one line: what is damaged, and to start    best/ and init/
@@ -230,6 +231,7 @@ def save_folder(path: str, model, tokenizer, files: dict, state_dict: dict | Non
                     json.dump(obj, f, indent=1)
             else:
                 torch.save(obj, os.path.join(tmp, name))
+        sync_folder(tmp)  # on disk before the renames: a power loss then leaves the old save or a complete new one
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a file-size limit, a read-only folder
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"{path} still holds the previous save" if os.path.exists(path) else f"nothing was written to {path}"
@@ -237,7 +239,25 @@ def save_folder(path: str, model, tokenizer, files: dict, state_dict: dict | Non
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)  # a crash between the two renames leaves old and a complete tmp: recover_folder finishes
+    sync_path(os.path.dirname(os.path.abspath(path)))  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_path(path: str) -> None:
+    """fsync a file or a folder (a folder's entries: the names and renames in it), so that it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: str) -> None:
+    """fsync every file under folder, then every folder under it, bottom up."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            sync_path(os.path.join(root, name))
+        sync_path(root)
 
 
 def write_text(path: str, text: str) -> None:
@@ -246,7 +266,10 @@ def write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    sync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def recover_folder(path: str) -> None:
@@ -399,6 +422,14 @@ def ignore_interrupts() -> None:
     scheduler sends SIGTERM again) must neither cut the checkpoint being written nor change the exit code."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+
+
+def stop_point(agree=bool) -> None:
+    """Stop the run here (as uninterrupted does at its end) if open_run deferred a signal (torchrun): a point between
+    phases outside the update, where every rank calls it. agree decides with the other ranks (distributed.any_rank)."""
+    if agree(bool(PENDING)):
+        ignore_interrupts()
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

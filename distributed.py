@@ -149,6 +149,18 @@ def gather_list(items: list) -> list:
     return [item for part in everyone for item in part]
 
 
+def check_same_options(options: dict) -> None:
+    """Stop in one line if another rank was given other options (a torchrun command with rank-specific arguments):
+    the ranks would shard, draw and step differently. The device is each rank's own."""
+    if world()[1] == 1:
+        return
+    everyone = gather_list([{k: v for k, v in options.items() if k != "device"}])
+    differ = sorted({k for other in everyone[1:] for k in everyone[0] if other.get(k) != everyone[0][k]})
+    if differ:
+        names = ", ".join("--" + k.replace("_", "-") for k in differ)
+        raise SystemExit(f"error: the ranks were given different options ({names}); give every rank the same command")
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any rank (a Ctrl-C on one rank stops them all at the same point)."""
     return any(gather_list([bool(flag)]))

@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     Under torchrun every rank runs all of this on its share of the work; rank 0 prints, logs and saves."""
     args = parse_args(argv)
     seed_everything(args)
-    with distributed.process_group(args.device, args.dist_timeout) as args.device:  # torchrun: join the other ranks
+    with distributed.process_group(args.device, args.dist_timeout) as device:  # torchrun: join the other ranks
+        distributed.check_same_options(dataclasses.asdict(args))  # every rank was given the same command line
+        args.device = device
         with checkpoint.open_run(
             args.run_dir, main=distributed.is_main(), resume=args.resume, run_args=dataclasses.asdict(args),
             may_differ=RESUME_MAY_DIFFER, defer=distributed.world()[1] > 1,  # torchrun: all ranks stop together
@@ -265,6 +267,7 @@ def train(state: State, args: Args) -> None:
         return
     if args.eval_every:  # -------- evaluate the final policy
         write_log({"iteration": args.num_iterations, **evaluate_and_keep_best(state, args.num_iterations, args)}, args)
+        checkpoint.stop_point(distributed.any_rank)  # torchrun: a stop deferred during it ends the run here
     print_where_results_went(args, state.best_val)
 
 
@@ -368,6 +371,7 @@ def evaluate(model, tokenizer, test_problems, val_problems, sampling: rollout.Sa
             rewards = grade_all(tokenizer, outs, golds, args.dataset)
             scores = np.array(distributed.gather_list(rewards)).reshape(len(problems), num_samples)
             metrics[name], per_problem[name] = float(scores.mean()), scores.mean(axis=1).tolist()
+            checkpoint.stop_point(distributed.any_rank)  # torchrun: a deferred stop ends the run between the splits
     return {**metrics, "per_problem": per_problem}
 
 
@@ -813,9 +817,9 @@ def set_up(args: Args) -> State:
     check_prompts_fit(train_problems, args)
     if args.device.startswith("cuda") and args.max_batch_tokens is None:
         dtype = torch.bfloat16 if args.bf16 else torch.float32
-        tokens = rollout.default_budget(policy.config, dtype, torch.device(args.device))
-        print(f"sampling: a KV cache of {rollout.KV_MEMORY_FRACTION:.0%} of the GPU memory free when sampling starts "
-              f"(now {tokens} tokens; --max-batch-tokens sets it)")
+        tokens = rollout.default_budget(policy, dtype, torch.device(args.device))
+        print(f"sampling: a KV cache of {rollout.KV_MEMORY_FRACTION:.0%} of the GPU memory free when sampling starts, "
+              f"less the weights' bf16 copies and a step's logits (now {tokens} tokens; --max-batch-tokens sets it)")
     critic = load_critic(args)
     optimizer, scheduler = make_optimizer(policy, args)
     state = State(train_problems, val_problems, test_problems, policy, reference, critic, tokenizer, optimizer,

@@ -150,3 +150,31 @@ def test_checkpoints_are_due_every_save_every_iterations_and_at_the_end():
     due = [i for i in range(10) if checkpoint.is_due(i, num_iterations=10, save_every=4)]
     assert due == [3, 7, 9]
     assert [i for i in range(3) if checkpoint.is_due(i, num_iterations=3, save_every=0)] == [2]
+
+
+def test_a_save_is_on_disk_before_its_renames(tmp_path, monkeypatch):
+    """Power loss: every file of the new save and its folder are fsynced before the renames that make it the save,
+    and the run folder after them, so a power loss leaves the previous save or the new one, whole."""
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer))
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), replace(a, b))[1])
+    path = str(tmp_path / "best")
+    checkpoint.save_folder(path, model, tokenizer, {"best.json": {"iteration": 3}})
+    renamed = events.index(("replace", path))
+    synced = {name for kind, name in events[:renamed] if kind == "fsync"}
+    assert {os.path.join(path + ".tmp", f) for f in os.listdir(path)} | {path + ".tmp"} <= synced
+    assert ("fsync", str(tmp_path)) in events[renamed:]
+    events.clear()
+    checkpoint.write_text(str(tmp_path / "evals" / "3.json"), "{}")
+    assert events == [("fsync", str(tmp_path / "evals" / "3.json.tmp")), ("replace", str(tmp_path / "evals" /
+                      "3.json")), ("fsync", str(tmp_path / "evals"))]
+
+
+def test_a_stop_deferred_under_torchrun_ends_the_run_at_the_next_stop_point(monkeypatch):
+    checkpoint.stop_point()  # nothing pending: nothing happens
+    monkeypatch.setattr(checkpoint, "PENDING", [15])
+    with pytest.raises(KeyboardInterrupt):  # conftest puts back the handlers stop_point leaves ignored
+        checkpoint.stop_point(agree=lambda came: came)

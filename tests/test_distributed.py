@@ -324,3 +324,21 @@ def test_fsdp2_gathers_the_layers_in_bf16_and_reduces_in_float32_on_cuda_with_bf
     for device, bf16 in (("cpu", True), ("cuda", False)):
         none = distributed.mixed_precision(device, bf16)
         assert (none.param_dtype, none.reduce_dtype) == (None, None)
+
+
+@pytest.mark.slow
+def test_ranks_given_different_options_stop_in_one_line(tmp_path):
+    """Rank 1 started with another --minibatch-size (a command line with rank-specific arguments): both ranks stop
+    at start with one line naming the option, before any work (it used to abort with SIGABRT mid-update)."""
+    argv = TINY + ["--model", "tiny", "--num_iterations", "1", "--threads", "1", "--dist_timeout", "30",
+                   "--run_dir", str(tmp_path / "run")]
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + (os.getpid() + 7) % 1000))
+    commands = [[sys.executable, str(ROOT / "train.py"), *argv], [sys.executable, str(ROOT / "train.py"), *argv,
+                                                                  "--minibatch_size", "4"]]
+    ranks = [subprocess.Popen(command, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r, command in enumerate(commands)]
+    errors = [process.communicate(timeout=120)[1] for process in ranks]
+    for process, err in zip(ranks, errors):
+        assert process.returncode == 1 and "Traceback" not in err, err[-2000:]
+        assert "the ranks were given different options (--minibatch-size)" in err
+    assert not (tmp_path / "run" / "init").exists(), "stopped before any work"
