@@ -19,8 +19,9 @@ What each phase holds (train.py on CUDA: float32 weights, bf16 autocast, --bf16 
                float32; none when --kl-coef 0), and with --advantage critic the critic's weights and moments
                12 P_critic (ppo.ValueModel: the transformer without its LM head, plus a hidden -> 1 head).
   sampling     + the KV cache, max_batch_tokens (rounded up to blocks, + one scratch block) x kv_bytes_per_token
-               (attention.BlockCache; rollout.default_budget: on CUDA without --max-batch-tokens, KV_MEMORY_FRACTION
-               of the memory free then, kv_default_tokens), + one prefill pass's own cache (rollout.prefill:
+               (attention.BlockCache; rollout.default_budget: on CUDA without --max-batch-tokens,
+               KV_MEMORY_FRACTION of the memory free then less the weight copies and logits below:
+               kv_default_tokens), + one prefill pass's own cache (rollout.prefill:
                rollout.PREFILL_BATCH_TOKENS tokens), + bf16 copies of the matmul weights (autocast caches them for
                the sampling call), + the decode step's float32 logits and top-p buffers, ~40 bytes per row and
                vocabulary entry (an estimate, not measured) for at most scheduler.MAX_ROWS rows.
@@ -341,9 +342,11 @@ def memory_plan(
 
 def default_kv_tokens(config, plan: dict[str, int], bf16: bool) -> int:
     """The KV cache rollout.default_budget takes on CUDA without --max-batch-tokens: KV_MEMORY_FRACTION of the memory
-    free when sampling starts (all of the GPU but the CUDA context, the fixed state and the gathered weights)."""
+    free when sampling starts (all of the GPU but the CUDA context, the fixed state and the gathered weights), less
+    autocast's weight copies and a step's logits at scheduler.MAX_ROWS rows."""
     free = plan["usable"] - plan["fixed"] - plan["full_weights"]
-    return max(0, int(rollout.KV_MEMORY_FRACTION * free) // kv_bytes_per_token(config, bf16))
+    extra = (2 * parameter_counts(config)["total"] if bf16 else 0) + 40 * scheduler.MAX_ROWS * config.vocab_size
+    return max(0, int(rollout.KV_MEMORY_FRACTION * (free - extra)) // kv_bytes_per_token(config, bf16))
 
 
 def fit_status(peak: int, usable: int) -> str:
@@ -404,10 +407,11 @@ def format_breakdown(models: dict, **settings) -> str:
 
 
 def format_fits(models: dict, gpu_sizes_gb, **settings) -> str:
-    """One row per model x GPU x advantage (vine, critic): the peak at the given settings, whether it fits, and the
-    largest micro-batch (checkpointing on / off) and --max-batch-tokens that fit."""
+    """One row per model x GPU x advantage (vine, critic): the peak at the given settings, whether it fits, the
+    largest micro-batch (checkpointing on / off) and --max-batch-tokens that fit, and the KV cache sampling takes on
+    CUDA without --max-batch-tokens (kv_default_tokens)."""
     header = f"{'model':6s} {'GPU':>5s} {'advantage':9s} {'fixed':>6s} {'peak':>6s} {'fits':>5s}   largest micro-batch"
-    lines = [header + " (ckpt on / off)   largest --max-batch-tokens"]
+    lines = [header + " (ckpt on / off)   largest --max-batch-tokens   KV tokens by default (CUDA)"]
     for name, config in models.items():
         for size in gpu_sizes_gb:
             for advantage in ("vine", "critic"):
@@ -418,7 +422,8 @@ def format_fits(models: dict, gpu_sizes_gb, **settings) -> str:
                 micro = f"{on or 'none'} / {off or 'none'}"
                 lines.append(
                     f"{name:6s} {size:>3d}GB {advantage:9s} {gib(plan['fixed']):>6s} {gib(plan['peak']):>6s} "
-                    f"{fit_status(plan['peak'], plan['usable']):>5s}   {micro:>35s}   {tokens or 'none':>26}"
+                    f"{fit_status(plan['peak'], plan['usable']):>5s}   {micro:>35s}   {tokens or 'none':>26}   "
+                    f"{plan['kv_default_tokens']:>27d}"
                 )
         fixed = memory_plan(config, gpu_bytes=0, **settings)["fixed"]
         if fixed > max(gpu_sizes_gb) * GiB - RESERVED:
