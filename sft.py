@@ -113,7 +113,7 @@ def slipped_solution(solution: str, each: float | None = None, rng: random.Rando
 def sft_examples(
     tokenizer, problems: list, dataset: str, *, answer_only: float, slip: float, slip_each: float, rng: random.Random
 ) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids + EOS) per problem (train.Problem: .prompt_ids, .solution, .answer): the gold
+    """(prompt ids, response ids + EOS) per problem (reward.Problem: .prompt_ids, .solution, .answer): the gold
     solution, or with probability answer_only the bare answer line (answer_only_solution), so that the model
     learns to answer both with and without working and RL has to learn which pays (the CPU demo); or, with
     probability slip, the solution with its first multiplication slipped into an addition (slipped_solution),

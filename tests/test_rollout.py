@@ -112,10 +112,10 @@ def test_batched_prefill_equals_per_root(family, batch_tokens, min_fill, monkeyp
         for k, root in enumerate(roots):
             out = model(input_ids=torch.tensor([root]), use_cache=True)  # the slow path: this root alone
             # float32 rounding only: measured <= 2e-7 (keys, values and logits of these models)
-            for (keys, values), layer in zip(cache.layers, out.cache.layers):  # (NB, H, BLOCK, D) vs (1, H, T, D)
-                for pool, expected in ((keys, layer.keys), (values, layer.values)):
-                    mine = attention.gather_roots(pool, torch.tensor([blocks[k]]))[0, :, : len(root)]
-                    torch.testing.assert_close(mine, expected[0], atol=1e-5, rtol=0)
+            for pool, layer in zip(cache.layers, out.cache.layers):  # (NB, H, 2, BLOCK, D) vs (1, H, T, D)
+                mine = attention.gather_roots(pool, torch.tensor([blocks[k]]))[0, :, :, : len(root)]  # (H, 2, T, D)
+                torch.testing.assert_close(mine[:, 0], layer.keys[0], atol=1e-5, rtol=0)
+                torch.testing.assert_close(mine[:, 1], layer.values[0], atol=1e-5, rtol=0)
             for i in (i for i, (r, _) in enumerate(ends) if r == k):  # logits at t predict token t + 1
                 torch.testing.assert_close(logits[i], out.logits[0, ends[i][1] - 1], atol=1e-5, rtol=0)
 
