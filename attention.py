@@ -1,30 +1,21 @@
-"""The KV cache that rollout.sample decodes with, held in blocks, and the attention that reads it.
+"""The KV cache that rollout.sample decodes with, held in blocks, and the attention that reads it: the mechanics of
+rollout.py's departure 4 (the paper samples with vLLM), with no departure of its own.
 
-Memory in blocks (vLLM's paged attention, Kwon et al. 2023): every layer has one pool of keys and values,
-(NB, H, 2, BLOCK, D) in the compute dtype, made once per sample call (keys and values of a block side by side, so
-that one gather moves both). A root (a prefix of the call that others start
-with, rollout.find_roots) holds ceil(T / BLOCK) blocks, written by the prefill; each row's generated tokens hold
-blocks of their own, one more every BLOCK tokens. So the cache holds what the rows contain, not what they might
-grow to, and a block that a finished row frees is taken by the next one (rollout.Scheduler decides who holds what).
-Block 0 is scratch: padding writes to it and reads from it, always masked.
+Memory in blocks (vLLM's paged attention, Kwon et al. 2023): each layer has one pool (NB, H, 2, BLOCK, D) of keys and
+values side by side, made once per sample call. A root (rollout.find_roots) holds ceil(T / BLOCK) blocks, written by
+its prefill; each row's generated tokens take a block every BLOCK tokens (scheduler.py decides who holds what), so
+the cache holds what the rows contain. Block 0 is scratch: padding writes and reads it, always masked.
 
-One decoding step of row b, which continues a prefix of L_b tokens of its root and has fed i_b + 1 tokens of its own:
+One decoding step of row b, which continues a prefix of L_b tokens of its root:
 
-    root part    its query against the root's keys [0, L_b); the queries of all rows of one root stacked, so a root
-                 is one matrix product for all its rows (its blocks gathered into (H, T, D) once per layer)
-    block part   its query against each block of its own keys: one batched matrix product over every (row, block)
-                 pair, the last block masked past its written slots (flash-decoding, split over blocks)
-    merge        every part of a row merged by its log-sum-exp (Hydragen, Juravsky et al. 2024):
+    root part    its query against the root's keys [0, L_b); a root's rows stacked: one product per root
+    block part   its query against each block of its own keys: one batched product over (row, block) pairs
+    merge        the parts merged by their log-sum-exp (Hydragen, Juravsky et al. 2024):
                  o = sum_i o_i exp(lse_i - lse),  lse = log sum_i exp(lse_i)
 
-where o_i is part i's softmax-weighted values and lse_i the log-sum-exp of its scores. Exact: the softmax over the
-union of the key sets, split into parts (tests/test_attention.py: equal to SDPA within 1e-5). Scores and the merge are
-float32; the products run in the compute dtype. Compute and memory follow the tokens the rows hold: no row is padded
-to the longest one.
-
-It plugs into a Hugging Face model through its attention interface: use(model) makes `paged_attention` the model's
-attention; a forward call given paged=Step(...) runs the above, any other call (the prefill, training) the model's
-usual SDPA.
+Exact: the softmax over the union of the key sets, split into parts (tests/test_attention.py: SDPA's within 1e-5);
+scores and the merge in float32. use(model) plugs paged_attention into the model's attention interface: a forward
+call given paged=Step(...) runs the above, any other call the model's usual SDPA.
 
 Letters: B rows, R roots, N the most rows of one root, M (row, block) pairs, Hq query heads, H key/value heads,
 G = Hq / H, T root positions, D head dim. This file imports no project file.
@@ -45,9 +36,8 @@ NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask is used as given
 
 
 class BlockCache:
-    """The pools, one per layer, (NB, H, 2, BLOCK, D): keys at [:, :, 0], values at [:, :, 1]. A block is zeroed when
-    a row takes it (Step.fresh_blocks) and a root's is written whole by its prefill, so a masked slot holds no NaN
-    that a zero weight could turn into one; block 0, scratch, starts zeroed."""
+    """The pools, one per layer, (NB, H, 2, BLOCK, D): keys at [:, :, 0], values at [:, :, 1]. A row's block is zeroed
+    when taken (Step.fresh_blocks), so that no masked slot holds a NaN."""
 
     def __init__(self, config, num_blocks: int, dtype: torch.dtype, device: torch.device):
         layers, heads, dim = kv_shape(config)
@@ -84,8 +74,7 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 @dataclass
 class Step:
-    """What one decoding step's attention reads besides the pools (rollout.Scheduler.step_inputs makes it): where the
-    fed token's keys and values go, the live roots' blocks, the rows grouped by root, and the (row, block) pairs."""
+    """What a decoding step's attention reads besides the pools (scheduler.Scheduler.step_inputs makes its tensors)."""
 
     cache: BlockCache
     write_block: torch.Tensor  # (B,) the block of each row's fed token
@@ -128,9 +117,8 @@ def swapped_attention(model):
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, paged: Step | None = None, **kwargs):
-    """The attention implementation: with paged (one decoding step; query (B, Hq, 1, D), key and value (B, H, 1, D),
-    the fed tokens'), write the fed keys and values to their blocks, then the root and block parts, merged (module
-    docstring); else SDPA. Returns (B, 1, Hq, D), as Hugging Face's attention functions do, and no weights."""
+    """With paged (a decoding step, query (B, Hq, 1, D)): write the fed keys and values, then the root and block parts,
+    merged; else SDPA. Returns (B, 1, Hq, D) and no weights, as Hugging Face's attention functions do."""
     if paged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     pool = paged.cache.layers[module.layer_idx]  # (NB, H, 2, BLOCK, D)
@@ -146,9 +134,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, pag
 
 
 def root_part(q, roots: tuple[torch.Tensor, torch.Tensor], paged: Step) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every row's attention over its root's first L_b keys, root by root, the rows of a root stacked (one batched
-    matrix product over the R roots). q (B, H, G, D), scaled. Returns the normalised output (B, H, G, D) and the
-    log-sum-exp of the scores (B, H, G)."""
+    """Every row's attention over its root's first L_b keys, a root's rows stacked. q (B, H, G, D), scaled. Returns
+    the output (B, H, G, D) and log-sum-exp (B, H, G)."""
     rows, heads, groups, dim = q.shape
     num_roots, width, length = paged.visible.shape  # R, N, T
     root_keys, root_values = roots  # (R, H, T, D)
@@ -170,8 +157,7 @@ def root_part(q, roots: tuple[torch.Tensor, torch.Tensor], paged: Step) -> tuple
 
 
 def live_roots(layer: int, paged: Step) -> tuple[torch.Tensor, torch.Tensor]:
-    """The live roots' keys and values (R, H, T, D) of a layer, gathered from their blocks once per version of the
-    live roots (they change when a root joins or leaves, not at every step; the copy costs their memory again)."""
+    """The live roots' keys and values (R, H, T, D) of a layer, gathered once per version of the live roots."""
     version, gathered = paged.cache.roots.get(layer, (None, None))
     if version != paged.roots_version:
         gathered = gather_roots(paged.cache.layers[layer], paged.root_blocks)
@@ -180,16 +166,15 @@ def live_roots(layer: int, paged: Step) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gather_roots(pool: torch.Tensor, root_blocks: torch.Tensor) -> torch.Tensor:
-    """The live roots' keys and values from their blocks: pool (NB, H, 2, BLOCK, D), root_blocks (R, NR). Returns
-    (R, H, 2, NR * BLOCK, D)."""
+    """pool (NB, H, 2, BLOCK, D), root_blocks (R, NR) -> the roots' keys and values (R, H, 2, NR * BLOCK, D)."""
     (num_roots, width), (_, heads, _, block, dim) = root_blocks.shape, pool.shape
     blocks = pool.index_select(0, root_blocks.flatten()).view(num_roots, width, heads, 2, block, dim)
     return blocks.permute(0, 2, 3, 1, 4, 5).reshape(num_roots, heads, 2, width * block, dim)
 
 
 def block_part(q, pool, paged: Step) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every row's attention over each block of its own keys: one product per (row, block) pair. q (B, H, G, D),
-    scaled; pool (NB, H, 2, BLOCK, D). Returns each pair's normalised output (M, H, G, D) and log-sum-exp (M, H, G)."""
+    """Every row's attention over each block of its own keys. q (B, H, G, D), scaled. Returns each (row, block) pair's
+    output (M, H, G, D) and log-sum-exp (M, H, G)."""
     blocks = pool.index_select(0, paged.pair_block)  # (M, H, 2, BLOCK, D): keys and values in one gather
     pair_q = (q if paged.pairs_are_rows else q.index_select(0, paged.pair_row)).to(blocks.dtype)  # (M, H, G, D)
     if paged.pair_bias is None:  # once per step: (M, 1, 1, BLOCK), the block's written slots
@@ -203,10 +188,8 @@ def mask_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attend(q, keys, values, bias) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T + bias) v and the log-sum-exp of those scores (float32). q (X, H, L, D), scaled; keys, values
-    (X, H, S, D); bias (X, 1, L or 1, S), mask_bias. On a CPU this is PyTorch's fused flash-attention kernel, the one
-    scaled_dot_product_attention runs, called by its (private) name because it also returns the log-sum-exp;
-    elsewhere the products written out."""
+    """softmax(q k^T + bias) v and the scores' log-sum-exp (float32). q (X, H, L, D), scaled; keys, values (X, H, S,
+    D); bias (X, 1, L or 1, S). On a CPU, SDPA's flash kernel (by its private name: it returns the log-sum-exp)."""
     if q.device.type == "cpu":
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         out, lse = flash(q, keys, values, attn_mask=bias, scale=1.0)
@@ -217,9 +200,8 @@ def attend(q, keys, values, bias) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge(root_out, root_lse, pair_out, pair_lse, pair_row) -> torch.Tensor:
-    """Merge each row's root part (B, H, G, D), log-sum-exp (B, H, G), with its (row, block) parts (M, H, G, D) and
-    (M, H, G), pair_row (M,) their rows. Returns (B, H, G, D) float32:
-        o = sum_i o_i exp(lse_i - lse),  lse = log sum_i exp(lse_i)   (computed from each row's largest lse_i)"""
+    """Each row's root part (B, H, G, D) merged with its (row, block) parts (M, H, G, D), pair_row (M,) their rows:
+        o = sum_i o_i exp(lse_i - lse),  lse = log sum_i exp(lse_i)   (from each row's largest lse_i), float32"""
     top = root_lse.scatter_reduce(0, pair_row[:, None, None].expand_as(pair_lse), pair_lse, "amax")  # (B, H, G)
     root_weight = torch.exp(root_lse - top)  # (B, H, G) <= 1, stable
     pair_weight = torch.exp(pair_lse - top.index_select(0, pair_row))  # (M, H, G)

@@ -46,6 +46,7 @@ import pickle
 import random
 import shutil
 import signal
+import traceback
 
 import numpy as np
 import torch
@@ -88,9 +89,10 @@ def run_dir_lock(run_dir: str):
         lock.close()  # releases the flock
 
 
-def check_run_dir(run_dir: str, *, resume: bool, run_args: dict, may_differ: set[str]) -> None:
+def check_run_dir(run_dir: str, *, resume: bool, run_args: dict, may_differ: set[str], defaults: dict | None = None):
     """Refuse to overwrite another run, and refuse to resume a run that was started with other settings (any option
-    of run_args but those in may_differ). First finish any save that a crash cut between its two renames."""
+    of run_args but those in may_differ). An option the saved run does not know (added since it started) takes its
+    default (defaults), with a line that says so. First finish any save that a crash cut between its two renames."""
     for name in ("checkpoint", "best", "init"):
         recover_folder(os.path.join(run_dir, name))
     state_file = os.path.join(run_dir, "checkpoint", "trainer_state.pt")
@@ -114,6 +116,11 @@ def check_run_dir(run_dir: str, *, resume: bool, run_args: dict, may_differ: set
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise damaged(os.path.join(run_dir, "checkpoint"), e) from None
+    new = sorted(k for k in run_args if k not in saved and k not in may_differ)
+    if new:
+        names = ", --".join(k.replace("_", "-") for k in new)
+        print(f"{run_dir} was started before --{names} existed: the run goes on with the default")
+        saved = {**saved, **{k: (defaults or {}).get(k) for k in new}}
     changed = [k for k, v in run_args.items() if k not in may_differ and saved.get(k) != v]
     if changed == ["num_iterations"]:
         raise SystemExit(
@@ -351,6 +358,26 @@ def is_due(iteration: int, *, num_iterations: int, save_every: int) -> bool:
     return iteration + 1 == num_iterations or bool(save_every and (iteration + 1) % save_every == 0)
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Is this a GPU's out-of-memory error, or the CPU allocator's (a RuntimeError)?"""
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(error)
+
+
+def out_of_memory_message(error: BaseException, phases: dict, run_dir: str, device: str) -> str:
+    """The one line an out-of-memory error ends a run with: its phase (the innermost function of phases on the
+    traceback: name -> (phase, settings to lower)), the settings to lower, and what is on disk (nothing of the
+    unfinished iteration was saved; the checkpoint before it is intact)."""
+    frames = [frame.name for frame in reversed(traceback.extract_tb(error.__traceback__))]
+    phase, settings = next((phases[name] for name in frames if name in phases),
+                           ("this run", "--max-batch-tokens or --micro-batch-size"))
+    saved = os.path.join(run_dir, "checkpoint")
+    if os.path.exists(os.path.join(saved, "trainer_state.pt")):
+        disk = f"the checkpoint in {saved} is intact: continue with --resume and the lower setting"
+    else:
+        disk = f"no checkpoint was saved yet: start again with the lower setting (delete {run_dir} first)"
+    return f"error: out of memory on {device} in {phase}: lower {settings} (tools/memory_plan.py); {disk}"
+
+
 # Under torchrun, the signals that came once the run was set up, outside an uninterrupted block: they stop the run at
 # the end of the next one, where every rank stops at the same point (open_run with defer).
 PENDING: list[int] = []
@@ -376,7 +403,8 @@ class Run:
 
 
 @contextlib.contextmanager
-def open_run(run_dir: str, *, main: bool, resume: bool, run_args: dict, may_differ: set[str], defer: bool = False):
+def open_run(run_dir: str, *, main: bool, resume: bool, run_args: dict, may_differ: set[str], defer: bool = False,
+             defaults: dict | None = None):
     """A run in its folder, and the one place that decides what a stop does to it.
 
     main (rank 0): finish a save that a crash cut (recover_folder), refuse to overwrite another run or to resume one
@@ -392,7 +420,7 @@ def open_run(run_dir: str, *, main: bool, resume: bool, run_args: dict, may_diff
     try:
         with run_dir_lock(run_dir) if main else contextlib.nullcontext():
             if main:
-                check_run_dir(run_dir, resume=resume, run_args=run_args, may_differ=may_differ)
+                check_run_dir(run_dir, resume=resume, run_args=run_args, may_differ=may_differ, defaults=defaults)
             try:
                 yield run
             except KeyboardInterrupt:

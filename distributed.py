@@ -34,6 +34,7 @@ This file imports no project file; only train.py imports it.
 
 import contextlib
 import datetime
+import functools
 import math
 import os
 import sys
@@ -137,6 +138,32 @@ def micro_batch_passes(n: int, micro_batch_size: int) -> int:
     """The forward and backward passes every rank runs over a minibatch of n episodes: as many as the longest share,
     ceil(n / N), needs in micro-batches (one process: ceil(n / micro_batch_size))."""
     return math.ceil(math.ceil(n / world()[1]) / micro_batch_size)
+
+
+def micro_batches(n: int, size: int):
+    """This rank's micro-batches of a minibatch of n episodes, as (rows, loss scale): its share (shard_bounds) in
+    ranges of at most size rows. Every rank runs as many passes as the longest share needs, since each pass gathers
+    and reduces: a shorter share ends with zero-loss passes of row 0, (range(1), 0.0). One process: all n, scale 1."""
+    first, last = shard_bounds(n)
+    for k in range(micro_batch_passes(n, size)):
+        rows = range(first + k * size, min(first + (k + 1) * size, last))
+        yield (rows, 1.0) if rows else (range(1), 0.0)
+
+
+def combine_stats(stats: dict, combine) -> dict:
+    """Every rank's stats of one minibatch combined (combine: ppo.accumulate_stats), the same on every rank."""
+    if world()[1] == 1:
+        return stats
+    return functools.reduce(combine, gather_list([stats]), {})
+
+
+def share_fields(items: list, mine: list, fields: tuple[str, ...]) -> None:
+    """Give every rank the fields each rank set on its share of items (mine = shard(items))."""
+    if world()[1] == 1:
+        return
+    for item, values in zip(items, gather_list([tuple(getattr(x, f) for f in fields) for x in mine]), strict=True):
+        for f, value in zip(fields, values):
+            setattr(item, f, value)
 
 
 def gather_list(items: list) -> list:

@@ -1,5 +1,6 @@
 """A pool of worker processes for calls that may run too long or crash the process they run in. reward.py compares
-MATH answers with it (math-verify and sympy can take seconds, or hang, on some inputs).
+MATH answers with it (math-verify and sympy can take seconds, or hang, on some inputs): the mechanics of reward.py's
+departure 3, with no departure of its own.
 
     pool = Pool("reward:verify_in_worker", workers=2, budget=5.0, warm_up=[("(1+x)^2", "x^2+2x+1")])
     pool.run([(pred, gold), ...], default=None)          # -> one result per task, in order

@@ -1,32 +1,24 @@
-"""The PPO half of VinePPO: token logprobs, advantage whitening, the clipped loss and the KL to the reference; and the
-baselines' advantages: the paper's PPO critic (value head, GAE, clipped value loss), GRPO and RLOO.
-
+"""The PPO half of VinePPO: token logprobs, whitening, the clipped loss and the KL to the reference; and the
+baselines' advantages (train.py --advantage): the paper's PPO critic (ValueModel, gae, value_loss), GRPO and RLOO.
 VinePPO changes only where the advantages come from (vine.py); the update is the paper's PPO-clip (docs/paper.md §3,
-§7 pitfalls 6-9, 13, 14, §8):
+§8, pitfalls 6-9, 13, 14):
 
     logprobs = log softmax(logits / 0.6)[next token]           float32, right-padded batches, causal shift by one
     A        = whiten(token advantages) over one 64-episode minibatch
     L        = PPO-clip token mean + beta * k3 KL (sum over tokens, mean over sequences)           (ppo_loss)
     skip the minibatch when its mean ratio exceeds 10 (the ratio guard); no entropy bonus
 
-The baselines (train.py --advantage) set only the token advantages: critic_advantages (the paper's PPO: ValueModel,
-GAE, value_loss) and outcome_advantages (GRPO, RLOO).
-
-train.py owns the loop (epochs, micro-batches, AdamW); this file holds the math and imports no project file.
-Test: python -m pytest tests/test_ppo.py -x -q
+train.py owns the loop (epochs, micro-batches, AdamW); this file holds the math. Test: pytest tests/test_ppo.py -q
 Shapes: B sequences, T tokens (prompt + response, right-padded), V vocabulary; P, R an episode's prompt, response.
 
 Departures from the paper's code (ppo_trainer.py):
-1. The policy loss is divided by the WHOLE minibatch's response tokens and the KL term by its sequences, so
-   gradient accumulation gives exactly the one-pass gradient; the paper takes a mean per micro-batch or device.
+1. The losses are divided by the WHOLE minibatch's response tokens (the KL term: its sequences), so that micro-batches
+   sum to the one-pass gradient; the paper takes a mean per micro-batch or device.
 2. Advantages are whitened once per minibatch (pitfall 6), as in the paper's multi-GPU runs, not per micro-batch.
-3. The ratio guard judges the whole minibatch, and train.py skips its optimizer step (train.py departure 2); the
-   paper zeroes each bad micro-batch's loss, and AdamW still steps on its momentum.
-4. token_logprobs gives 0 where the predicted token is padding, so an unmasked pad cannot make a ratio non-finite
-   (the paper masks with labels -100).
+3. The ratio guard judges the whole minibatch (train.py departure 2).
+4. token_logprobs gives 0 where the predicted token is padding (the paper masks with labels -100).
 5. The value loss is divided like the policy loss (departure 1).
-6. GRPO's std is the sample std (Bessel), as torch.std and TRL; its paper does not say, and after whitening the
-   choice cannot change the update's direction.
+6. GRPO's std is the sample std (Bessel), as torch.std and TRL; its paper does not say.
 7. Under bf16 the output layer runs in float32 (float32_head) and the frozen reference keeps the policy's precision
    recipe (store_in_bf16); the paper computes bf16 logits and holds a bf16 reference.
 """
@@ -34,6 +26,7 @@ Departures from the paper's code (ppo_trainer.py):
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -60,6 +53,7 @@ class Episode:
     returns: list[float] | None = None  # G_t per response token (critic only)
     values: list[float] | None = None  # V(s_0) .. V(s_m), MC values (vine only)
     whitened: list[list[float]] | None = None  # per epoch, the advantages whitened (logged answers only)
+    steps: list[int] | None = None  # the step of each sampled token, EOS excluded (vine.step_map, made once)
 
 
 def make_batch(episodes: list[Episode], pad_id: int, device: str) -> dict:
@@ -106,12 +100,10 @@ def token_logprobs(
     *,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every next token under the tempered policy, no top-p (docs/paper.md pitfalls 8, 9).
+    """Under the tempered policy, no top-p, right-padded (docs/paper.md pitfalls 8, 9); 0 on padding (departure 4):
 
     logprobs[b, t] = log softmax(logits[b, t] / temperature)[input_ids[b, t + 1]]
     entropy[b, t]  = -sum_v p_v log p_v of that distribution (for logging; no gradient)
-
-    Batches must be right-padded, as the paper asserts; both are 0 where the predicted token is padding (departure 4).
     """
     assert input_ids.shape == attention_mask.shape, f"{input_ids.shape=} != {attention_mask.shape=}"
     assert bool(attention_mask[:, 0].all()), "batch must be right-padded: every row must start with a real token"
@@ -139,8 +131,7 @@ def token_logprobs(
 
 
 def float32_head(model: torch.nn.Module) -> None:
-    """Run the output layer in float32 outside autocast, so that logits are never rounded to bf16 (a step of 0.125
-    at a logit of 20): departure 7, as MiniMax-M1 (arXiv:2506.13585 §3.3)."""
+    """The output layer in float32 outside autocast: logits never rounded to bf16 (departure 7; MiniMax-M1 §3.3)."""
     head = model.get_output_embeddings()
     head.forward = functools.partial(float32_forward, head.forward)  # instance attribute: state dict unchanged
 
@@ -151,8 +142,8 @@ def float32_forward(forward, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def store_in_bf16(model: torch.nn.Module) -> None:
-    """Store a frozen model's Linear weights but the output layer's in bf16, as autocast casts them anyway: the
-    reference then scores tokens bit for bit as the policy at iteration 0 (departure 7)."""
+    """A frozen model's Linear weights but the head's in bf16, as autocast casts them: the reference then scores
+    tokens bit for bit as the policy at iteration 0 (departure 7)."""
     head = model.get_output_embeddings()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
@@ -160,8 +151,7 @@ def store_in_bf16(model: torch.nn.Module) -> None:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """sum(x * mask) / sum(mask), over all (dim=None) or along `dim`; nan or inf off the mask cannot leak in. An
-    empty row gives 0, an empty mask over all is an error."""
+    """sum(x * mask) / sum(mask), over all or along dim; nothing off the mask leaks in; an empty row gives 0."""
     mask = mask.bool()
     total = torch.where(mask, x, 0.0).sum() if dim is None else torch.where(mask, x, 0.0).sum(dim)
     if dim is None:
@@ -172,10 +162,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the masked entries; masked-out entries become 0 (docs/paper.md §1.3).
-
-    var = sum (x - mean)^2 / (n - 1), as in the paper's trainer. Call it once per minibatch (departure 2).
-    """
+    """(x - mean) / sqrt(var + eps) over the masked entries, 0 elsewhere, var = sum (x - mean)^2 / (n - 1), once per
+    minibatch (docs/paper.md §1.3, departure 2)."""
     mask = mask.bool()
     num = int(mask.sum())
     assert num >= 2, f"need at least 2 masked entries for an unbiased variance, got {num}"
@@ -185,13 +173,22 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     return centered * torch.rsqrt(var + eps)
 
 
+
+def keep_whitened(minibatch: list[Episode], whitened: torch.Tensor) -> None:
+    """Episodes marked for the credit view (whitened = []) keep each update's whitened advantages of their tokens."""
+    for j, e in enumerate(minibatch):
+        if e.whitened is not None:
+            p = len(e.prompt_ids)
+            e.whitened.append(whitened[j, p - 1 : p - 1 + len(e.response_ids)].tolist())
+
+
 def ppo_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
     clip_eps: float, ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, num_tokens: float | None = None,
     num_seqs: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip loss plus the k3 KL to the reference (docs/paper.md pitfall 7). All (B, T-1), aligned with
-    token_logprobs; mask: the response tokens, EOS included. Gradient through `logprobs` only.
+    """PPO-clip loss plus the k3 KL to the reference (docs/paper.md pitfall 7), all (B, T-1); mask: the response tokens
+    with EOS. Gradient through `logprobs` only.
 
         ratio    = exp(logprobs - old_logprobs)
         pg       = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps))      per token
@@ -199,8 +196,7 @@ def ppo_loss(
         k3       = clamp(exp(ref - logprobs) - (ref - logprobs) - 1, 0, 10)     estimates KL(pi || pi_ref)
         L_kl     = kl_coef * sum(k3 * mask) / num_seqs                          (kl_to_reference)
 
-    num_tokens / num_seqs: the whole minibatch's (departure 1; default: this call's); stats are divided so too.
-    loss/approx_kl is k3 of KL(pi_old || pi) (http://joschu.net/blog/kl-approx.html).
+    num_tokens / num_seqs: the whole minibatch's (departure 1); loss/approx_kl is k3 of KL(pi_old || pi).
     """
     shapes = {logprobs.shape, old_logprobs.shape, advantages.shape, mask.shape}
     assert len(shapes) == 1, f"all inputs must share one (B, T-1) shape, got {shapes}"
@@ -268,8 +264,7 @@ def accumulate_stats(total: dict[str, float], stats: dict[str, float]) -> dict[s
 
 
 def ratio_guard_exceeded(stats: dict[str, float], threshold: float = RATIO_THRESHOLD) -> bool:
-    """The paper's ratio guard (docs/paper.md pitfall 14; departure 3): is the mean ratio of the whole minibatch
-    (stats from accumulate_stats) above threshold, so that it must be skipped?"""
+    """The paper's ratio guard (docs/paper.md pitfall 14; departure 3): is the minibatch's mean ratio over threshold?"""
     return stats["ratio/mean"] > threshold
 
 
@@ -314,8 +309,7 @@ class ValueModel(torch.nn.Module):
 
 
 def gae(rewards: list[float], values: list[float], *, gamma: float = 1.0, lam: float = 1.0) -> tuple[list, list]:
-    """Generalised advantage estimation over one answer's response tokens (Schulman et al. 2016, eq. 16).
-    values[t] = V_old(s_t), the state before token t; the state after the last token is terminal (value 0).
+    """GAE over one answer's tokens (Schulman et al. 2016, eq. 16); values[t] = V_old(s_t), before token t; terminal 0.
 
         delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);   A_t = delta_t + gamma * lam * A_{t+1};   G_t = A_t + V(s_t)
 
@@ -343,8 +337,7 @@ def value_loss(
         V_clipped = clamp(V, V_old - clip_range, V_old + clip_range)
         L_value   = 0.5 * sum(max((V - G)^2, (V_clipped - G)^2) * mask) / num_tokens
 
-    V itself is clamped, as the official trainer does, so V_clipped is exactly V inside the range. Gradient through
-    `values` only; num_tokens (departure 5) and stats as in ppo_loss."""
+    Gradient through `values` only; num_tokens as in ppo_loss (departure 5)."""
     assert values.shape == old_values.shape == returns.shape == mask.shape, "all inputs must share one shape"
     mask = mask.bool()
     num_tokens = float(mask.sum()) if num_tokens is None else float(num_tokens)
@@ -360,6 +353,14 @@ def value_loss(
         }
         values_list = torch.stack(list(stats.values())).tolist()
     return loss, dict(zip(stats, values_list))
+
+
+class Critic(NamedTuple):
+    """The PPO baseline's value model with its own AdamW and schedule (docs/paper.md §3)."""
+
+    model: ValueModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
 def critic_loss(
@@ -383,8 +384,7 @@ def group_advantages(rewards: list[float], group_size: int, method: str) -> list
         grpo:  (R - mean(group)) / (std(group) + 1e-4)      std with Bessel's correction (departure 6)
         rloo:  R - mean of the OTHER answers of the group  =  group_size / (group_size - 1) * (R - mean(group))
 
-    A group whose rewards are all equal gets 0 everywhere. GRPO: Shao et al. 2024, §4.1.2; RLOO: Ahmadian et al.
-    2024, §3."""
+    GRPO: Shao et al. 2024, §4.1.2; RLOO: Ahmadian et al. 2024, §3."""
     assert group_size >= 2 and len(rewards) % group_size == 0, f"{len(rewards)} rewards in groups of {group_size}"
     assert method in ("grpo", "rloo"), f"unknown method {method!r}"
     groups = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)  # (prompts, group_size)

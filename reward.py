@@ -1,8 +1,7 @@
 r"""The task layer: load problems, format the prompt, extract and grade final answers.
 
-Paper: VinePPO (arXiv:2410.01679), as its official code does it: docs/paper.md §4.1 (prompt), §4.3 (GSM8K reward),
-§4.4 (MATH reward and splits). A third data set, `arithmetic`, is ours: synthetic word problems in GSM8K's format,
-small enough for a model trained from scratch on a CPU (demos and tests).
+As the paper's code does it: docs/paper.md §4.1 (prompt), §4.3 (GSM8K reward), §4.4 (MATH reward and splits). A third
+data set, `arithmetic`, is ours: synthetic word problems in GSM8K's format for a tiny model on a CPU.
 
     prompt   = format_prompt(question, dataset)       "[MATH_TASK] Problem:\n{question}\n\nSolution:"
     response = "\n" + worked solution + "\n"          GSM8K/arithmetic end with "#### 72\n", MATH with \boxed{..}
@@ -11,17 +10,15 @@ small enough for a model trained from scratch on a CPU (demos and tests).
 Test: python -m pytest tests/test_reward.py -q   (reads data/, see data/README.md)
 
 Departures from the paper (numbered):
-1. GSM8K gold answers lose their commas too. The paper's code strips them from the prediction only
-   (`pred.strip().replace(",", "").lower() == gold.strip().lower()`), so the 93 of 8792 GSM8K problems whose gold
-   is written "1,080" could never be graded correct.
+1. GSM8K gold answers lose their commas too; the paper's code strips them from the prediction only, so the 93 of
+   8792 problems whose gold is written "1,080" could never be graded correct.
 2. MATH answers are compared with `math-verify`, not the paper's Minerva normaliser and sympy grader, and only a
    \boxed{..} (or \fbox{..}) answer counts: no fallback to "The answer is ..." or to the last number.
-3. MATH comparisons run in worker processes (grading.py), each bounded: MATH_VERIFY_SECONDS of CPU time, one retry
-   with MATH_RETRY_SECONDS, a kill past MATH_WALL_SECONDS of wall clock. A timeout scores 0 but is not cached.
-   Answers longer than MAX_ANSWER_CHARS or too_big_to_verify count as wrong.
+3. MATH comparisons run in worker processes (grading.py) under CPU-time limits (MATH_*_SECONDS); a timeout scores 0,
+   uncached. Answers longer than MAX_ANSWER_CHARS or too_big_to_verify count as wrong.
 4. grade() cuts the response at the first stop string, as vLLM's `stop` does in the paper.
-5. The validation subsets (GSM8K: 373 of train, MATH: 500 of PRM800K train) are our own seeded draws (the authors'
-   ids are in a release zip we lack). PRM800K train is rebuilt from MATH, in another row order (data/README.md).
+5. The validation subsets (GSM8K: 373 of train, MATH: 500 of PRM800K train) are our own seeded draws; PRM800K train
+   is rebuilt from MATH (data/README.md).
 """
 
 import collections
@@ -70,7 +67,7 @@ MATH_CACHE_SIZE = 2**16  # (answer, gold) verdicts kept
 UNBRACED_BOX = re.compile(r" +([^\s{$][^$\n]*)")  # "\boxed 5$" (old MATH style): to "$" or the end of the line
 OPENING_BRACE = re.compile(r" *\{")
 
-# math-verify's own timeouts (signal.alarm: whole seconds, main thread only) are off: silence their warning
+# math-verify's own timeouts are off: silence their warning
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
@@ -100,12 +97,8 @@ def check_dataset(dataset: str) -> None:
 
 
 def load_problems(dataset: str, split: str, data_dir: str | Path | None = None, **difficulty) -> list[dict]:
-    """Problems of one split as dicts with "question", "answer" (gold final answer) and "solution" (the SFT
-    response of docs/paper.md §4.1, which grade() scores 1.0).
-
-    data_dir: None reads data/; a folder must have data/'s layout or be a data set's subfolder; "hub" reads the
-    Hugging Face hub. `arithmetic` is generated: no data_dir, but `difficulty` (make_arithmetic_problems' options).
-    """
+    """One split as dicts of "question", "answer" (gold) and "solution" (the SFT response, docs/paper.md §4.1), from
+    data_dir (None: data/; "hub": the Hugging Face hub); arithmetic is generated with `difficulty`."""
     check_dataset(dataset)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
@@ -223,13 +216,9 @@ ARITHMETIC_MULTIPLY = {2: "doubles them", 3: "triples them"}
 def make_arithmetic_problems(
     num_problems: int, seed: int, *, num_steps: int = 3, max_number: int = 20, multiply: float = 0.15
 ) -> list[dict]:
-    """Synthetic multi-step word problems, one line per step and a final "#### N" line (GSM8K format).
-
-    "Tom has 12 apples. He buys 7 more, uses 5, doubles them, then sells 3. How many now?"
-    -> "\\nTom has 12 apples.\\n12 + 7 = 19\\n19 - 5 = 14\\n14 * 2 = 28\\n28 - 3 = 25\\n#### 25\\n"
-    A step doubles or triples with probability `multiply`, else adds or subtracts a number in [1, max_number];
-    every result stays in [0, 999].
-    """
+    """Word problems in GSM8K's format; a step doubles or triples with probability `multiply`, else adds or subtracts
+    up to max_number, results in [0, 999]. "Tom has 12 apples. He buys 7 more, then doubles them. How many now?" ->
+    "\\nTom has 12 apples.\\n12 + 7 = 19\\n19 * 2 = 38\\n#### 38\\n"."""
     ok = num_steps >= 1 and 1 <= max_number <= 999 and 0 <= multiply <= 1
     assert ok, f"bad difficulty num_steps={num_steps} max_number={max_number} multiply={multiply}"
     rng = random.Random(seed)
@@ -292,11 +281,8 @@ ARITHMETIC_LINE_RE = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
 
 
 def extract_answer(text: str, dataset: str) -> str | None:
-    """The final answer in a response, or None (docs/paper.md §4.3, §4.4).
-
-    GSM8K/arithmetic: all after the LAST "####", stripped (so "#### 72\\nextra" fails to match, as in the paper).
-    MATH: the last \\boxed{..}'s contents.
-    """
+    """The final answer, or None (docs/paper.md §4.3, §4.4): GSM8K, arithmetic: all after the LAST "####", stripped
+    (so "#### 72\\nextra" fails, as in the paper); MATH: the last \\boxed{..}'s contents."""
     if dataset in ("gsm8k", "arithmetic"):
         position = text.rfind("####")
         return None if position < 0 else text[position + len("####"):].strip()
@@ -336,10 +322,8 @@ def last_boxed_content(text: str) -> str | None:
 
 
 def grade(response: str, gold_answer: str, dataset: str) -> float:
-    """1.0 if the response's final answer equals the gold answer, else 0.0; never raises on any strings.
-
-    GSM8K/arithmetic (docs/paper.md §4.3): pred.replace(",", "").lower() == gold.strip().replace(",", "").lower(), no
-    numeric normalisation ("72.0" and "$72" are wrong). MATH (§4.4): equal under math-verify (math_answers_equal)."""
+    """1.0 if the final answer equals the gold one, else 0.0. GSM8K (docs/paper.md §4.3): pred.replace(",", "").lower()
+    == gold.strip().replace(",", "").lower() ("72.0" is wrong); MATH (§4.4): equal under math-verify."""
     if not isinstance(response, str) or not isinstance(gold_answer, str):
         return 0.0
     pred = final_answer(response, dataset)
@@ -358,6 +342,26 @@ def grade_batch(responses: list[str | None], gold_answers: list[str], dataset: s
              for r, g in zip(responses, gold_answers, strict=True)]
     verdicts = iter(math_answers_equal([(p, g) for p, g in zip(preds, gold_answers) if p is not None]))
     return [float(next(verdicts)) if p is not None else 0.0 for p in preds]
+
+
+
+# What a right answer ends with, per data set (reward_signal's warning names it).
+ANSWER_FORMATS = {"gsm8k": 'a final line "#### N"', "arithmetic": 'a final line "#### N"', "math": "\\boxed{...}"}
+
+
+def reward_signal(rewards: list[float], *, samples_per_prompt: int, dataset: str, iteration: int) -> dict:
+    """The fraction of prompts whose answers all got the same reward (no outcome signal: GRPO/RLOO give them 0, MC
+    values can still rank their steps); a warning when no answer of the iteration was right, or none wrong."""
+    groups = [rewards[i : i + samples_per_prompt] for i in range(0, len(rewards), samples_per_prompt)]  # per prompt
+    same = f"warning: iteration {iteration}: every one of the {len(rewards)} answers got reward"
+    if max(rewards) == 0:
+        print(f"{same} 0, so there is nothing to learn from. On {dataset} an answer is right only if it ends with "
+              f"{ANSWER_FORMATS[dataset]}: a model that never writes that format always scores 0 (teach it with "
+              "--sft-steps N, or start from an SFT model); answers cut at --max-new-tokens also score 0 (see "
+              "response/unfinished)")
+    elif min(rewards) == 1:
+        print(f"{same} 1, so there is nothing to learn from; the problems are too easy for this policy")
+    return {"reward/no_signal_groups": sum(min(g) == max(g) for g in groups) / len(groups)}
 
 
 def final_answer(response: str, dataset: str) -> str | None:

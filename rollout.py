@@ -1,45 +1,30 @@
-"""Sampling from a Hugging Face causal LM with a KV cache, for the answers and the MC value rollouts.
-
-VinePPO spends most of its compute here (docs/paper.md §1.2, §6): N answers per prompt, then K continuations from
-every step state of every answer. One function, `sample`, serves both, with one Sampling value (T, top-p, length
-budget, end tokens, stop strings) so the two cannot drift apart (docs/paper.md pitfall 1):
+"""Sampling from a Hugging Face causal LM with a KV cache, for the answers and the MC value rollouts, where VinePPO
+spends most of its compute (docs/paper.md §1.2, §6). One function, `sample`, serves both with one Sampling value, so
+that the two cannot drift apart (docs/paper.md pitfall 1):
 
     answers:      sample(model, prompts, num_samples=N, **vars(sampling))  # sample j of prompt i: row i * N + j
     MC rollouts:  sample(model, states, num_samples=K, **vars(sampling))   # a state: prompt + an answer's first tokens
 
-How it works (plain PyTorch and the model's own forward; vLLM's design, small):
-  1. Roots. The states of one answer are nested: each is a prefix of the next. Every prefix belongs to the longest
-     prefix of the call that starts with it, its root (find_roots); a root's keys and values are computed once
-     (prefill) and every row of every prefix nested in it reads them (attention.py). The model's KV cache is the
-     engine's own: attention.BlockCache, in blocks, holding what the rows contain.
-  2. Continuous batching (Scheduler). Roots wait in a queue, longest first. At every step the rows that have a token
-     to feed decode together; as rows stop (EOS, stop string, length limit) their blocks are freed and waiting roots
-     are prefilled and join the batch, so every step runs as many rows as the memory budget holds until the work runs
-     out. If a row needs a block and none is free, the most recently admitted root is preempted: its rows start
-     over later and draw the same numbers again.
+How it works (plain PyTorch and the model's own forward; vLLM's design, small; docs/speed.md says what it costs):
+  1. Roots. One answer's states are nested; a prefix's root is the longest prefix of the call that starts with it
+     (find_roots), prefilled once into the block cache (attention.py) and read by every row nested in it.
+  2. Continuous batching (scheduler.py): each step decodes every live row; as rows stop, waiting roots join, up to
+     the memory budget; when no block is free the newest root is preempted and starts over later.
   3. Draws. Each token's uniform number is a hash of (seed, row, token index) (uniforms): a row's samples do not
-     depend on which rows share its batch, on the memory budget or on preemption.
-  4. One host read per step: the sampled tokens (and a flag, below). Everything else the host knows already (it
-     decides the rows and their lengths) and sends to the device in one copy per step (upload).
+     depend on its batch, the memory budget or preemption.
+  4. One host read per step, the sampled tokens; the host's arrays go to the device in one copy (upload).
 
-Sampling follows vLLM (the paper's sampler): logits / temperature, top-p (nucleus), one draw from the renormalised
-nucleus; temperature 0 is greedy argmax. Log-probabilities are float32 log_softmax(logits / temperature) of the sampled
-token (raw logits when greedy), before top-p, as the trainer computes them (docs/paper.md pitfall 8).
-
-What bounds speed (docs/speed.md has the measurements). On a CPU a step costs in proportion to its rows: the model's
-matmuls and attention over the tokens the rows hold. On a GPU a step of a 1B model costs about the same for 30 rows
-as for 700 (kernel launches and the weights' memory traffic), so what counts is the number of sequential steps and
-the rows each holds: continuous batching keeps the batch full, and no step waits on the host more than once.
+Sampling follows vLLM (the paper's): top-p over logits / temperature, greedy at 0; logprobs are float32, before top-p,
+as the trainer computes them (docs/paper.md pitfall 8).
 
 Test: python -m pytest tests/test_rollout.py tests/test_attention.py -q.   Benchmark: python benchmarks/bench_rollout.py
 
 Departures from the paper's vLLM sampler:
   1. Stop strings cut token ids, not text: the response ends at the last token boundary at or before the start of
-     the stop string, so a token that holds text before the stop string is dropped too (vLLM cuts the text exactly).
-  2. Stop strings are searched in the generated text only (vLLM does the same), never across the prefix boundary.
+     the stop string (vLLM cuts the text exactly). They are searched in the generated text only, as in vLLM.
+  2. Different random streams: the same seed gives the same samples here, not vLLM's samples.
   3. Sliding-window attention layers are not supported (check_model refuses them).
-  4. Different random streams: the same seed gives the same samples here, not vLLM's samples.
-  5. Attention over blocks and roots is plain PyTorch (attention.py), not vLLM's fused paged-attention kernel.
+  4. Attention over blocks and roots is plain PyTorch (attention.py), not vLLM's fused paged-attention kernel.
 
 Letters: B rows being decoded, P prefixes, R roots, K samples per prefix, T positions, V vocabulary.
 """
@@ -59,20 +44,15 @@ from attention import BLOCK
 import scheduler
 from scheduler import Scheduler
 
-# Memory cap of the KV cache, in cached tokens (roots and generated tokens), when sample is given none: this on a
-# CPU, and on CUDA (default_budget) KV_MEMORY_FRACTION of the memory free when sampling starts, less what sampling
-# adds besides (autocast's bf16 weight copies, a step's logits), as vLLM's gpu_memory_utilization. A token costs
-# attention.kv_bytes_per_token: 2 x 22 layers x 4 heads x 64 x 2 bytes = 22 KiB for RhoMath-1.1B under bf16.
-# tools/memory_plan.py says what fits.
+# The KV cache's size in tokens when sample is given none: this on a CPU; on CUDA KV_MEMORY_FRACTION of the free
+# memory (default_budget), as vLLM's gpu_memory_utilization. tools/memory_plan.py says what fits.
 DEFAULT_MAX_BATCH_TOKENS = 2**18
 KV_MEMORY_FRACTION = 0.9
-# Prefill passes (plan_prefill_passes): at most this many tokens per pass, roots x longest root of the pass, and no
-# root shorter than PREFILL_MIN_FILL x the pass's longest (the rest of its row is padding, computed and thrown away).
-# Measured on 2 CPU cores: passes of ~2k tokens beat one pass per root and passes of 4k-16k tokens.
+# Prefill passes (plan_prefill_passes): at most this many tokens (roots x longest root), no root shorter than
+# PREFILL_MIN_FILL x the longest (the rest of its row is padding). docs/speed.md has the measurements.
 PREFILL_BATCH_TOKENS = 2**11
 PREFILL_MIN_FILL = 0.9
-# Top-p looks for the nucleus among this many most probable tokens; where a step's nucleus is not among them, that
-# step is drawn again from a full sort (sample_next_tokens).
+# Top-p looks for the nucleus among this many most probable tokens first (draw).
 TOP_P_CANDIDATES = 64
 # Stop strings are searched in the exact decoded text: no special-token skipping, no whitespace clean-up.
 DECODE_KWARGS = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -80,9 +60,7 @@ DECODE_KWARGS = dict(skip_special_tokens=False, clean_up_tokenization_spaces=Fal
 
 @dataclass(frozen=True)
 class Sampling:
-    """The settings of `sample` that the answers and the MC continuations of their step states share (docs/paper.md
-    pitfall 1). train.py builds one value and hands it to both: sample(model, prefixes, num_samples=K,
-    **vars(sampling))."""
+    """The settings of `sample` that the answers and their MC continuations share (docs/paper.md pitfall 1)."""
 
     temperature: float  # 0: greedy
     top_p: float
@@ -103,8 +81,7 @@ class Rollouts:
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The token ids that end an answer: the tokenizer's EOS and every id in the model's generation_config
-    eos_token_id (an int or a list: chat models often list several end tokens, e.g. an end-of-turn token)."""
+    """The tokenizer's EOS and every id of the model's generation_config.eos_token_id (chat models list several)."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
     return sorted({tokenizer.eos_token_id, *configured} - {None})
@@ -115,8 +92,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def check_config(config, max_length: int | None) -> None:
-    """Refuse a model whose attention this engine cannot cache (a sliding window shorter than max_length: a nested
-    prefix cannot be sliced out of a windowed cache, departure 3) or whose positions end before max_length."""
+    """Refuse a sliding window shorter than max_length (departure 3) or fewer positions than max_length."""
     config = config.get_text_config()
     window = getattr(config, "sliding_window", None)
     sliding = "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
@@ -132,8 +108,7 @@ def check_config(config, max_length: int | None) -> None:
 
 
 def check_model(model, max_length: int | None) -> None:
-    """check_config, and refuse a model whose attention layers do not call Hugging Face's attention interface (the
-    engine's attention plugs in there, attention.use)."""
+    """check_config, and refuse attention that bypasses Hugging Face's attention interface (attention.use)."""
     check_config(model.config, max_length)
     if not attention.supports(model):
         implementation = getattr(model.config, "_attn_implementation", None)
@@ -167,9 +142,8 @@ def check_arguments(prompt_ids, num_samples, max_new_tokens, temperature, top_p,
 
 
 def uniforms(seed: int, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """U(0, 1] for each (row, token index), a hash of (seed, row, index), as counter-based generators (Philox, JAX's
-    threefry) do: a row's draws do not depend on the rows beside it. Integer arithmetic (32-bit values in int64,
-    products < 2**63), so every device gives the same numbers; 24 bits, as a float32 holds."""
+    """U(0, 1] for each (row, token index): a hash of (seed, row, index), as counter-based generators (Philox) are. In
+    int64 arithmetic (products < 2**63), so every device gives the same 24-bit numbers."""
     x = (rows * 0x2545F491 + index * 0x1B873593 + seed) & 0xFFFFFFFF
     for _ in range(3):  # a 32-bit integer finaliser (xor-shift-multiply rounds)
         x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
@@ -177,14 +151,12 @@ def uniforms(seed: int, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor
 
 
 def sample_next_tokens(logits, u, *, temperature: float, top_p: float, exact: bool = True):
-    """One token per row. logits (B, V), u (B,) in (0, 1]. Returns tokens (B,), their float32 logprobs (B,) and
-    whether the TOP_P_CANDIDATES most probable tokens held the nucleus, row by row (B,).
+    """One token per row of logits (B, V), by u (B,) in (0, 1]: tokens, float32 logprobs, and whether the top
+    TOP_P_CANDIDATES held the nucleus (each (B,)). logprob = log_softmax(logits / temperature)[token]; greedy at 0.
 
-    logprob = log_softmax(logits / temperature)[token] (raw logits when temperature == 0: greedy argmax). Top-p
-    (Holtzman et al. 2020; vLLM): the nucleus is the most probable tokens, in order, while the mass above a token is
-    < top_p; the token is the first in that order whose cumulative mass reaches u x the nucleus's mass (inverse CDF).
-    exact False looks only among the top candidates; the flag says where that was enough (if not, draw again with
-    exact True: same u, same order, so the same token wherever both apply). top_p = 1 draws in vocabulary order."""
+    Top-p (Holtzman et al. 2020; vLLM): the nucleus is the most probable tokens while the mass above one is < top_p;
+    the token is the first whose cumulative mass reaches u x the nucleus's mass (inverse CDF). exact False ranks the
+    candidates only: the same token wherever they hold the nucleus. top_p = 1 draws in vocabulary order."""
     logits = logits.float()  # float32 logprobs even under bf16 autocast
     if temperature == 0:
         tokens = logits.argmax(dim=-1)  # (B,)
@@ -210,9 +182,8 @@ def sample_next_tokens(logits, u, *, temperature: float, top_p: float, exact: bo
 
 
 def draw(logits, u, *, temperature: float, top_p: float, exact: bool) -> tuple[list[int], torch.Tensor, bool, int]:
-    """sample_next_tokens, read to the host in one read with its flag packed in; again, sorted, where the top
-    candidates did not hold every row's nucleus. Returns the tokens, their logprobs (B,) on the device, whether the
-    next step should sort (this step's nucleus was not among the candidates), and the host reads made."""
+    """sample_next_tokens in one host read (the flag packed in), again from a full sort where the candidates missed a
+    nucleus. Returns the tokens, their logprobs (B,) on the device, whether the next step sorts, the reads made."""
     tokens, logprobs, held = sample_next_tokens(logits, u, temperature=temperature, top_p=top_p, exact=exact)
     packed = (tokens * 2 + held).tolist()  # the step's one host read
     missed = not all(value & 1 for value in packed)
@@ -227,10 +198,8 @@ def draw(logits, u, *, temperature: float, top_p: float, exact: bool) -> tuple[l
 
 
 def find_roots(prefixes: Sequence[Sequence[int]]) -> list[int]:
-    """For each prefix, the index of the longest prefix in the list that starts with it (itself if none does).
-
-    In lexicographic order, every sequence between p and a sequence that starts with p also starts with p; so p is
-    nested iff its successor starts with p, and then p's root is its successor's root. One backward pass."""
+    """For each prefix, the index of the longest prefix in the list that starts with it (itself if none does). In
+    sorted order p is nested iff its successor starts with p, and then shares its root: one backward pass."""
     order = sorted(range(len(prefixes)), key=lambda i: tuple(prefixes[i]))
     roots = list(range(len(prefixes)))
     for a, b in zip(reversed(order[:-1]), reversed(order[1:])):  # a = predecessor of b in sorted order
@@ -259,14 +228,10 @@ def plan_prefill_passes(root_lens: list[int]) -> list[tuple[int, int]]:
 
 def prefill(model, cache: attention.BlockCache, roots: list[list[int]], blocks: list[list[int]],
             ends: list[tuple[int, int]], device) -> tuple[torch.Tensor, int]:
-    """Forward passes over roots (token lists), longest first, several per pass (plan_prefill_passes), each
-    right-padded to its longest root (pad id 0, hidden by the attention mask; position_ids 0..T-1, so a root's
-    positions do not depend on the others); every layer's keys and values go to the root's blocks. ends: (root index,
-    prefix length) of every prefix whose next-token logits are wanted (the logits at position t predict token t + 1).
-
-    A pre-hook on the output layer (get_output_embeddings) hands it only the hidden states at those ends, so no
-    (R, T, V) logits are made; anything a model does after it acts per position (tested on llama, qwen2 and gpt2).
-    Returns the logits (P, V) in the order of ends, and the number of passes."""
+    """Forward passes over roots, longest first, right-padded per pass (plan_prefill_passes), keys and values to the
+    roots' blocks. ends: (root index, prefix length) of each prefix whose next-token logits are wanted; a pre-hook on
+    the output layer passes it only those positions, so no (R, T, V) logits are made. Returns the logits (P, V) in the
+    order of ends, and the number of passes."""
     order = sorted(range(len(roots)), key=lambda k: -len(roots[k]))  # longest first
     rank = {k: n for n, k in enumerate(order)}
     roots, blocks, ends = [roots[k] for k in order], [blocks[k] for k in order], [(rank[k], n) for k, n in ends]
@@ -303,9 +268,8 @@ def prefill(model, cache: attention.BlockCache, roots: list[list[int]], blocks: 
 
 @functools.lru_cache(maxsize=8)
 def stop_candidates(tokenizer, stop_strings: tuple[str, ...], vocab_size: int) -> np.ndarray:
-    """(V,) bool: can this token complete one of stop_strings? A stop string is complete at the token that holds its
-    last character, so only tokens whose text holds one (or a partial character, U+FFFD, or no text of its own) need
-    the check; the rest never do."""
+    """(V,) bool: can this token complete a stop string (its text holds a last character of one, a partial character
+    or nothing)? Only those tokens need find_stop_cut."""
     texts = tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))], **DECODE_KWARGS)
     lasts = {s[-1] for s in stop_strings}
     candidates = np.ones(vocab_size, dtype=bool)  # ids past the tokenizer's: always checked
@@ -314,11 +278,8 @@ def stop_candidates(tokenizer, stop_strings: tuple[str, ...], vocab_size: int) -
 
 
 def find_stop_cut(tokenizer, response_ids: list[int], stop_strings: Sequence[str], window: int) -> int | None:
-    """If the decoded response contains a stop string, the number of tokens to keep: the longest token prefix whose
-    text ends at or before the start of the first stop string. Else None.
-
-    Called when a new token may complete a stop string, which then ends in the last tokens: decode only a window of
-    them first (window tokens hold at least window bytes; byte-level BPE tokens are never empty)."""
+    """If the response holds a stop string, the tokens to keep: the longest prefix whose text ends at or before the
+    first one's start; else None. A new stop string ends in the last window tokens, decoded first."""
     tail = tokenizer.decode(response_ids[-window:], **DECODE_KWARGS)
     if not any(s in tail for s in stop_strings):
         return None
@@ -350,14 +311,9 @@ def sample(
     max_batch_tokens: int | None = None,
     show_progress: bool = False,
 ) -> Rollouts:
-    """num_samples continuations of every prefix in prompt_ids; sample j of prefix i is at index i * num_samples + j.
-
-    A row stops at EOS (finished; EOS not returned), at a stop string (finished; cut before it, see find_stop_cut) or
-    at its length limit min(max_new_tokens, max_length - len(prefix)) (not finished), docs/paper.md §1.1, §4.3. Each
-    root's keys and values are computed once and read by every row of every prefix nested in it; the rows decode
-    in one continuously refilled batch whose KV cache holds at most max_batch_tokens tokens (module doc). The model
-    runs in eval mode under torch.no_grad, so that bf16 autocast casts each weight once per call, not per step (its
-    train/eval mode and attention are restored on return)."""
+    """num_samples continuations of every prefix in prompt_ids, sample j of prefix i at i * num_samples + j, in a KV
+    cache of at most max_batch_tokens tokens. A row stops at EOS (finished, EOS not returned), a stop string (finished,
+    cut before it) or min(max_new_tokens, max_length - len(prefix)) tokens (unfinished; docs/paper.md §1.1, §4.3)."""
     vocab_size = model.get_output_embeddings().weight.shape[0]
     check_arguments(prompt_ids, num_samples, max_new_tokens, temperature, top_p, max_length, vocab_size)
     if stop_strings and tokenizer is None:
@@ -393,8 +349,8 @@ def sample(
 
 
 def make_cache(model, prefixes, roots, limits, num_samples, max_batch_tokens, device) -> attention.BlockCache:
-    """The call's KV pool, in the compute dtype (bf16 under autocast): max_batch_tokens tokens (default: this machine's,
-    budget), no more than the call can fill, and at least any one root with all its rows at their limits."""
+    """The call's KV pool in the compute dtype: max_batch_tokens (or default_budget) tokens, no more than the call can
+    fill, and at least one root with all its rows at their limits."""
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else next(
         model.parameters()).dtype
     budget = max_batch_tokens or default_budget(model, dtype, device)
@@ -409,9 +365,8 @@ def make_cache(model, prefixes, roots, limits, num_samples, max_batch_tokens, de
 
 
 def default_budget(model, dtype, device) -> int:
-    """KV tokens when sample is given no max_batch_tokens: on CUDA KV_MEMORY_FRACTION of the memory free now less
-    autocast's bf16 copies of the weights (2 bytes each, made in the first step) and a step's logits and top-p
-    buffers (~40 bytes per row and vocabulary entry, MAX_ROWS rows); else DEFAULT_MAX_BATCH_TOKENS."""
+    """KV tokens on CUDA: KV_MEMORY_FRACTION of the free memory less autocast's bf16 weight copies and a step's logits
+    and top-p buffers (~40 bytes per row and vocabulary entry); elsewhere DEFAULT_MAX_BATCH_TOKENS."""
     if device.type != "cuda":
         return DEFAULT_MAX_BATCH_TOKENS
     free, _ = torch.cuda.mem_get_info(device)
@@ -423,8 +378,8 @@ def default_budget(model, dtype, device) -> int:
 
 
 def forward_step(model, cache, sched: Scheduler, device, stats) -> tuple[torch.Tensor, list[int]]:
-    """One round: a decoding step of the rows that have a token to feed, and the prefill of the roots admitted now
-    (their rows draw a first token from it). Returns the next-token logits (B, V) and their rows."""
+    """One round: a decoding step of the live rows, and the prefill of the roots admitted now. Returns the next-token
+    logits (B, V) and their rows."""
     parts, rows = [], []
     arrays = sched.step_inputs()  # first: the decoding rows get their blocks, then roots are admitted beside them
     if arrays is not None:
@@ -456,8 +411,7 @@ def upload(arrays: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
 
 
 def decode_step(model, cache, inputs: dict[str, torch.Tensor], step: dict) -> torch.Tensor:
-    """The model's forward pass over the fed tokens (B, 1) at their true positions, attention.paged_attention reading
-    the cache (attention.Step). Returns the next-token logits (B, V)."""
+    """The forward pass over the fed tokens (B, 1), attention reading the cache (attention.Step): logits (B, V)."""
     tokens, positions = inputs.pop("tokens"), inputs.pop("positions")
     grid_len, pair_count = inputs.pop("grid_len"), inputs.pop("pair_count")  # (R, N), (M,)
     root_positions = torch.arange(inputs["root_blocks"].shape[1] * BLOCK, device=tokens.device)
@@ -471,9 +425,8 @@ def decode_step(model, cache, inputs: dict[str, torch.Tensor], step: dict) -> to
 
 def record(sched: Scheduler, rows: list[int], tokens: list[int], *, eos_ids, stop_strings, tokenizer, candidates,
            limits) -> int:
-    """Append tokens[k] to row rows[k]. A row stops at EOS (finished, EOS not kept), when its text holds a stop string
-    (finished, cut by find_stop_cut; checked only after a token that can complete one, stop_candidates) or at its
-    length limit (not finished). Returns the number of rows that stopped."""
+    """Append tokens[k] to row rows[k], and stop rows at EOS, a stop string or their limit (sample). Returns how many
+    stopped."""
     window = 4 * max((len(s) for s in stop_strings), default=0) + 2  # tokens that surely hold a new stop string
     stopped = []
     for row, token in zip(rows, tokens):
@@ -496,8 +449,7 @@ def record(sched: Scheduler, rows: list[int], tokens: list[int], *, eos_ids, sto
 
 
 def rollouts(sched: Scheduler, steps: list, stats: collections.Counter) -> Rollouts:
-    """The Rollouts of the call: every row's tokens, and its logprobs gathered from the steps in one read (the draws
-    of EOS and of tokens cut by a stop string left out)."""
+    """The call's Rollouts: each row's tokens, and their logprobs gathered from the steps in one read."""
     lengths = np.array([len(t) for t in sched.tokens])
     values = torch.cat([s[0] for s in steps]).float().cpu().numpy() if steps else np.zeros(0)  # one read for the call
     rows, index = (np.concatenate([s[k] for s in steps]) if steps else np.zeros(0, int) for k in (1, 2))

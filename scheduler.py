@@ -1,4 +1,5 @@
 """Continuous batching for rollout.sample: which rows decode at each step, and which blocks of the KV cache hold what.
+vLLM's design (the paper's sampler) in plain Python, with no departure of its own.
 
 The host's side of the engine; it reads no tensor. A sample call has prefixes, K rows each (row b continues prefix
 b // K), and every prefix belongs to a root: the longest prefix of the call that starts with it. The KV cache

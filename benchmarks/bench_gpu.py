@@ -134,7 +134,7 @@ def set_eos_probability(module, inputs, logits, *, eos_token_id: int, probabilit
 
 
 def synthetic_problems(num_prompts: int, lengths: tuple[int, int], tokenizer, generator) -> list:
-    """reward.Problem values whose prompt ids are BOS + random word ids, lengths uniform in [lo, hi]; gold answer "0"."""
+    """reward.Problem values of BOS + random word ids, lengths uniform in [lo, hi]; gold answer "0"."""
     problems = []
     for _ in range(num_prompts):
         length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=generator))
@@ -172,6 +172,11 @@ def measure(rows: dict, name: str, device: str, out: str | None = None):
         row["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
         torch.cuda.reset_peak_memory_stats()
     row["seconds"], row["engine"] = time.perf_counter() - start, dict(engine)
+    append_row(out, name, row)
+
+
+def append_row(out: str | None, name: str, row: dict) -> None:
+    """Append one phase's row to the file out as a JSON line (nothing when out is None)."""
     if out:
         with open(out, "a") as f:
             f.write(json.dumps({"phase": name, **row}) + "\n")
@@ -239,13 +244,15 @@ def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
     # warm-up (CUDA kernels, cuBLAS handles) outside the timers, drawing from the global RNG, not the run's generator
     short = dataclasses.replace(args, max_new_tokens=2)
     sampling = train.sampling_settings(args, policy, tokenizer)
+    state = train.State(policy, None, None, reference=reference, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                        sampling=sampling)
     warm = dataclasses.replace(sampling, temperature=1.0, max_new_tokens=2)
     with sampling_eos():
-        train.sample_answers(policy, tokenizer, prompts[:1], num_samples=1, sampling=warm, generator=None, args=short)
+        train.sample_answers(state, prompts[:1], 1, warm, None, short)
     generate_tokens(policy, tokenizer, prompts[:1], num_samples=1, args=short, seed=0)
     # -------- sample answers: rollout.sample through train.py; rewards replaced by seeded random 0/1 (docstring 4)
     with measure(rows, "sample answers", device, out) as row, sampling_eos():
-        rollouts, _ = train.sample_and_grade(policy, tokenizer, problems, sampling, generator, args)
+        rollouts, _ = train.sample_and_grade(state, problems, generator, args)
         num_answers = len(rollouts.response_ids)
         rewards = torch.randint(0, 2, (num_answers,), generator=torch.Generator().manual_seed(cli.seed)).tolist()
         episodes = train.make_episodes(tokenizer, problems, rollouts, [float(r) for r in rewards], args)
@@ -259,21 +266,21 @@ def run_iteration(policy, reference, tokenizer, args, cli) -> dict:
             )
     # -------- MC values of every step state and the advantages
     with measure(rows, "MC values", device, out) as row, sampling_eos():
-        vine_stats = train.vine_advantages(policy, tokenizer, problems, rollouts, episodes, sampling, generator, args)
+        vine_stats = train.vine_advantages(state, problems, episodes, generator, args)
         row["tokens"] = vine_stats["vine/mc_tokens"]
     # -------- old/ref logprobs (timed apart, as a patched call) and the PPO update
-    optimizer, scheduler = train.make_optimizer(policy, args)
+    state.optimizer, state.scheduler = train.make_optimizer(policy, args)
     watched = policy.get_output_embeddings().weight
     before = watched.detach().to("cpu", copy=True)  # a CPU copy: the GPU peaks stay the model's own
     timed = functools.partial(measured_call, rows, "old/ref logprobs", device, train.old_and_ref_logprobs)
-    with mock.patch.object(train, "old_and_ref_logprobs", timed), measure(rows, "PPO update", device, out) as row:
-        ppo_stats = train.ppo_update(
-            policy, reference, None, optimizer, scheduler, episodes, tokenizer.pad_token_id, generator, args
-        )
+    with mock.patch.object(train, "old_and_ref_logprobs", timed), measure(rows, "PPO update", device) as row:
+        ppo_stats = train.ppo_update(state, episodes, generator, args)
     row["seconds"] -= rows["old/ref logprobs"]["seconds"]  # ppo_update's time includes the patched call's
     episode_tokens = sum(len(e.prompt_ids) + len(e.response_ids) for e in episodes)
     rows["old/ref logprobs"]["tokens"] = episode_tokens
     row["tokens"] = args.num_epochs * episode_tokens
+    append_row(out, "old/ref logprobs", rows["old/ref logprobs"])  # both rows once their numbers are final
+    append_row(out, "PPO update", row)
     return {
         "rows": rows,
         "vine": vine_stats,

@@ -138,6 +138,23 @@ def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_machine_without_one(tmp_path, 
                                                                for k, v in state.items() if k != "step"]))
 
 
+def test_resume_gives_an_option_added_since_its_default_and_refuses_another_value(tmp_path, capsys):
+    """A run folder saved before an option existed resumes with that option at its default, and one line says so;
+    the option given with another value is a change of settings like any other."""
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "trainer_state.pt").write_bytes(b"")
+    (tmp_path / "checkpoint" / "run_args.json").write_text(json.dumps({"lr": 0.1, "stop_after": 2}))
+    check = lambda run_args: checkpoint.check_run_dir(  # noqa: E731
+        str(tmp_path), resume=True, run_args=run_args, may_differ={"stop_after"}, defaults={"step_tokens": 0})
+    check({"lr": 0.1, "stop_after": 5, "step_tokens": 0})
+    assert capsys.readouterr().out == f"{tmp_path} was started before --step-tokens existed: the run goes on with " \
+        "the default\n"
+    with pytest.raises(SystemExit, match=r"started with other settings \(step_tokens\)"):
+        check({"lr": 0.1, "stop_after": 5, "step_tokens": 8})
+    with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
+        check({"lr": 0.2, "stop_after": 5, "step_tokens": 0})
+
+
 def test_trim_metrics_drops_the_lines_past_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(5)) + "\n")

@@ -113,22 +113,21 @@ def update(rank: int = 0, world: int = 1, rendezvous: str = "", out: str = "") -
     policy = distributed.shard_model(make_model("llama", VOCAB, seed=0), "cpu")
     reference = distributed.shard_model(make_model("llama", VOCAB, seed=1).requires_grad_(False), "cpu")
     critic_model = distributed.shard_model(ppo.ValueModel(make_model("llama", VOCAB, seed=2), torch.Generator()), "cpu")
-    critic = train.Critic(critic_model, *train.make_optimizer(critic_model, args))
+    critic = ppo.Critic(critic_model, *train.make_optimizer(critic_model, args))
     optimizer, scheduler = train.make_optimizer(policy, args)
+    state = train.State(policy, optimizer, scheduler, reference=reference, critic=critic)
     samples = {r: sample_on_full_weights(policy, r) for r in (PROMPTS if world == 1 else [rank])}
     episodes = make_episodes()
-    train.old_and_ref_logprobs(policy, reference, episodes, 0, args)
+    train.old_and_ref_logprobs(state, episodes, args)
     policy.train()
-    stats = train.minibatch_backward(policy, critic, episodes[:3], 0, args)
+    stats = train.minibatch_backward(state, episodes[:3], args)
     grads = {n: whole(p.grad).clone() for n, p in policy.named_parameters()}
     grads.update({"critic." + n: whole(p.grad).clone() for n, p in critic.model.named_parameters()})
     grad_bytes = state_bytes(policy, optimizer)["grads"]
     policy.zero_grad(set_to_none=True)
     critic.model.zero_grad(set_to_none=True)
     policy.eval()
-    update_stats = train.ppo_update(
-        policy, reference, critic, optimizer, scheduler, make_episodes(), 0, torch.Generator().manual_seed(0), args
-    )
+    update_stats = train.ppo_update(state, make_episodes(), torch.Generator().manual_seed(0), args)
     params = {n: whole(p).detach().clone() for n, p in policy.named_parameters()}
     params.update({"critic." + n: whole(p).detach().clone() for n, p in critic.model.named_parameters()})
     memory = {**state_bytes(policy, optimizer), "grads": grad_bytes}
@@ -175,7 +174,11 @@ def test_the_memory_plan_divides_the_fixed_state_over_the_gpus():
     assert one["policy_weights"] == 4 * params and one["adam_moments"] == 8 * params
     for key in ("policy_weights", "policy_grads", "adam_moments", "reference"):
         assert four[key] == pytest.approx(one[key] / 4, abs=4), key
-    assert four["full_weights"] == one["policy_weights"] and one["full_weights"] == 0  # gathered to sample
+    # gathered to sample: the layers in bf16 (distributed.mixed_precision), the embedding, final norm and head float32
+    root = 2 * config.vocab_size * config.hidden_size + config.hidden_size  # untied
+    assert four["full_weights"] == 4 * root + 2 * (params - root) and one["full_weights"] == 0
+    float32 = memory_plan.memory_plan(config, gpu_bytes=80 * 2**30, gpus=4, bf16=False)
+    assert float32["full_weights"] == one["policy_weights"]
 
 
 def test_shards_make_up_the_list_in_rank_order(monkeypatch):

@@ -24,7 +24,8 @@ def test_small_mode_runs_every_check_and_writes_the_table(tmp_path, capsys):
     assert all("losses finite True, weights moved True" in r["result"] for r in rows[-2:])
     table = (tmp_path / "check.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 and all(f"| {c} |" in table for c in checks)  # header + a row each
-    assert all(line in capsys.readouterr().out for line in table.splitlines()[2:])  # printed as measured
+    printed = capsys.readouterr().out
+    assert all(line in printed for line in table.splitlines()[2:])  # printed as measured
     engine = next(r for r in rows if r["check"] == "bench: MC values")
     assert engine["rows/step"] > 0 and 0 < engine["reads/pass"] <= 1.1, engine
 

@@ -69,9 +69,8 @@ def test_a_nan_advantage_skips_the_step_and_moves_no_weight(tokenizer):
     model = make_model("llama", len(tokenizer))
     before = [p.detach().clone() for p in model.parameters()]
     optimizer, scheduler = train.make_optimizer(model, args)
-    stats = train.ppo_update(
-        model, None, None, optimizer, scheduler, nan_episodes(tokenizer), 0, torch.Generator(), args
-    )
+    state = train.State(model, optimizer, scheduler)
+    stats = train.ppo_update(state, nan_episodes(tokenizer), torch.Generator(), args)
     assert stats["ppo/nonfinite_minibatches"] == 2  # both epochs' minibatch
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "a NaN step reached the weights"
     assert scheduler.last_epoch == 2, "the schedule advances as for any skipped minibatch"
@@ -79,11 +78,12 @@ def test_a_nan_advantage_skips_the_step_and_moves_no_weight(tokenizer):
 
 def test_non_finite_weights_stop_the_run_before_any_save(tokenizer):
     model = make_model("llama", len(tokenizer))
-    train.check_finite_weights(model, None, 0)  # finite: nothing happens
+    state = train.State(model, None, None)
+    train.check_finite_weights(state, 0)  # finite: nothing happens
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("inf")
     with pytest.raises(SystemExit, match="not finite after the update of iteration 3.*last checkpoint is intact"):
-        train.check_finite_weights(model, None, 3)
+        train.check_finite_weights(state, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_a_minibatch_of_empty_answers_is_skipped_not_a_crash(tokenizer):
     episodes = [ppo.Episode(prompt, [], False, 0.0, []) for _ in range(2)]
     optimizer, scheduler = train.make_optimizer(model, args)
     before = [p.detach().clone() for p in model.parameters()]
-    stats = train.ppo_update(model, None, None, optimizer, scheduler, episodes, 0, torch.Generator(), args)
+    stats = train.ppo_update(train.State(model, optimizer, scheduler), episodes, torch.Generator(), args)
     assert stats["ppo/empty_minibatches"] == 2 and scheduler.last_epoch == 2  # 2 epochs x 1 minibatch
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -400,7 +400,7 @@ def test_a_second_ctrl_c_during_the_save_that_the_first_started_waits_for_it(tmp
     """The double Ctrl-C people press: the first stops the run (here in the evaluation before iteration 1, with no
     checkpoint on disk yet), the second comes while that checkpoint is written. The save completes; exit 130."""
 
-    def evaluate(model, tokenizer, test_problems, val_problems, sampling, args, iteration):
+    def evaluate(state, iteration, args):
         if iteration == 1:
             raise KeyboardInterrupt
         return {"eval/val_pass1": 0.0}

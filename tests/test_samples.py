@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import ppo
 import reward
 import train
+import vine
 
 show_credit = load_script("tools/show_credit")
 
@@ -44,13 +45,13 @@ def runs(tmp_path_factory, sft_model) -> dict:
             mp.setattr(reward, "grade", parity)
             update, backward, loss = train.ppo_update, train.minibatch_backward, ppo.ppo_loss
 
-            def ppo_update(policy, reference, critic, optimizer, scheduler, eps, *rest):
+            def ppo_update(state, eps, *rest):
                 episodes.append(eps)
-                return update(policy, reference, critic, optimizer, scheduler, eps, *rest)
+                return update(state, eps, *rest)
 
-            def minibatch_backward(policy, critic, minibatch, *rest):
+            def minibatch_backward(state, minibatch, *rest):
                 order.extend(minibatch)
-                return backward(policy, critic, minibatch, *rest)
+                return backward(state, minibatch, *rest)
 
             def ppo_loss(logprobs, old, advantages, mask, **kwargs):
                 losses.append(advantages[0, mask[0].bool()].tolist())  # one episode per micro-batch
@@ -116,6 +117,37 @@ def check_steps(r: dict, e: ppo.Episode, used: list[list[float]]) -> None:
     assert ("advantage" in r) == (r["estimator"] in ("grpo", "rloo"))
     if "advantage" in r:
         assert all(a == r["advantage"] for a in e.advantages)
+
+
+def chunks_of_3(tokenizer, response_ids, dataset) -> list[int]:
+    """A splitter that ignores the text: a new step every 3 tokens (a fork of vine.step_map, docs/fork.md)."""
+    return [t // 3 for t in range(len(response_ids))]
+
+
+@pytest.mark.slow
+def test_a_splitter_that_is_not_line_based_reaches_the_values_the_diagnostic_and_the_records(tmp_path, sft_model,
+                                                                                             monkeypatch):
+    """Replacing vine.step_map alone changes every reader of the steps: the MC states, the value diagnostic (which
+    fails on a count mismatch) and the credit records' spans."""
+    monkeypatch.setattr(reward, "grade", parity)
+    monkeypatch.setattr(vine, "step_map", chunks_of_3)
+    maps = []  # the token_steps argument of every estimate_values call
+    estimate = vine.estimate_values
+    monkeypatch.setattr(vine, "estimate_values", lambda *a, **k: (maps.append(a[4]), estimate(*a, **k))[1])
+    train.main(start(sft_model) + ["--num_iterations", "1", "--value_diagnostic", "2", "--diagnostic_rollouts", "2",
+                                   "--run_dir", str(tmp_path)])
+    (records,) = read_samples(tmp_path).values()
+    assert len(records) == 3
+    for r in records:
+        n = len(r["response_ids"])
+        assert [s["tokens"] for s in r["steps"]] == ([[t, min(t + 3, n)] for t in range(0, n, 3)] or [[0, 0]])
+        assert "".join(s["text"] for s in r["steps"]) == r["answer"]
+    training, reference, fresh = maps  # the answers', then the diagnostic's two estimates of 2 answers
+    assert [len(m) for m in reference] == [len(m) for m in fresh] and len(reference) == 2
+    assert all(m == chunks_of_3(None, m, None) for m in training) and all(m in training for m in reference)
+    (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    mean_steps = sum(m[-1] + 1 if m else 1 for m in training) / len(training)
+    assert line["vine/mean_steps"] == pytest.approx(mean_steps) and "diag/mc_mae" in line
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """End-to-end tests of train.py: a smoke run, exact resume, and the error messages a user sees."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -69,13 +70,22 @@ def test_smoke_run_trains_and_saves_a_loadable_checkpoint(tmp_path, sft_model, p
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, sft_model, parity_reward):
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, sft_model, parity_reward, capsys):
+    """Also for a run folder saved before an option existed (here --arithmetic-multiply, dropped from its record):
+    the option takes its default, and the option given with another value is refused."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     argv = TINY + ["--model", str(sft_model), "--num_iterations", "3"]
     train.main(argv + ["--run_dir", str(whole)])
     train.main(argv + ["--run_dir", str(parts), "--stop_after", "1"])
     assert [r["iteration"] for r in read_metrics(parts)] == [0]
+    record = parts / "checkpoint" / "run_args.json"
+    saved = json.loads(record.read_text())
+    record.write_text(json.dumps({k: v for k, v in saved.items() if k != "arithmetic_multiply"}))
+    with pytest.raises(SystemExit, match="other settings \\(arithmetic_multiply\\)"):
+        train.main(argv + ["--run_dir", str(parts), "--resume", "--arithmetic_multiply", "0.3"])
+    capsys.readouterr()
     train.main(argv + ["--run_dir", str(parts), "--resume"])
+    assert "started before --arithmetic-multiply existed: the run goes on with the default" in capsys.readouterr().out
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     assert strip(read_metrics(parts)) == strip(read_metrics(whole))
     assert any(r["grad_norm"] > 0 for r in read_metrics(whole)[:3]), "the runs should have trained"
@@ -118,7 +128,8 @@ def test_a_minibatch_the_ratio_guard_skips_moves_no_weight_but_advances_the_sche
     optimizer, scheduler = train.make_optimizer(model, args)
     monkeypatch.setattr(ppo, "ratio_guard_exceeded", lambda stats: True)
     episodes = tiny_episodes(tokenizer, 4)
-    stats = train.ppo_update(model, None, None, optimizer, scheduler, episodes, 0, torch.Generator(), args)
+    state = train.State(model, optimizer, scheduler)
+    stats = train.ppo_update(state, episodes, torch.Generator(), args)
     assert stats["ppo/skipped_minibatches"] == 4  # 2 epochs x 2 minibatches
     assert scheduler.last_epoch == 4, "the schedule counts skipped minibatches, as the paper's engine does"
     assert not optimizer.state, "AdamW never stepped"
@@ -144,9 +155,10 @@ def test_answers_and_continuations_leave_room_for_eos_within_max_length(tokenize
     model = make_model("llama", len(tokenizer))
     problems, generator = [natalia], torch.Generator().manual_seed(0)
     sampling = train.sampling_settings(args, model, tokenizer)
-    rollouts, rewards = train.sample_and_grade(model, tokenizer, problems, sampling, generator, args)
+    state = train.State(model, None, None, tokenizer=tokenizer, sampling=sampling)
+    rollouts, rewards = train.sample_and_grade(state, problems, generator, args)
     episodes = train.make_episodes(tokenizer, problems, rollouts, rewards, args)
-    train.vine_advantages(model, tokenizer, problems, rollouts, episodes, sampling, generator, args)
+    train.vine_advantages(state, problems, episodes, generator, args)
     answers, continuations = calls  # a random model rarely stops: most rows of both calls use their whole budget
     assert max(r for _, r in answers) == 5 == args.max_length - 1 - len(prompt)
     assert max(p + r for p, r in continuations) == args.max_length - 1
@@ -160,11 +172,12 @@ def test_a_gsm8k_answer_without_a_final_answer_is_unfinished_reward_0_and_no_eos
     rollouts = rollout.Rollouts(ids, [torch.zeros(len(i)) for i in ids], [True, True], eos)  # both stopped on EOS
     args = train.parse_args(["--dataset", "gsm8k", "--samples_per_prompt", "2", "--num_mc_rollouts", "2"])
     args.device, args.max_new_tokens = "cpu", 8
-    rewards = train.grade_all(tokenizer, rollouts, ["72", "72"], "gsm8k")
+    rewards = train.grade_all(tokenizer, rollouts, ["72", "72"], args)
     model = make_model("llama", len(tokenizer))
     episodes = train.make_episodes(tokenizer, [natalia], rollouts, rewards, args)
     sampling = train.sampling_settings(args, model, tokenizer)
-    train.vine_advantages(model, tokenizer, [natalia], rollouts, episodes, sampling, torch.Generator(), args)
+    state = train.State(model, None, None, tokenizer=tokenizer, sampling=sampling)
+    train.vine_advantages(state, [natalia], episodes, torch.Generator(), args)
     assert rewards == [0.0, 1.0]
     assert not episodes[0].finished and episodes[0].response_ids == ids[0], "no answer: unfinished, no EOS"
     assert episodes[1].finished and episodes[1].response_ids == ids[1] + [tokenizer.eos_token_id]
@@ -227,7 +240,7 @@ def test_cli_errors_are_one_clear_line_not_a_traceback(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_that_resumes_where_the_policy_is(tmp_path, sft_model, monkeypatch, interrupt_at):
     """Ctrl-C in the evaluation before iteration 0 (no update yet) or in the final one (after iteration 0's update)."""
 
-    def evaluate(model, tokenizer, test_problems, val_problems, sampling, args, iteration):
+    def evaluate(state, iteration, args):
         if iteration == interrupt_at:
             raise KeyboardInterrupt
         return {"eval/val_pass1": 0.0}
@@ -245,7 +258,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_where_the_policy_is(tmp_path, sf
 @pytest.mark.slow
 def test_best_keeps_the_policy_with_the_highest_validation_pass1_across_resume(tmp_path, sft_model, monkeypatch):
     val = {0: 0.2, 1: 0.5, 2: 0.3}  # iteration -> validation Pass@1; iteration 2 is the final evaluation
-    monkeypatch.setattr(train, "evaluate", lambda *a: {"eval/pass1": 0.0, "eval/val_pass1": val[a[-1]]})
+    scores = lambda state, iteration, args: {"eval/pass1": 0.0, "eval/val_pass1": val[iteration]}  # noqa: E731
+    monkeypatch.setattr(train, "evaluate", scores)
     argv = TINY + ["--model", str(sft_model), "--num_iterations", "2", "--eval_every", "1", "--run_dir", str(tmp_path)]
     train.main(argv + ["--stop_after", "1"])
     assert json.loads((tmp_path / "best" / "best.json").read_text())["iteration"] == 0
@@ -299,9 +313,9 @@ def test_resume_restores_the_critic_exactly(tmp_path, sft_model, parity_reward):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def critic_for(tokenizer, args, seed: int = 1) -> train.Critic:
+def critic_for(tokenizer, args, seed: int = 1) -> ppo.Critic:
     model = ppo.ValueModel(make_model("llama", len(tokenizer), seed=seed), generator=torch.Generator().manual_seed(0))
-    return train.Critic(model, *train.make_optimizer(model, args))
+    return ppo.Critic(model, *train.make_optimizer(model, args))
 
 
 def test_critic_values_are_computed_once_before_the_update(tokenizer, monkeypatch):
@@ -319,7 +333,8 @@ def test_critic_values_are_computed_once_before_the_update(tokenizer, monkeypatc
     losses = []
     value_loss = ppo.value_loss
     monkeypatch.setattr(ppo, "value_loss", lambda *a, **k: (out := value_loss(*a, **k), losses.append(out[1]))[0])
-    stats = train.ppo_update(model, None, critic, optimizer, scheduler, episodes, 0, torch.Generator(), args)
+    state = train.State(model, optimizer, scheduler, critic=critic)
+    stats = train.ppo_update(state, episodes, torch.Generator(), args)
     errors = [(float(v) - e.reward) ** 2 for e in episodes for v in e.old_values[len(e.prompt_ids) - 1 :]]
     expected = 0.5 * sum(errors) / len(errors)  # one minibatch of all 4 episodes
     per_epoch = [sum(s["critic/loss"] for s in losses[i : i + 2]) for i in (0, 2)]  # 2 micro-batches per minibatch
@@ -363,9 +378,8 @@ def test_every_end_token_of_the_generation_config_stops_an_answer(tokenizer):
 
     def greedy():
         sampling = dataclasses.replace(train.sampling_settings(args, model, tokenizer), temperature=0.0)
-        return train.sample_answers(
-            model, tokenizer, [prompt], num_samples=1, sampling=sampling, generator=torch.Generator(), args=args
-        )
+        state = train.State(model, None, None, tokenizer=tokenizer)
+        return train.sample_answers(state, [prompt], 1, sampling, torch.Generator(), args)
 
     first = greedy().response_ids[0][0]  # the token a random model writes first
     assert first != tokenizer.eos_token_id
@@ -384,14 +398,12 @@ def test_every_end_token_of_the_generation_config_stops_an_answer(tokenizer):
 
 
 def test_an_iteration_with_no_reward_signal_says_why(capsys):
-    args = train.parse_args(["--dataset", "gsm8k", "--samples_per_prompt", "4"])
-    assert train.reward_signal([0, 0, 1, 0] + [0, 0, 0, 0] + [1, 1, 1, 1], 3, args) == {
-        "reward/no_signal_groups": 2 / 3
-    }
+    signal = functools.partial(reward.reward_signal, samples_per_prompt=4, dataset="gsm8k")
+    assert signal([0, 0, 1, 0] + [0, 0, 0, 0] + [1, 1, 1, 1], iteration=3) == {"reward/no_signal_groups": 2 / 3}
     assert capsys.readouterr().out == "", "some answers are right: no warning"
-    assert train.reward_signal([0.0] * 8, 3, args) == {"reward/no_signal_groups": 1.0}
+    assert signal([0.0] * 8, iteration=3) == {"reward/no_signal_groups": 1.0}
     warning = capsys.readouterr().out
     assert warning.startswith("warning: iteration 3: every one of the 8 answers got reward 0")
     assert '"#### N"' in warning and "--sft-steps" in warning
-    train.reward_signal([1.0] * 8, 4, args)
+    signal([1.0] * 8, iteration=4)
     assert "every one of the 8 answers got reward 1" in capsys.readouterr().out

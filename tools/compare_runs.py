@@ -245,15 +245,9 @@ def slip_rate(path: Path, cache: Path, samples: int, task: list[str]) -> dict:
     model, tokenizer = checkpoint.load_model(str(path), "cpu")
     prompts = [p.prompt_ids for p in reward.to_problems(test, tokenizer, "arithmetic")]
     sampling = train.sampling_settings(train_args, model, tokenizer)
-    outs = train.sample_answers(
-        model,
-        tokenizer,
-        prompts,
-        num_samples=samples,
-        sampling=dataclasses.replace(sampling, temperature=train_args.eval_temperature),
-        generator=torch.Generator().manual_seed(12345),
-        args=train_args,
-    )
+    sampling = dataclasses.replace(sampling, temperature=train_args.eval_temperature)
+    outs = train.sample_answers(train.State(model, None, None, tokenizer=tokenizer), prompts, samples, sampling,
+                                torch.Generator().manual_seed(12345), train_args)
     first, counts = [], np.zeros(2)
     for i, ids in enumerate(outs.response_ids):
         solution, text = test[i // samples]["solution"], tokenizer.decode(ids, **rollout.DECODE_KWARGS)
