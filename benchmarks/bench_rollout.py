@@ -28,6 +28,7 @@ forward pass (a TorchDispatchMode) and casts of a weight per pass under bf16 aut
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import statistics
@@ -148,6 +149,10 @@ def timed(fn, *args) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+# What a weight's cast dispatches to: _to_copy, or under torch.inference_mode (which keeps it whole) to.dtype
+CASTS = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout}
+
+
 class Counts(TorchDispatchMode):
     """Within the block: forward passes of the model, host reads, ATen ops, casts of the model's weights."""
 
@@ -176,7 +181,7 @@ class Counts(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
-        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.weights:
+        if func in CASTS and args[0].data_ptr() in self.weights:
             self.casts += 1
         return func(*args, **(kwargs or {}))
 
@@ -236,7 +241,7 @@ def main(argv=None):
           f"parameters; {torch.get_num_threads()} threads; the engine before: {cli.before}; {cli.repeats} repeats")
     print("\ntokens/s (alternating, medians):")
     for name, job in jobs.items():
-        arms = {"now": lambda m, j, s: run_engine(rollout, m, j, s), "before": lambda m, j, s: run_engine(before, m, j, s)}
+        arms = {"now": functools.partial(run_engine, rollout), "before": functools.partial(run_engine, before)}
         if name.startswith(("plain", "small", "fixed")):
             arms["generate"] = run_generate
         bench(name, job, arms, models, cli.repeats)
