@@ -13,6 +13,8 @@ How it works (plain PyTorch and the model's own forward; vLLM's design, small; d
   3. Draws. Each token's uniform number is a hash of (seed, row, token index) (uniforms): a row's samples do not
      depend on its batch, the memory budget or preemption.
   4. One host read per step, the sampled tokens; the host's arrays go to the device in one copy (upload).
+What bounds its speed (docs/speed.md): on a GPU, the sequential forward passes, each launch-bound; on a CPU, the
+copy of every row's key and value blocks at each step and layer (attention.block_part), half the time on long MC rows.
 
 Sampling follows vLLM (the paper's): top-p over logits / temperature, greedy at 0; logprobs are float32, before top-p,
 as the trainer computes them (docs/paper.md pitfall 8).
