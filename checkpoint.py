@@ -353,6 +353,16 @@ def load_critic_weights(path: str) -> dict:
         raise damaged(path, e) from None
 
 
+def print_run_files(run_dir: str, best_val: float) -> None:
+    """Where a finished run's files are, and the command that draws its curves."""
+    print(f"metrics:    {os.path.join(run_dir, 'metrics.jsonl')}")
+    print(f"checkpoint: {os.path.join(run_dir, 'checkpoint')}")
+    if best_val >= 0:
+        print(f"best:       {os.path.join(run_dir, 'best')} (validation Pass@1 {best_val:.4f})")
+    curves = os.path.join(run_dir, "curves.png")
+    print(f"curves:     python tools/plot_metrics.py {run_dir}   (writes {curves}; needs matplotlib)")
+
+
 def is_due(iteration: int, *, num_iterations: int, save_every: int) -> bool:
     """Checkpoint after every save_every-th iteration and after the last one."""
     return iteration + 1 == num_iterations or bool(save_every and (iteration + 1) % save_every == 0)

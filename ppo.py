@@ -55,6 +55,16 @@ class Episode:
     whitened: list[list[float]] | None = None  # per epoch, the advantages whitened (logged answers only)
     steps: list[int] | None = None  # the step of each sampled token, EOS excluded (vine.step_map, made once)
 
+    @property
+    def answer_ids(self) -> list[int]:
+        """The sampled tokens without the EOS: what steps maps."""
+        return self.response_ids[: len(self.response_ids) - self.finished]
+
+    @property
+    def num_steps(self) -> int:
+        """n, the steps up to the one holding the last token (1 for an empty answer)."""
+        return self.steps[-1] + 1 if self.steps else 1
+
 
 def make_batch(episodes: list[Episode], pad_id: int, device: str) -> dict:
     """Tensors of a list of episodes, aligned with token_logprobs."""
@@ -418,6 +428,17 @@ def outcome_advantages(episodes: list[Episode], group_size: int, method: str) ->
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The paper's learning-rate schedule (docs/paper.md §3)
+
+
+def episode_stats(episodes: list[Episode]) -> dict:
+    """An iteration's sample statistics (the README's metrics table)."""
+    all_advs = [a for e in episodes for a in e.advantages]
+    return {
+        "reward/mean": float(np.mean([e.reward for e in episodes])),
+        "response/length": float(np.mean([len(e.answer_ids) for e in episodes])),
+        "response/unfinished": 1.0 - float(np.mean([e.finished for e in episodes])),
+        "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])) if all_advs else 1.0,
+    }
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int) -> float:

@@ -210,7 +210,7 @@ def train(state: State, args: Args) -> None:
     if args.eval_every:  # -------- evaluate the final policy
         write_log({"iteration": args.num_iterations, **evaluate_and_keep_best(state, args.num_iterations, args)}, args)
         checkpoint.stop_point(distributed.any_rank)  # torchrun: a stop deferred during it ends the run here
-    print_where_results_went(args, state.best_val)
+    checkpoint.print_run_files(args.run_dir, state.best_val)
 
 
 def one_iteration(state: State, iteration: int, args: Args) -> dict:
@@ -250,7 +250,7 @@ def one_iteration(state: State, iteration: int, args: Args) -> dict:
         check_finite_weights(state, iteration)
         state.next_iteration = iteration + 1
         log["time/train"] = time.time() - timer
-        log.update(episode_stats(episodes, state.scheduler))
+        log.update(ppo.episode_stats(episodes), lr=state.scheduler.get_last_lr()[0])
         write_log(log, args)
         write_samples(state.tokenizer, problems, episodes, logged, iteration, args)
     return log
@@ -312,7 +312,7 @@ def vine_advantages(state: State, problems, episodes: list[ppo.Episode], generat
     """MC values of every step state; A_i = r_i + V(s_{i+1}) - V(s_i) on every token of step i (docs/paper.md §1.2,
     §1.3)."""
     answers = [p for p in problems for _ in range(args.samples_per_prompt)]  # answer i's problem
-    responses = [e.response_ids[: len(e.steps)] for e in episodes]  # without the EOS
+    responses = [e.answer_ids for e in episodes]
     with autocast(args):
         values, stats = vine.estimate_values(
             state.policy, state.tokenizer, [p.prompt_ids for p in answers], responses, [e.steps for e in episodes],
@@ -322,7 +322,7 @@ def vine_advantages(state: State, problems, episodes: list[ppo.Episode], generat
         )
     for e, v in zip(episodes, values):
         e.values = v
-        step_advs = vine.step_advantages(v, e.reward, e.steps[-1] + 1 if e.steps else 1)
+        step_advs = vine.step_advantages(v, e.reward, e.num_steps)
         e.advantages = vine.token_advantages(step_advs, e.steps)
         if e.finished:  # the EOS takes the last token's advantage (the last step's for an empty answer)
             e.advantages.append(e.advantages[-1] if e.steps else step_advs[-1])
@@ -781,18 +781,6 @@ SUMMED_KEYS = {"tokens/answers", "vine/states_total", "vine/states_unique", "vin
 SUMMED_KEYS |= {"diag/states"}
 
 
-def episode_stats(episodes: list[ppo.Episode], scheduler) -> dict:
-    """The iteration's sample statistics (the README's metrics table)."""
-    all_advs = [a for e in episodes for a in e.advantages]
-    return {
-        "reward/mean": float(np.mean([e.reward for e in episodes])),
-        "response/length": float(np.mean([len(e.response_ids) - e.finished for e in episodes])),  # without EOS
-        "response/unfinished": 1.0 - float(np.mean([e.finished for e in episodes])),
-        "advantages/zero_frac": float(np.mean([a == 0.0 for a in all_advs])) if all_advs else 1.0,
-        "lr": scheduler.get_last_lr()[0],
-    }
-
-
 def write_log(log: dict, args: Args) -> None:
     """Rank 0: print the log as one line, as nanoGPT does, and append it to run_dir/metrics.jsonl (and wandb)."""
     if not distributed.is_main():
@@ -846,7 +834,7 @@ def run_value_diagnostic(state: State, problems, episodes: list[ppo.Episode], it
     picked = torch.randperm(len(episodes), generator=generator)[: args.value_diagnostic].tolist()
     answers = [problems[i // args.samples_per_prompt] for i in picked]
     steps = [episodes[i].steps for i in picked]  # each answer's step map (make_episodes)
-    responses = [episodes[i].response_ids[: len(s)] for i, s in zip(picked, steps)]  # without the EOS
+    responses = [episodes[i].answer_ids for i in picked]
     critic_values = None
     if state.critic is not None:
         critic_values = functools.partial(
@@ -893,16 +881,6 @@ def save_checkpoint(state: State, args: Args) -> None:
             critic=critic,
         )
     state.saved_at = state.next_iteration
-
-
-def print_where_results_went(args: Args, best_val: float) -> None:
-    """The run's files, and the command that draws its curves."""
-    print(f"metrics:    {os.path.join(args.run_dir, 'metrics.jsonl')}")
-    print(f"checkpoint: {os.path.join(args.run_dir, 'checkpoint')}")
-    if best_val >= 0:
-        print(f"best:       {os.path.join(args.run_dir, 'best')} (validation Pass@1 {best_val:.4f})")
-    curves = os.path.join(args.run_dir, "curves.png")
-    print(f"curves:     python tools/plot_metrics.py {args.run_dir}   (writes {curves}; needs matplotlib)")
 
 
 # An out-of-memory error names its phase (the innermost of these on its traceback) and what to lower.

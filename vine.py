@@ -277,9 +277,8 @@ def credit_record(tokenizer, episode) -> dict:
     token spans, mean advantage (None if it owns no token) and as whitened each epoch; vine: V(s_k), V(s_{k+1}), A_k;
     critic: V_old before each token."""
     e, p = episode, len(episode.prompt_ids)
-    response_ids = e.response_ids[: len(e.steps)]  # without the EOS
+    response_ids, num_steps = e.answer_ids, e.num_steps
     text = tokenizer.decode(response_ids, **rollout.DECODE_KWARGS)
-    num_steps = e.steps[-1] + 1 if e.steps else 1
     if e.values is not None:
         full, advantages = full_values(e.values, e.reward, num_steps), step_advantages(e.values, e.reward, num_steps)
     spans = [bisect.bisect_left(e.steps, k) for k in range(num_steps + 1)]  # t_k: the first token of step k
